@@ -1,0 +1,1 @@
+"""YAML presets shipped with personalize (read with `personalize.presets`)."""

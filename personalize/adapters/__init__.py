@@ -1,0 +1,1 @@
+"""The adapter-injection core (LoRA, LoHa, LoKr, KronA, IA3, selective methods)."""

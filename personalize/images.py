@@ -1,0 +1,65 @@
+"""Small image helpers shared by sampling and generation: grids and reproducible PNG metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 2) -> Image.Image:
+    """Tile images row-major into one picture (columns = ceil(sqrt(n)) by default)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width = max(image.width for image in images)
+    height = max(image.height for image in images)
+    grid = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid.paste(image.convert("RGB"), (column * (width + gap), row * (height + gap)))
+    return grid
+
+
+def a1111_parameters(settings: Mapping[str, Any]) -> str:
+    """The `parameters` text chunk that A1111/ComfyUI-style tools show and parse."""
+    lines = [str(settings.get("prompt", ""))]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = {
+        "Steps": settings.get("steps"),
+        "Sampler": settings.get("scheduler"),
+        "CFG scale": settings.get("guidance"),
+        "Seed": settings.get("seed"),
+        "Size": f"{settings['width']}x{settings['height']}" if settings.get("width") else None,
+        "Model": settings.get("model"),
+    }
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+    """Write a PNG atomically, with the settings that reproduce it in its text chunks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if settings:
+        info.add_text("parameters", a1111_parameters(settings))
+        info.add_text("personalize", json.dumps(dict(settings), sort_keys=True, default=str))
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG", pnginfo=info)
+    os.replace(partial, path)
+    return path
+
+
+def read_png_settings(path: str | Path) -> dict[str, Any]:
+    """The settings `save_png` wrote (empty when the image has none)."""
+    with Image.open(path) as image:
+        text = image.text.get("personalize") if hasattr(image, "text") else None
+    return json.loads(text) if text else {}

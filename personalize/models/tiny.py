@@ -1,0 +1,46 @@
+"""Names of the offline tiny models, reachable through the same `--model` argument everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from personalize.models import tiny_diffusion, tiny_text
+
+TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
+    "tiny-sd15": tiny_diffusion.tiny_sd15,
+    "tiny-sd2": tiny_diffusion.tiny_sd2,
+    "tiny-sdxl": tiny_diffusion.tiny_sdxl,
+    "tiny-sd3": tiny_diffusion.tiny_sd3,
+    "tiny-flux": tiny_diffusion.tiny_flux,
+}
+TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "tiny-llama": tiny_text.tiny_llama,
+    "tiny-llava": tiny_text.tiny_llava,
+}
+TINY_MODELS = sorted([*TINY_DIFFUSION, *TINY_LANGUAGE])
+
+
+def is_tiny(name: str) -> bool:
+    return name in TINY_DIFFUSION or name in TINY_LANGUAGE
+
+
+def build_tiny(name: str) -> Any:
+    """A diffusers pipeline for tiny diffusion names, `(model, tokenizer_or_processor)` otherwise."""
+    if name in TINY_DIFFUSION:
+        return TINY_DIFFUSION[name]()
+    return TINY_LANGUAGE[name]()
+
+
+def save_tiny(name: str, folder: str | Path) -> Path:
+    """Write a tiny model as a folder that stock `from_pretrained` reloads."""
+    folder = Path(folder)
+    built = build_tiny(name)
+    if name in TINY_DIFFUSION:
+        built.save_pretrained(folder, safe_serialization=True)
+    else:
+        model, processor = built
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+    return folder

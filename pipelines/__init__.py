@@ -1,0 +1,1 @@
+"""personalize.pipelines: inference only; loads our outputs into stock diffusers pipelines."""

@@ -1,0 +1,91 @@
+"""`personalize generate`: images from a base model, written with their reproduction settings."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from personalize.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images with a base model",
+        description="Generate images with a diffusion model and write them (plus a grid) as PNGs whose "
+        "metadata holds the prompt, seed and settings that reproduce them.",
+    )
+    parser.add_argument("--model", required=True, help="hub id, diffusers folder, .safetensors file, or tiny-sd15")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, unipc, flow-euler, ...")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt (pickle) model file")
+    parser.add_argument("--output", default="personalize-out/generated", help="a folder, or a .png for one image")
+    parser.set_defaults(run=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("steps", "num_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"--{name} must be a positive multiple of 8 (got {value})")
+    if args.output.lower().endswith(".png") and args.num_images > 1:
+        raise UserError(f"--output {args.output} is one file but --num-images is {args.num_images}; pass a folder")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith(("cuda", "mps")) else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def run(args: argparse.Namespace) -> int:
+    from personalize.models import load_pipeline
+    from personalize.pipelines.generate import GenerationSettings, generate, image_settings, write_images
+
+    _check(args)
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, torch_dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    images = generate(pipe, settings)
+    metadata = [image_settings(pipe, settings, index, args.model) for index in range(len(images))]
+    for path in write_images(images, args.output, metadata):
+        print(path)
+    return 0

@@ -1,0 +1,1 @@
+"""personalize.trainers: one training recipe per file on a small shared loop."""
