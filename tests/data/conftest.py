@@ -16,6 +16,12 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Im
 
 
 @pytest.fixture
+def make_image():
+    """The `noise_image` builder, for tests (conftest modules cannot be imported by name)."""
+    return noise_image
+
+
+@pytest.fixture
 def good_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
