@@ -79,7 +79,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise BadImage(f"too large: {width}x{height} pixels, limit {max_pixels}")
+                raise BadImage(f"too large: {width}x{height} pixels, over the decompression-bomb limit")
             if width == 0 or height == 0:
                 raise BadImage("no pixels")
             image.seek(0)  # animated GIF/WebP/APNG/TIFF: the first frame
@@ -87,7 +87,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except BadImage:
         raise
     except Image.DecompressionBombError:
-        raise BadImage("too large (decompression bomb)") from None
+        raise BadImage("too large: over the decompression-bomb limit") from None
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
