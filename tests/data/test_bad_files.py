@@ -155,3 +155,27 @@ def test_folder_errors(tmp_path):
         build_dataset(DataConfig())
     with pytest.raises(UserError, match="background"):
         build_dataset(DataConfig(images=str(empty), background="no-such-color"))
+
+
+def test_large_jpeg_decodes_reduced_but_keeps_its_true_size(tmp_path, make_image):
+    photo = make_image(64, 48, seed=1).resize((1600, 1200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotated: shown 1200 wide, 1600 tall
+    photo.save(tmp_path / "phone.jpg", quality=92, exif=exif.tobytes())
+    dataset = build_dataset(DataConfig(images=str(tmp_path), resolution=64, bucket_step=16))
+    item = dataset[0]
+    assert item["original_size"] == (1600, 1200)
+    height, width = item["target_size"]
+    assert height > width and item["pixels"].shape == (3, height, width)
+    full = photo.transpose(Image.Transpose.ROTATE_90).resize(dataset.plan(0).resized[::-1], Image.Resampling.LANCZOS)
+    top, left = item["crop_top_left"]
+    reference = np.asarray(full.crop((left, top, left + width, top + height)), dtype=np.float32) / 127.5 - 1
+    assert np.abs(item["pixels"].permute(1, 2, 0).numpy() - reference).mean() < 0.05
+
+
+def test_file_changed_after_scan_is_a_user_error(tmp_path, make_image):
+    make_image(32, 32, seed=1).save(tmp_path / "a.png")
+    dataset = build_dataset(DataConfig(images=str(tmp_path), resolution=32, bucket_step=16))
+    make_image(32, 32, seed=2).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match="changed on disk"):
+        dataset[0]
