@@ -22,6 +22,17 @@ ORIENTATION = 0x0112  # EXIF tag
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # transposed / rotated by 90 or 270 degrees
 
 
+# ISO-BMFF brands of HEIC/HEIF (iPhone photos) and AVIF: readable only with a plugin.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+
+try:  # optional: pillow-heif adds HEIC/HEIF (and AVIF) to PIL when installed
+    from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+
+    register_heif_opener()
+except ImportError:
+    pass
+
+
 class BadImage(Exception):
     """An unusable file; str(error) is the short reason shown in the skip summary."""
 
@@ -110,6 +121,8 @@ def open_image(
     except Image.DecompressionBombError:
         raise BadImage("too large: over the decompression-bomb limit") from None
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+            raise BadImage("HEIC/AVIF needs `pip install pillow-heif`, or convert it to JPEG") from None
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         text = str(error).lower()

@@ -62,6 +62,7 @@ def messy_folder(tmp_path: Path, make_image) -> Path:
     (folder / "fake.jpg").write_bytes(b"<html>404 not found</html>")
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     (folder / "bomb.png").write_bytes(bomb_png())
+    (folder / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(32))
     (folder / "nested").mkdir()
     make_image(64, 64, seed=13).save(folder / "nested" / "deep.png")
     return folder
@@ -84,6 +85,7 @@ USED = [
 ]
 SKIPPED = {
     ".DS_Store": "not an image",
+    "IMG_0001.HEIC": "HEIC/AVIF needs `pip install pillow-heif`, or convert it to JPEG",
     "bomb.png": "too large: over the decompression-bomb limit",
     "empty.jpg": "empty file",
     "fake.jpg": "not an image",
@@ -98,7 +100,7 @@ def test_exactly_which_files_are_used_and_why_others_are_not(messy_folder, caplo
     report = dataset.report
     assert [path.name for path in report.used] == USED
     assert {path.name: reason for path, reason in report.skipped} == SKIPPED
-    assert report.summary().startswith(f"skipped 6 of {len(USED) + 6} files: .DS_Store (not an image), bomb.png")
+    assert report.summary().startswith(f"skipped 7 of {len(USED) + 7} files: .DS_Store (not an image), IMG_0001")
     assert "truncated.jpg (truncated)" in report.summary()
     assert report.summary() in caplog.text
     assert [warning.split(" ")[0] for warning in report.warnings] == ["small.png"]
