@@ -19,11 +19,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """eps ~ N(0, I) like `latents` (B, C, H, W), plus `offset` * N(0, 1) per (sample, channel)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    device = generator.device if generator is not None else latents.device  # draw where the generator lives
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=device)
     if offset:
-        shift = torch.randn(latents.shape[:2], generator=generator, dtype=latents.dtype, device=latents.device)
+        shift = torch.randn(latents.shape[:2], generator=generator, dtype=latents.dtype, device=device)
         noise = noise + offset * shift[:, :, None, None]  # (B, C, 1, 1) broadcast
-    return noise
+    return noise.to(latents.device)
 
 
 def sample_timesteps(
