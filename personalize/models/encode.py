@@ -1,0 +1,107 @@
+"""Frozen encoders of a diffusion pipeline as plain functions: prompts -> embeddings, pixels -> latents.
+
+`encode_text` returns exactly what the stock pipeline's `encode_prompt` gives without classifier-free
+guidance, as a dict of batched tensors:
+
+- sd1 / sd2: {"prompt_embeds": (B, 77, D)} -- the text encoder's last hidden state.
+- sdxl: {"prompt_embeds": (B, 77, D1 + D2), "pooled_prompt_embeds": (B, P)} -- both encoders'
+  penultimate hidden states concatenated, the pooled projection of the second.
+- sd3: {"prompt_embeds": (B, 77 + T5 len, 4096), "pooled_prompt_embeds": (B, P1 + P2)}.
+- flux: {"prompt_embeds": (B, T5 len, D), "pooled_prompt_embeds": (B, P)}; Flux's `text_ids` are
+  zeros (T5 len, 3) and are rebuilt by the caller.
+
+Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); sd3/flux call the
+pipeline itself. Tensors come back on the text encoder's device and dtype.
+
+`encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux).
+By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
+pure function of the image (reproducible, shareable across runs), and the posterior's standard
+deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
+the latent scale), so training on the mean loses nothing measurable. `sample=True` draws instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from personalize.models.family import detect_family
+
+
+def _tokens(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # (B, 77)
+
+
+def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _clip_last_hidden(tokenizer: Any, encoder: Any, prompts: list[str]) -> torch.Tensor:
+    device, dtype = _device_dtype(encoder)
+    inputs = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = None
+    if getattr(encoder.config, "use_attention_mask", False):
+        mask = inputs.attention_mask.to(device)
+    hidden = encoder(inputs.input_ids.to(device), attention_mask=mask)[0]  # (B, 77, D)
+    return hidden.to(dtype)
+
+
+def _sdxl(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    hidden_states, pooled = [], None
+    for tokenizer, encoder in pairs:
+        if tokenizer is None or encoder is None:
+            continue
+        device, _ = _device_dtype(encoder)
+        output = encoder(_tokens(tokenizer, prompts).to(device), output_hidden_states=True)
+        if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (B, P)
+            pooled = output[0]
+        hidden_states.append(output.hidden_states[-2])  # (B, 77, D_i): penultimate layer
+    _, dtype = _device_dtype(pipe.text_encoder_2)
+    embeds = torch.cat(hidden_states, dim=-1).to(dtype)  # (B, 77, D1 + D2)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled.to(dtype)}  # type: ignore[union-attr]
+
+
+def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompt embeddings as the pipeline computes them for `prompts` (no CFG, one image per prompt)."""
+    prompts = list(prompts)
+    family = detect_family(pipe)
+    if family in ("sd1", "sd2"):
+        return {"prompt_embeds": _clip_last_hidden(pipe.tokenizer, pipe.text_encoder, prompts)}
+    if family == "sdxl":
+        return _sdxl(pipe, prompts)
+    if family == "sd3":
+        device, _ = _device_dtype(pipe.text_encoder)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if family == "flux":
+        device, _ = _device_dtype(pipe.text_encoder_2)
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    raise ValueError(f"encode_text does not support the {family} family")
+
+
+def latent_scale(vae: Any) -> tuple[float, float]:
+    """(shift_factor, scaling_factor) from the VAE config (shift 0 when it has none)."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return float(shift or 0.0), float(vae.config.scaling_factor)
+
+
+def encode_images(
+    vae: Any, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
+    device, dtype = _device_dtype(vae)
+    posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w)
+    shift, scale = latent_scale(vae)
+    return (latents - shift) * scale
