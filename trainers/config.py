@@ -141,6 +141,8 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
     data = config.data
     if not data.images:
         raise UserError("no training images given; pass --images DIR (a folder of photos of your subject)")
+    if not Path(data.images).expanduser().exists():  # before the (slow) model load
+        raise UserError(f"--images {data.images} does not exist; point it at a folder of photos of your subject")
     token, class_word = infer_words(str(Path(data.images).expanduser().resolve()))
     updates: dict[str, Any] = {}
     if not data.class_word and class_word:

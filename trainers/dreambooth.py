@@ -460,6 +460,11 @@ def _validate(
         encoder.to(device)
     was_training = unet.training
     unet.eval()
+    for module in unet.modules():
+        # bitsandbytes repacks 4-bit weights for CPU inference in eval mode (and cannot for layers narrower
+        # than its block size); training mode keeps the layout the training steps use.
+        if type(module).__name__ == "Linear4bit":
+            module.train()
     autocast = accelerator.autocast() if config.mixed_precision != "no" else None
     with ema.swap() if ema is not None else _nothing():
         path = sample_grid(
