@@ -44,6 +44,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     images: list[str] = field(default_factory=list)
+    pixels: Any = None  # VLM: (n_images, 3, H, W) pixel values
 
 
 @dataclass
@@ -227,10 +228,10 @@ def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
 
 
 def collate(rows: Sequence[Sequence[Example]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Rows of (packed) examples -> right-padded input_ids / labels / position_ids (B, T).
+    """Rows of (packed) examples -> right-padded input_ids / labels (B, T) and attention_mask.
 
-    An unpacked row (one example) also gets an attention_mask; packed rows rely on position ids
-    restarting at 0 per example (transformers builds the block-diagonal causal mask from them)."""
+    Packed rows (several examples) get position_ids restarting at 0 per example and no attention
+    mask: transformers then builds the block-diagonal causal mask from the position ids."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -246,7 +247,6 @@ def collate(rows: Sequence[Sequence[Example]], pad_token_id: int) -> dict[str, t
             positions[r, offset : offset + n] = torch.arange(n)
             attention[r, offset : offset + n] = 1
             offset += n
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-    if all(len(row) == 1 for row in rows):
-        batch["attention_mask"] = attention
-    return batch
+    if any(len(row) > 1 for row in rows):
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
