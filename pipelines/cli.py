@@ -11,9 +11,10 @@ from personalize.errors import UserError
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate images with a base model",
+        help="generate images with a diffusion model, or text with a language model",
         description="Generate images with a diffusion model and write them (plus a grid) as PNGs whose "
-        "metadata holds the prompt, seed and settings that reproduce them.",
+        "metadata holds the prompt, seed and settings that reproduce them. With a language model "
+        "(tiny-llama, tiny-llava, a transformers folder or --max-new-tokens), stream the answer to the terminal.",
     )
     parser.add_argument("--model", required=True, help="hub id, diffusers folder, .safetensors file, or tiny-sd15")
     parser.add_argument("--prompt", required=True)
@@ -29,6 +30,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt (pickle) model file")
     parser.add_argument("--output", default="personalize-out/generated", help="a folder, or a .png for one image")
+    text = parser.add_argument_group("language models")
+    text.add_argument("--adapter", default=None, help="an LLM/VLM adapter folder (peft layout, e.g. a train output)")
+    text.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
+    text.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    text.add_argument("--image", default=None, help="VLM: an image the prompt talks about")
     parser.set_defaults(run=run)
 
 
@@ -64,8 +70,42 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
+def _is_text(args: argparse.Namespace) -> bool:
+    from pathlib import Path
+
+    from personalize.pipelines.text import language_family
+
+    adapter_is_peft = args.adapter is not None and (Path(args.adapter).expanduser() / "adapter_config.json").is_file()
+    return language_family(args.model) is not None or args.max_new_tokens is not None or adapter_is_peft
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from personalize.pipelines.text import generate_text, load_text_model, read_image
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, device)
+    model, processor = load_text_model(args.model, args.adapter, dtype=dtype, device=device)
+    image = read_image(args.image) if args.image else None
+    generate_text(
+        model,
+        processor,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens or 128,
+        temperature=args.temperature,
+        seed=args.seed,
+        image=image,
+        stream=True,
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from personalize.models import load_pipeline
+
+    if _is_text(args):
+        return run_text(args)
     from personalize.pipelines.generate import GenerationSettings, generate, image_settings, write_images
 
     _check(args)

@@ -85,7 +85,9 @@ def to_peft(sd: dict[str, torch.Tensor], method: str, hyper: dict[str, Any]) -> 
         alpha, alpha_pattern = _patterns({path: float(parts["alpha"]) for path, parts in modules.items()})
         config = {"r": rank, "alpha": alpha, "alpha_pattern": alpha_pattern, "rank_pattern": {}}
         if method == "lokr":
-            config.update(decompose_factor=int(hyper.get("factor", -1)), decompose_both=hyper.get("decompose_both", False))
+            config.update(
+                decompose_factor=int(hyper.get("factor", -1)), decompose_both=hyper.get("decompose_both", False)
+            )
         return tensors, {**config, "target_modules": sorted(modules)}
     if method == "ia3":
         modules = _by_module(sd, ("weight", "on_input"))
@@ -99,8 +101,6 @@ def to_peft(sd: dict[str, torch.Tensor], method: str, hyper: dict[str, Any]) -> 
                 tensors[f"{PREFIX}{path}.ia3_l"] = vector.reshape(-1, 1)  # (out, 1)
         return tensors, {"target_modules": sorted(modules), "feedforward_modules": sorted(inputs)}
     raise UserError(f"{method} adapters have no peft layout")
-
-
 
 
 def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -128,7 +128,9 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple
     if peft_type in ("LOHA", "LOKR"):
         paths = {key.rsplit(".", 1)[0] for key in body}
         for path in paths:
-            out[f"{path}.alpha"] = torch.tensor(float(config.get("alpha_pattern", {}).get(f"^{path}$", config["alpha"])))
+            out[f"{path}.alpha"] = torch.tensor(
+                float(config.get("alpha_pattern", {}).get(f"^{path}$", config["alpha"]))
+            )
         return peft_type.lower(), {**body, **out}
     if peft_type == "IA3":
         inputs = set(config.get("feedforward_modules") or [])

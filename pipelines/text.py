@@ -20,6 +20,21 @@ from personalize.errors import UserError
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def language_family(model: str) -> str | None:
+    """'llm' / 'vlm' for a tiny language model or a local transformers folder; None otherwise."""
+    from personalize.models import TINY_LANGUAGE
+
+    if model in TINY_LANGUAGE:
+        return "vlm" if "llava" in model else "llm"
+    folder = Path(model).expanduser()
+    if (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+        from personalize.models import detect_family
+
+        family = detect_family(folder)
+        return family if family in ("llm", "vlm") else None
+    return None
+
+
 def attach_adapter(model: Any, folder: str | Path, name: str = "default") -> str:
     """Inject the peft-layout adapter in `folder` into `model` with the core; returns its method."""
     from personalize import adapters

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def render_llm_card(config: Any, family: str, files: list[Path], metrics: dict[str, Any], samples: dict[str, str]) -> str:
+def render_llm_card(
+    config: Any, family: str, files: list[Path], metrics: dict[str, Any], samples: dict[str, str]
+) -> str:
     from personalize.trainers.llm import options_summary
 
     auto = "AutoModelForImageTextToText" if family == "vlm" else "AutoModelForCausalLM"

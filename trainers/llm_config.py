@@ -105,7 +105,9 @@ def check(config: LLMTrainConfig) -> None:
     if config.lr is not None and config.lr <= 0:
         raise UserError(f"--lr must be positive (got {config.lr})")
     if config.method in PROMPT and config.packing:
-        raise UserError(f"--packing cannot be used with {config.method} (the virtual tokens belong to one conversation)")
+        raise UserError(
+            f"--packing cannot be used with {config.method} (the virtual tokens belong to one conversation)"
+        )
     if config.method == "prefix-tuning" and config.gradient_checkpointing:
         raise UserError("prefix-tuning keeps its prefixes in the cache, which gradient checkpointing disables")
     if config.method in PROMPT and config.quantize:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PEFT_TYPES, to_peft
 
+
 def prompt_config(model: Any, method: str, num_virtual_tokens: int) -> dict[str, Any]:
     """PROMPT_TUNING / PREFIX_TUNING fields (GQA models: token_dim = kv_heads * head_dim, as peft)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
