@@ -61,7 +61,7 @@ class ChatReport:
         used = self.lines - len(self.skipped) - self.no_answer
         text = f"{used} conversations ({self.tokens} tokens, {self.answer_tokens} trained on)"
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} malformed lines ({'; '.join(self.skipped[:3])})"
+            text += f"; skipped {len(self.skipped)} lines ({'; '.join(self.skipped[:3])})"
         if self.truncated:
             text += (
                 f"; {self.truncated} truncated to max_length ({self.dropped_tokens} tokens dropped; "

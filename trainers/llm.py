@@ -163,7 +163,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         from personalize.trainers.llm_card import render_llm_card
 
         (output / "README.md").write_text(render_llm_card(config, family, files, metrics, samples))
-        files += [output / "README.md", output / "config.yaml"]
+        files += [output / "samples.txt", output / "README.md", output / "config.yaml"]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files:
             say(f"  {path}")
@@ -218,7 +218,19 @@ def _load(config: LLMTrainConfig) -> tuple[Any, Any]:
         from personalize import adapters
 
         adapters.quantize(model, config.quantize, skip=VLM_UNQUANTIZED, compute_dtype=dtype)
+        _keep_cpu_4bit_layout(model)
     return model, processor
+
+
+def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first no-grad eval forward,
+    which fails for rows shorter than one quantization block (in_features % blocksize != 0, e.g. tiny
+    models); those layers keep the standard layout (the training kernels read it anyway)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        blocksize = getattr(weight, "blocksize", None)
+        if blocksize and hasattr(module, "support_avx512bf16_for_cpu") and module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
@@ -262,15 +274,21 @@ def _samples(
     prompts = list(config.sample_prompts)
     images: list[Any] = [None] * len(prompts)
     if not prompts:
-        for conversation in conversations[:3]:
+        for conversation in conversations:
+            if len(prompts) == 3:
+                break
+            try:  # conversations whose image did not decode were skipped in training, and here
+                image = read_image(conversation.images[0]) if conversation.images else None
+            except UserError:
+                continue
             first = next(m["content"] for m in conversation.messages if m["role"] == "user")
             prompts.append(first.replace("<image>", "").strip())
-            images.append(read_image(conversation.images[0]) if conversation.images else None)
+            images.append(image)
     answers = {}
     for prompt, image in zip(prompts, images):
         answers[prompt] = generate_text(model, processor, prompt, max_new_tokens=config.max_new_tokens, image=image)
     text = "".join(f"### {prompt}\n{answer}\n\n" for prompt, answer in answers.items())
-    (output / "samples.txt").write_text(text)
+    (output / "samples.txt").write_text(text)  # greedy answers, one section per prompt
     return answers
 
 

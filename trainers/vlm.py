@@ -55,9 +55,15 @@ def _with_images(conversation: Conversation, count: int) -> list[dict[str, str]]
 
 
 def _decode(paths: Sequence[str]) -> list[Any]:
-    from personalize.data.decode import decode, read_bytes
+    from personalize.data.decode import BadImage, decode, read_bytes
 
-    return [decode(read_bytes(Path(path))).image for path in paths]
+    images = []
+    for path in paths:
+        try:
+            images.append(decode(read_bytes(Path(path))).image)
+        except BadImage as error:
+            raise BadImage(f"image {Path(path).name}: {error}") from None
+    return images
 
 
 def build_examples(

@@ -69,7 +69,7 @@ def test_malformed_lines_are_reported_by_number_and_skipped(tmp_path):
     conversations = chat_data.read_conversations(path, report)
     assert [c.line for c in conversations] == [1, 7]
     assert [entry.split(":")[0] for entry in report.skipped] == ["line 2", "line 3", "line 5", "line 6"]
-    assert "skipped 4 malformed lines (line 2" in report.summary()
+    assert "skipped 4 lines (line 2" in report.summary()
     assert conversations[0].messages == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
