@@ -71,7 +71,7 @@ def is_conv(group: Mapping[str, torch.Tensor]) -> bool:
 
 
 def split_key(key: str) -> tuple[str, str]:
-    """"a.b.lora_up.weight" -> ("a.b", "lora_up.weight")."""
+    """ "a.b.lora_up.weight" -> ("a.b", "lora_up.weight")."""
     groups = group_by_module({key: torch.empty(0)})
     (module, params), *_ = groups.items()
     return module, next(iter(params))

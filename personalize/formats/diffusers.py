@@ -149,7 +149,9 @@ def from_diffusers(
             if "lora_down.weight" not in group or "lora_up.weight" not in group:
                 raise UserError(f"{component}.{path} has {sorted(group)} but a LoRA needs both down (A) and up (B)")
             if "dora_scale" in group:
-                sd[f"{path}.dora_scale"] = canonical_magnitude(group["dora_scale"], group["lora_down.weight"].dim() == 4)
+                sd[f"{path}.dora_scale"] = canonical_magnitude(
+                    group["dora_scale"], group["lora_down.weight"].dim() == 4
+                )
             if "alpha" not in group:
                 rank = int(group["lora_down.weight"].shape[0])
                 alpha = _config_alpha(config, component, path, rank)

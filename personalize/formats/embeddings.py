@@ -1,10 +1,10 @@
 """Textual Inversion embeddings: diffusers, SDXL clip_l/clip_g and A1111 layouts <-> {token: {component: (n, d)}}.
 
-    diffusers   learned_embeds.safetensors {token: (n, d)} (text_encoder),
-                learned_embeds_2.safetensors {token: (n, d)} (SDXL text_encoder_2)
-    SDXL        {"clip_l": (n, 768), "clip_g": (n, 1280)}: one token per file, named by the file
-    A1111       {"string_to_param": {"*": (n, d)}, "name": ...} (.pt pickle) or {"emb_params": (n, d)}
-                (.safetensors); the file name is the trigger word
+diffusers   learned_embeds.safetensors {token: (n, d)} (text_encoder),
+            learned_embeds_2.safetensors {token: (n, d)} (SDXL text_encoder_2)
+SDXL        {"clip_l": (n, 768), "clip_g": (n, 1280)}: one token per file, named by the file
+A1111       {"string_to_param": {"*": (n, d)}, "name": ...} (.pt pickle) or {"emb_params": (n, d)}
+            (.safetensors); the file name is the trigger word
 """
 
 from __future__ import annotations

@@ -197,7 +197,9 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
         for file in embedding_paths:
             tensors, metadata = detect.read_tensors(file, allow_pickle)
             component = "text_encoder_2" if file.name == embeddings.EMBEDS_FILE_2 else "text_encoder"
-            embeddings.merge_embeddings(result.embeddings, embeddings.from_embedding_dict(tensors, file.stem, component))
+            embeddings.merge_embeddings(
+                result.embeddings, embeddings.from_embedding_dict(tensors, file.stem, component)
+            )
             result.metadata = {**metadata, **result.metadata}
         result.layout = result.layout or "embedding"
     else:

@@ -139,7 +139,7 @@ def _number(value: float) -> str:
 
 
 def split_kohya_key(key: str) -> tuple[str, str]:
-    """"lora_unet_x_y.lora_up.weight" -> ("lora_unet_x_y", "lora_up.weight")."""
+    """ "lora_unet_x_y.lora_up.weight" -> ("lora_unet_x_y", "lora_up.weight")."""
     name, dot, rest = key.partition(".")
     if not dot or rest not in PARAMS:
         raise UserError(f"'{key}' is not a kohya/LyCORIS adapter key (expected <module>.lora_up.weight, .alpha, ...)")

@@ -174,9 +174,7 @@ def _decompose_factor(groups: Mapping[str, Mapping], ranks: Mapping[str, int], d
     shapes = {path: _lokr_shapes(group) for path, group in groups.items()}
     candidates = [-1] + sorted({s[0] for s in shapes.values() if s} | {s[1] for s in shapes.values() if s})
     for factor in candidates:
-        if all(
-            s is None or _peft_builds(s, ranks[p], factor, decompose_both, groups[p]) for p, s in shapes.items()
-        ):
+        if all(s is None or _peft_builds(s, ranks[p], factor, decompose_both, groups[p]) for p, s in shapes.items()):
             return factor
     path = next(iter(groups))
     raise UserError(

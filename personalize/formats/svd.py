@@ -91,10 +91,11 @@ def adapter_to_lora(
     sd: Mapping[str, torch.Tensor], model: nn.Module, rank: int
 ) -> tuple[dict[str, torch.Tensor], Report]:
     """Any canonical adapter on `model` -> a LoRA of rank `rank` and the approximation report."""
-    deltas = {path: module_delta(group, _base_layer(model, path)) for path, group in group_by_module(sd).items()}
+    deltas = {}
     for path, group in group_by_module(sd).items():
-        if isinstance(_base_layer(model, path), nn.Embedding):
-            deltas[path] = deltas[path].T  # LoRA on an Embedding stores (num, dim)^T factors
+        base = _base_layer(model, path)
+        delta = module_delta(group, base)
+        deltas[path] = delta.T if isinstance(base, nn.Embedding) else delta  # Embedding LoRA factors (dim, num)
     return deltas_to_lora(deltas, rank)
 
 

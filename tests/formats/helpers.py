@@ -32,9 +32,18 @@ HYPER: dict[str, dict[str, Any]] = {
 ADAPTER_METHODS = tuple(HYPER)
 
 
+def copy_pipeline(pipe: Any) -> Any:
+    """The pipeline with its own copies of the UNet and text encoders (the VAE and the rest are shared)."""
+    parts = dict(pipe.components)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        if parts.get(name) is not None:
+            parts[name] = copy.deepcopy(parts[name])
+    return type(pipe)(**parts)
+
+
 def with_adapter(pipe: Any, method: str, text: bool = True, seed: int = 3) -> tuple[Any, dict]:
     """A deep copy of `pipe` with `method` on its UNet (and text encoders); returns it and its component dict."""
-    ours = copy.deepcopy(pipe)
+    ours = copy_pipeline(pipe)
     inject_method = "lora" if method == "locon" else method
     adapters.inject(ours.unet, inject_method, targets=UNET_TARGETS[method], **HYPER[method])
     names = ["unet"]
