@@ -30,6 +30,7 @@ from personalize.errors import UserError
 from personalize.formats import detect, diffusers, embeddings, kohya, peft
 from personalize.formats.canonical import LORA_METHODS, LYCORIS_METHODS, Components, method_of
 from personalize.formats.embeddings import Embeddings
+from personalize.formats.kohya_guess import guess_path
 from personalize.models.presets import model_kind
 
 EMBEDDING_NAMES = re.compile(r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding)")
@@ -186,9 +187,12 @@ def _peft(sd: Mapping[str, torch.Tensor], family: str, base_model: str, model: n
 
 
 def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = False) -> AdapterFile:
-    """A file or folder in any supported layout, mapped onto `pipe_or_model`'s module paths and checked."""
+    """A file or folder in any supported layout, mapped onto `pipe_or_model`'s module paths and checked.
+
+    With `pipe_or_model=None` names are only parsed (kohya names through a vocabulary; nothing is checked):
+    what `personalize inspect` and a model-less `personalize convert` use."""
     path = Path(path)
-    targets = model_components(pipe_or_model)
+    targets = model_components(pipe_or_model) if pipe_or_model is not None else None
     result = AdapterFile()
     if path.is_dir():
         adapter, embedding_paths = detect.folder_files(path)
@@ -210,12 +214,12 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
             result.layout, result.metadata = "embedding", metadata
         else:
             _map_tensors(layout, data, metadata, targets, result, path.name)
-    if result.embeddings:
+    if result.embeddings and targets is not None:
         embeddings.check_dims(result.embeddings, _embedding_dims(targets))
     return result
 
 
-def _read_adapter_file(layout: str, path: Path, targets: dict, result: AdapterFile, allow_pickle: bool) -> None:
+def _read_adapter_file(layout: str, path: Path, targets: dict | None, result: AdapterFile, allow_pickle: bool) -> None:
     if layout == "peft":
         tensors, metadata = detect.read_tensors(path / peft.WEIGHTS_FILE, allow_pickle)
         metadata = {**metadata, "peft_config": json.dumps(detect.read_peft_config(path))}
@@ -224,7 +228,12 @@ def _read_adapter_file(layout: str, path: Path, targets: dict, result: AdapterFi
     _map_tensors(layout, tensors, metadata, targets, result, path.name)
 
 
-def _map_tensors(layout: str, data: dict, metadata: dict, targets: dict, result: AdapterFile, where: str) -> None:
+def _map_tensors(
+    layout: str, data: dict, metadata: dict, targets: dict | None, result: AdapterFile, where: str
+) -> None:
+    if targets is None:
+        result.components, result.layout, result.metadata = _parse_only(layout, data, metadata, where), layout, metadata
+        return
     if layout == "peft":
         if "peft_config" not in metadata:
             raise UserError(f"{where} is a peft weights file; read its folder (with {peft.CONFIG_FILE}) instead")
@@ -248,6 +257,19 @@ def _map_tensors(layout: str, data: dict, metadata: dict, targets: dict, result:
     for component, sd in components.items():
         check_fits(component, sd, targets)
     result.components, result.layout, result.metadata = components, layout, dict(metadata)
+
+
+def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Components:
+    if layout == "peft":
+        if "peft_config" not in metadata:
+            raise UserError(f"{where} is a peft weights file; read its folder (with {peft.CONFIG_FILE}) instead")
+        return {"model": peft.from_peft(data, json.loads(metadata["peft_config"]))}
+    if layout == "diffusers":
+        return diffusers.from_diffusers(data, metadata)
+    if layout == "kohya":
+        names = {kohya.split_kohya_key(k)[0] for k in data}
+        return kohya.from_kohya(data, {name: guess_path(name) for name in names})
+    raise UserError(f"{where}: layout {layout} holds no adapter weights")
 
 
 def align_text_paths(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -84,3 +84,18 @@ def to_sgm(path: str, blocks: Mapping[str, str]) -> str | None:
                 rest = _RESNET.get(rest, rest)
             return f"{blocks[prefix]}.{rest}"
     return None
+
+
+def from_sgm(path: str, blocks: Mapping[str, str]) -> str | None:
+    """An SGM UNet module path in diffusers names (the inverse of `to_sgm`); None when no block owns it."""
+    inverse = {sgm: diffusers for diffusers, sgm in blocks.items()}
+    resnet_inverse = {sgm: diffusers for diffusers, sgm in _RESNET.items()}
+    for prefix in sorted(inverse, key=len, reverse=True):
+        if path == prefix:
+            return inverse[prefix]
+        if path.startswith(prefix + "."):
+            rest = path[len(prefix) + 1 :]
+            if ".resnets." in inverse[prefix]:
+                rest = resnet_inverse.get(rest, rest)
+            return f"{inverse[prefix]}.{rest}"
+    return None
