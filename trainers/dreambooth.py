@@ -217,6 +217,12 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             output_dir=output,
             samples=samples,
             metrics=metrics,
+            adapter={
+                "hyper": hyper,
+                "targets": config.targets,
+                "components": list(trained),
+                "name": config.adapter_name,
+            },
         )
         (output / "README.md").write_text(card)
         files += [output / "README.md", output / "config.yaml"]

@@ -18,6 +18,7 @@ def render_model_card(
     output_dir: Path,
     samples: list[Path],
     metrics: dict[str, Any],
+    adapter: dict[str, Any] | None = None,
 ) -> str:
     """Markdown text; paths are written relative to `output_dir`."""
 
@@ -27,19 +28,7 @@ def render_model_card(
         except ValueError:
             return str(path)
 
-    usage = (
-        "```python\n"
-        "from diffusers import DiffusionPipeline\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{base_model}")\n'
-    )
-    if method == "full":
-        usage += (
-            "from diffusers import UNet2DConditionModel\n"
-            f'pipe.unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")\n'
-        )
-    else:
-        usage += f"# load {relative(files[0])} with personalize.pipelines (adapter method: {method})\n"
-    usage += f'image = pipe("{prompt}").images[0]\n```\n'
+    usage = _usage(base_model, method, output_dir, files, adapter)
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     lines = [
         f"# {method} personalization of {base_model}",
@@ -64,7 +53,36 @@ def render_model_card(
         "| --- | --- |",
         rows,
         "",
-        "Rerun exactly with `personalize train --config config.yaml` (from this folder).",
+        f"Rerun exactly with `personalize train --config {output_dir}/config.yaml` (add `--resume` to continue).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _usage(base_model: str, method: str, output_dir: Path, files: list[Path], adapter: dict[str, Any] | None) -> str:
+    """A Python snippet that loads the result into a stock diffusers pipeline."""
+    lines = ["```python", "from personalize.models import load_pipeline", "", f'pipe = load_pipeline("{base_model}")']
+    if method == "full":
+        lines += [
+            "from diffusers import UNet2DConditionModel",
+            f'pipe.unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")',
+        ]
+    else:
+        adapter = adapter or {}
+        hyper = ", ".join(f"{key}={value!r}" for key, value in adapter.get("hyper", {}).items())
+        hyper = f", {hyper}" if hyper else ""
+        lines += [
+            "from safetensors.torch import load_file",
+            "from personalize import adapters",
+            "",
+            f'state = load_file("{files[0]}")',
+        ]
+        name = adapter.get("name", "default")
+        for component in adapter.get("components", ["unet"]):
+            targets = adapter.get("targets", "attention") if component == "unet" else "text"
+            lines += [
+                f'adapters.inject(pipe.{component}, "{method}", targets="{targets}", name="{name}"{hyper})',
+                f'adapters.load_state_dict(pipe.{component}, {{k[len("{component}."):]: v for k, v in state.items() '
+                f'if k.startswith("{component}.")}}, "{name}")',
+            ]
+    return "\n".join([*lines, "image = pipe(PROMPT).images[0]", "```", ""])

@@ -58,13 +58,13 @@ def test_training_lowers_the_loss_on_a_fixed_batch(quick, tiny_pipelines):
 
     pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
     before = _fixed_batch_loss(pipe, pipe.unet)
-    result = quick(method="lora", rank=8, lr=5e-3, steps=30, batch_size=2)
+    result = quick(method="lora", rank=8, lr=1e-2, steps=12, batch_size=2)
     state = load_file(str(result.output_dir / "adapter.safetensors"))
     unet_state = {key.removeprefix("unet."): value for key, value in state.items()}
     adapters.inject(pipe.unet, "lora", targets="attention", name="check", rank=8, alpha=8.0)
     adapters.load_state_dict(pipe.unet, unet_state, "check")
     after = _fixed_batch_loss(pipe, pipe.unet)
-    assert after < 0.98 * before, (before, after)  # seeded: 1.093 -> 1.065 here
+    assert after < 0.98 * before, (before, after)
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path):
@@ -127,3 +127,13 @@ def test_nf4_quantized_base_trains_on_cpu(quick):
     result = quick(method="lora", rank=4, quantize="nf4")
     assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
     assert (result.output_dir / "adapter.safetensors").is_file()
+
+
+def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
+    result = quick(method="lokr", rank=4, train_text_encoder=True)
+    card = (result.output_dir / "README.md").read_text()
+    snippet = card.split("```python")[1].split("```")[0]
+    snippet = snippet.replace("pipe(PROMPT)", 'pipe("a photo of sks cat", num_inference_steps=1, height=64, width=64)')
+    namespace = {}
+    exec(snippet, namespace)  # the README's own code: builds the pipeline, injects, loads the trained weights
+    assert namespace["image"].size == (64, 64)
