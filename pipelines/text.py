@@ -38,16 +38,19 @@ def language_family(model: str) -> str | None:
 def attach_adapter(model: Any, folder: str | Path, name: str = "default") -> str:
     """Inject the peft-layout adapter in `folder` into `model` with the core; returns its method."""
     from personalize import adapters
-    from personalize.pipelines.peft_layout import from_peft, read_peft_folder
+    from personalize.pipelines.peft_layout import prompt_method, read_prompt
 
-    tensors, config = read_peft_folder(folder)
-    method, canonical = from_peft(tensors, config)
-    if method in ("prompt-tuning", "prefix-tuning"):
-        adapters.inject(model, method, name=name, num_virtual_tokens=int(config["num_virtual_tokens"]))
-        adapters.load_state_dict(model, canonical, name)
-    else:
-        adapters.inject_from_state_dict(model, canonical, name)
-    return method
+    prompt = prompt_method(folder)
+    if prompt is not None:
+        method, tokens = prompt
+        adapters.inject(model, method, name=name, num_virtual_tokens=tokens)
+        adapters.load_state_dict(model, read_prompt(folder), name)
+        return method
+    from personalize.formats import read_adapter
+
+    found = read_adapter(folder, model)
+    adapters.inject_from_state_dict(model, found.components["model"], name)
+    return found.metadata.get("personalize_method") or adapters.describe(model).split()[1]
 
 
 def load_text_model(model: str, adapter: str | None = None, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
