@@ -124,3 +124,13 @@ def test_packing_keeps_conversations_whole_and_apart(tokenizer):
     starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert all(packed["labels"][0, s] == chat_data.IGNORE_INDEX for s in starts)
     assert chat_data.pack(examples, max_length=min(len(e.input_ids) for e in examples) + 1) != rows
+
+
+@pytest.mark.parametrize("preset", ["llama-lora", "llama-qlora", "qwen-qlora", "llava-lora", "tiny-llama"])
+def test_presets_build_a_valid_config(preset, tmp_path):
+    from personalize.config import build
+    from personalize.trainers.llm_config import LLMTrainConfig, resolve
+
+    data = _write(tmp_path / "chat.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    config = resolve(build(LLMTrainConfig, preset=preset, flags={"data": str(data)}), rows=100)
+    assert config.steps >= 1 and config.lr > 0 and config.rank
