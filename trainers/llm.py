@@ -63,7 +63,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     # --- data + base model --------------------------------------------------------------------
     report = ChatReport()
     conversations = read_conversations(config.data, report)
-    model, processor = _load(config)
+    model, processor = _load(config, accelerator.device)
     family = "vlm" if hasattr(processor, "image_processor") else "llm"
     tokenizer = getattr(processor, "tokenizer", processor)
     if family == "vlm":
@@ -168,7 +168,8 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         for path in files:
             say(f"  {path}")
     accelerator.wait_for_everyone()
-    accelerator.free_memory()
+    if accelerator.device.type != "cpu":  # on CPU only a full gc.collect() would run: seconds, for nothing
+        accelerator.free_memory()
     return LLMResult(output, files, metrics, samples)
 
 
@@ -192,7 +193,7 @@ class RowBatches:
         return (self.collate_rows(batch, self.pad) for batch in self.batches)
 
 
-def _load(config: LLMTrainConfig) -> tuple[Any, Any]:
+def _load(config: LLMTrainConfig, device: Any) -> tuple[Any, Any]:
     """The base model (frozen, 4-/8-bit when asked) and its tokenizer or processor."""
     from personalize.models import TINY_LANGUAGE, load_language_model
 
@@ -212,6 +213,7 @@ def _load(config: LLMTrainConfig) -> tuple[Any, Any]:
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=["lm_head", "vision_tower", "multi_modal_projector"],
         )
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights reach the device
     model, processor = load_language_model(config.model, torch_dtype=dtype, **kwargs)
     model.requires_grad_(False)
     if config.quantize and not hub_quantized:
