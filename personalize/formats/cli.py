@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,11 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def target_name(module: str) -> str:
+    """A layer's name inside its block: "...transformer_blocks.0.attn1.to_q" -> "attn1.to_q"."""
+    return re.sub(r"^(.*\.)?\w*(blocks|layers|attentions|resnets|layer|h)\.\d+\.", "", module)
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -180,7 +186,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             alpha = alpha_of(group)
             row = (component, method_of(group), kind, rank_of(group) or "-", "-" if alpha is None else f"{alpha:g}")
             rows[row] += 1
-            targets[row][module.rsplit(".", 1)[-1] if not module.endswith(".0") else module.rsplit(".", 2)[-2]] += 1
+            targets[row][target_name(module)] += 1
             modules.append((f"{component}.{module}", *row[1:]))
     if rows:
         header = ("component", "method", "layer", "rank", "alpha", "modules", "targets")

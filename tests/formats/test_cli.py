@@ -26,7 +26,7 @@ def test_inspect_prints_a_table(sd15_lokr, capsys):
     assert main(["inspect", str(file)]) == 0
     out = capsys.readouterr().out
     assert "layout       kohya" in out and "family guess sd1" in out
-    assert "unet       lokr" in out and "to_q x" in out
+    assert "unet       lokr" in out and "attn1.to_q x" in out
     assert "ss_network_module = lycoris.kohya" in out
     assert f"{sum(v.numel() for k, v in components['unet'].items() if not k.endswith('.alpha')):,}" in out
 
