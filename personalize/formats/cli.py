@@ -11,7 +11,7 @@ from typing import Any
 
 from personalize.errors import UserError
 
-TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd")
+TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd", "lora")  # "lora": short for lora-svd
 
 
 def register_convert(subparsers: Any) -> None:
@@ -92,6 +92,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from personalize.formats.io import _write_all, embeddings_files, model_components, read_adapter
     from personalize.formats.svd import adapter_to_lora
 
+    args.to = "lora-svd" if args.to == "lora" else args.to
     model = load_model(args.model) if args.model else None
     if args.to == "lora-svd" and model is None:
         raise UserError("--to lora-svd needs the base model (--model) to compute each module's weight delta")
