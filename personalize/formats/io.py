@@ -34,6 +34,7 @@ from personalize.formats.kohya_guess import guess_path
 from personalize.models.presets import model_kind
 
 EMBEDDING_NAMES = re.compile(r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding)")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENT_OF_KIND = {"unet": "unet", "dit": "transformer", "clip": "text_encoder", "t5": "text_encoder"}
 
 
@@ -70,8 +71,7 @@ def model_components(pipe_or_model: Any) -> dict[str, nn.Module]:
     components = getattr(pipe_or_model, "components", None)
     if not isinstance(components, Mapping):
         raise UserError(f"expected a diffusers pipeline or a torch model, got {type(pipe_or_model).__name__}")
-    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-    return {n: components[n] for n in names if isinstance(components.get(n), nn.Module)}
+    return {n: components[n] for n in COMPONENTS if isinstance(components.get(n), nn.Module)}
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -194,7 +194,17 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
     path = Path(path)
     targets = model_components(pipe_or_model) if pipe_or_model is not None else None
     result = AdapterFile()
-    if path.is_dir():
+    subfolders = [c for c in COMPONENTS if (path / c / peft.CONFIG_FILE).is_file()] if path.is_dir() else []
+    if subfolders and not (path / peft.CONFIG_FILE).is_file():  # `convert --to peft` of a whole pipeline
+        for component in subfolders:
+            part = AdapterFile()
+            tensors, metadata = detect.read_tensors(path / component / peft.WEIGHTS_FILE, allow_pickle)
+            metadata = {**metadata, "peft_config": json.dumps(detect.read_peft_config(path / component))}
+            _map_tensors("peft", tensors, metadata, _only(targets, component), part, component)
+            result.components.update({component: next(iter(part.components.values()))})
+            result.metadata = part.metadata
+        result.layout = "peft"
+    elif path.is_dir():
         adapter, embedding_paths = detect.folder_files(path)
         if adapter is not None:
             _read_adapter_file(adapter[0], adapter[1], targets, result, allow_pickle)
@@ -217,6 +227,14 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
     if result.embeddings and targets is not None:
         embeddings.check_dims(result.embeddings, _embedding_dims(targets))
     return result
+
+
+def _only(targets: dict | None, component: str) -> dict | None:
+    if targets is None:
+        return None
+    if component not in targets:
+        raise UserError(f"the adapter has weights for {component}, which this model does not have ({sorted(targets)})")
+    return {component: targets[component]}
 
 
 def _read_adapter_file(layout: str, path: Path, targets: dict | None, result: AdapterFile, allow_pickle: bool) -> None:

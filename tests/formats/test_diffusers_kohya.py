@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from personalize import adapters
 from personalize.errors import UserError
 from personalize.formats import read_adapter, save_adapter
+from personalize.models.tiny_layers import randomize
 
 from .helpers import (
     ADAPTER_METHODS,
@@ -190,3 +193,23 @@ def test_alpha_conventions_old_diffusers_keys_and_network_alphas(tiny_pipelines)
     )
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_down.weight" in processor["unet"]
     adapters.group_by_module(processor["unet"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "family"), [("tiny-flux", "flux"), ("tiny-sd3", "sd3")])
+def test_dit_lora_loads_in_stock_diffusers_and_round_trips(tiny_pipelines, tmp_path, name, family):
+    pipe = tiny_pipelines(name)
+    parts = dict(pipe.components)
+    parts["transformer"] = copy.deepcopy(pipe.transformer)
+    ours = type(pipe)(**parts)
+    adapters.inject(ours.transformer, "lora", targets="attention", rank=4, alpha=2)
+    for _, module in ours.transformer.named_modules():
+        if hasattr(module, "adapters") and "default" in module.adapters:
+            randomize(module.adapters["default"], 1)
+    components = {"transformer": adapters.state_dict(ours.transformer)}
+    save_adapter(tmp_path, components, method="lora", family=family, hyper={}, output_name="x")
+    parts["transformer"] = copy.deepcopy(pipe.transformer)
+    stock = type(pipe)(**parts)
+    stock.load_lora_weights(tmp_path)
+    assert abs(images(stock) - images(ours)).max() < 1e-4
+    assert_same_components(components, read_adapter(tmp_path / "x.safetensors", pipe).components)
