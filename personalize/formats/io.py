@@ -259,10 +259,7 @@ def _map_tensors(
         component = next((c for c in ("model", "unet", "transformer") if c in targets), next(iter(targets)))
         components = {component: sd}
     elif layout == "diffusers":
-        if len(targets) == 1:  # a bare model: the file's one component prefix is it
-            (only,) = targets
-            heads = {k.partition(".")[0] for k in data}
-            data = {f"{only}.{k.partition('.')[2]}" if len(heads) == 1 else k: v for k, v in data.items()}
+        data = _component_prefixed(data, targets)
         components = diffusers.from_diffusers(data, metadata, tuple(targets))
     elif layout == "kohya":
         unet = targets.get("unet")
@@ -275,6 +272,20 @@ def _map_tensors(
     for component, sd in components.items():
         check_fits(component, sd, targets)
     result.components, result.layout, result.metadata = components, layout, dict(metadata)
+
+
+def _component_prefixed(data: dict, targets: dict) -> dict:
+    """diffusers keys with the pipeline component first. A file for one component loads onto a bare model
+    whatever its prefix; keys with no component prefix (old `save_attn_procs` files) belong to the denoiser."""
+    heads = {k.partition(".")[0] for k in data}
+    known = set(COMPONENTS) | {"model"}
+    if not heads & known:
+        denoiser = next((c for c in ("unet", "transformer", "model") if c in targets), next(iter(targets)))
+        return {f"{denoiser}.{k}": v for k, v in data.items()}
+    if len(targets) == 1 and len(heads) == 1:
+        (only,) = targets
+        return {f"{only}.{k.partition('.')[2]}": v for k, v in data.items()}
+    return data
 
 
 def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Components:

@@ -213,3 +213,19 @@ def test_dit_lora_loads_in_stock_diffusers_and_round_trips(tiny_pipelines, tmp_p
     stock.load_lora_weights(tmp_path)
     assert abs(images(stock) - images(ours)).max() < 1e-4
     assert_same_components(components, read_adapter(tmp_path / "x.safetensors", pipe).components)
+
+
+def test_unprefixed_attention_processor_files_belong_to_the_unet(tiny_pipelines, tmp_path):
+    pipe = tiny_pipelines("tiny-sd15")
+    base = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    save_file(
+        {
+            f"{base}.processor.to_k_lora.down.weight": torch.ones(2, 32),
+            f"{base}.processor.to_k_lora.up.weight": torch.ones(64, 2),
+        },
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
+    read = read_adapter(tmp_path, pipe)
+    assert read.layout == "diffusers"
+    assert float(read.components["unet"][f"{base}.to_k.alpha"]) == 2.0  # no alpha in the file: scale 1
+    assert read.components["unet"][f"{base}.to_k.lora_up.weight"].shape == (64, 2)

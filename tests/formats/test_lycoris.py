@@ -52,7 +52,7 @@ def test_lycoris_files_load_with_identical_outputs(tiny_pipelines, tmp_path, alg
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lokr", "loha"])
+@pytest.mark.parametrize("method", ["lokr", "loha", "dora"])
 def test_lycoris_reads_our_kohya_files_with_identical_outputs(tiny_pipelines, tmp_path, method):
     """LyCORIS's own loader (module names under our `lora_unet` prefix) computes what our adapter does."""
     from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
