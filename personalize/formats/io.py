@@ -261,6 +261,8 @@ def _map_tensors(
     elif layout == "diffusers":
         data = _component_prefixed(data, targets)
         components = diffusers.from_diffusers(data, metadata, tuple(targets))
+    elif layout == "canonical":
+        components = split_components(data)
     elif layout == "kohya":
         unet = targets.get("unet")
         config = dict(unet.config) if unet is not None and hasattr(unet, "config") else None
@@ -272,6 +274,15 @@ def _map_tensors(
     for component, sd in components.items():
         check_fits(component, sd, targets)
     result.components, result.layout, result.metadata = components, layout, dict(metadata)
+
+
+def split_components(data: Mapping[str, torch.Tensor]) -> Components:
+    """{"unet.a.b.lora_up.weight": t} -> {"unet": {"a.b.lora_up.weight": t}} (our raw canonical files)."""
+    out: Components = {}
+    for key, value in data.items():
+        component, _, rest = key.partition(".")
+        out.setdefault(component, {})[rest] = value
+    return out
 
 
 def _component_prefixed(data: dict, targets: dict) -> dict:
@@ -295,6 +306,8 @@ def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Componen
         return {"model": peft.from_peft(data, json.loads(metadata["peft_config"]))}
     if layout == "diffusers":
         return diffusers.from_diffusers(data, metadata)
+    if layout == "canonical":
+        return split_components(data)
     if layout == "kohya":
         names = {kohya.split_kohya_key(k)[0] for k in data}
         return kohya.from_kohya(data, {name: guess_path(name) for name in names})

@@ -229,3 +229,14 @@ def test_unprefixed_attention_processor_files_belong_to_the_unet(tiny_pipelines,
     assert read.layout == "diffusers"
     assert float(read.components["unet"][f"{base}.to_k.alpha"]) == 2.0  # no alpha in the file: scale 1
     assert read.components["unet"][f"{base}.to_k.lora_up.weight"].shape == (64, 2)
+
+
+def test_raw_canonical_files_and_folders_read(tiny_pipelines, tmp_path):
+    """What trainers wrote before this package: "<component>.<path>.<param>" in adapter.safetensors."""
+    pipe = tiny_pipelines("tiny-sd15")
+    _, components = with_adapter(pipe, "loha")
+    flat = {f"{c}.{k}": v.contiguous() for c, sd in components.items() for k, v in sd.items()}
+    save_file(flat, tmp_path / "adapter.safetensors")
+    read = read_adapter(tmp_path, pipe)
+    assert read.layout == "canonical"
+    assert_same_components(components, read.components)
