@@ -16,7 +16,6 @@ from personalize.errors import UserError
 from personalize.formats import diffusers, embeddings, kohya, peft
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
-LAYOUTS = ("diffusers", "kohya", "peft", "embedding", "canonical")
 COMPONENT_HEADS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "model")
 
 
