@@ -51,7 +51,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
+    )
     say = _printer(accelerator)
     for note in notes:
         say(f"note: {note}")
@@ -237,6 +241,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 # --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def _cpu_only() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
