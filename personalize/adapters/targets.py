@@ -36,6 +36,10 @@ def wrappable_paths(model: nn.Module) -> list[str]:
     return paths
 
 
+def _base(module: nn.Module) -> nn.Module:
+    return module._modules.get("base_layer", module) if type(module).__name__ == "AdapterLayer" else module
+
+
 def _matches(path: str, target: str) -> bool:
     if _PLAIN_NAME.fullmatch(target):
         return path == target or path.endswith("." + target)
@@ -45,8 +49,12 @@ def _matches(path: str, target: str) -> bool:
 def select(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Module paths of `model` selected by `targets` (see the module doc)."""
     candidates = wrappable_paths(model)
-    if isinstance(targets, str):
-        patterns = preset_patterns(model, targets) if targets in all_preset_names() else [targets]
+    if isinstance(targets, str) and targets in all_preset_names():
+        patterns = preset_patterns(model, targets)
+        # presets name projection layers; token embeddings are only wrapped when asked for by path
+        candidates = [p for p in candidates if not isinstance(_base(model.get_submodule(p)), nn.Embedding)]
+    elif isinstance(targets, str):
+        patterns = [targets]
     else:
         patterns = list(targets)
     for pattern in patterns:

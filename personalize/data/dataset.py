@@ -78,11 +78,11 @@ def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Rec
     path = candidate.path
     try:
         data = read_bytes(path)
-        decoded = decode(data, parse_color(config.background), MAX_PIXELS)
+        decoded = decode(data, parse_color(config.background), MAX_PIXELS, draft=(1, 1))  # JPEG: 1/8 scale
     except BadImage as error:
         report.skipped.append((path, str(error)))
         return None
-    size = (decoded.image.height, decoded.image.width)
+    size = decoded.size
     try:
         bucket = choose_bucket(
             size, config.resolution, config.bucket_step, config.max_aspect, config.bucketing, config.no_upscale
@@ -164,7 +164,10 @@ class ImageDataset(Dataset):
 
     def render(self, index: int, plan: Plan) -> dict[str, Any]:
         record = self.records[self.rows[index]]
-        decoded = decode(read_bytes(record.path), self.background)
+        data = read_bytes(record.path)
+        if hashlib.sha256(data).hexdigest() != record.digest:
+            raise BadImage("changed on disk since the dataset was built")
+        decoded = decode(data, self.background, draft=plan.resized)
         item: dict[str, Any] = {
             "pixels": to_tensor(apply_plan(decoded.image, plan)),
             "prompt": record.prompt,
@@ -187,7 +190,7 @@ class ImageDataset(Dataset):
             return self.render(index, self.plan(index, epoch))
         except BadImage as error:  # the file changed on disk after the scan
             record = self.records[self.rows[index]]
-            message = f"{record.path} became unreadable during training ({error}); restore or remove it"
+            message = f"{record.path}: {error}; restore it or rebuild the dataset"
             raise UserError(message) from None
 
 

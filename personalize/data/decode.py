@@ -18,6 +18,19 @@ from PIL import Image, ImageColor, ImageFile, ImageOps, UnidentifiedImageError
 
 # PIL's own default (about 89.5 MP, a 9459 x 9459 image); larger files are refused, not decoded.
 MAX_PIXELS = 89_478_485
+ORIENTATION = 0x0112  # EXIF tag
+ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # transposed / rotated by 90 or 270 degrees
+
+
+# ISO-BMFF brands of HEIC/HEIF (iPhone photos) and AVIF: readable only with a plugin.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+
+try:  # optional: pillow-heif adds HEIC/HEIF (and AVIF) to PIL when installed
+    from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+
+    register_heif_opener()
+except ImportError:
+    pass
 
 
 class BadImage(Exception):
@@ -26,8 +39,9 @@ class BadImage(Exception):
 
 @dataclass
 class Decoded:
-    image: Image.Image  # RGB, 8 bit, orientation applied, alpha composited
+    image: Image.Image  # RGB, 8 bit, orientation applied, alpha composited (JPEG: maybe draft-reduced)
     alpha: Image.Image | None  # "L" mask (255 = opaque) when the file had transparency
+    size: tuple[int, int]  # (h, w) of the full image, orientation applied
 
 
 def parse_color(name: str) -> tuple[int, int, int]:
@@ -60,16 +74,29 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Decoded:
         alpha = rgba.getchannel("A")
         canvas = Image.new("RGB", rgba.size, background)
         canvas.paste(rgba.convert("RGB"), mask=alpha)
-        return Decoded(canvas, alpha)
+        return Decoded(canvas, alpha, (canvas.height, canvas.width))
     if image.mode == "L" and "transparency" in image.info:
         return to_rgb(image.convert("LA"), background)
     if image.mode != "RGB":
         image = image.convert("RGB")  # "1", "L", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"
-    return Decoded(image, None)
+    return Decoded(image, None, (image.height, image.width))
 
 
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Bytes -> a fully decoded PIL image (first frame), orientation applied; BadImage otherwise."""
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:  # unreadable EXIF: treat as upright
+        return 1
+
+
+def open_image(
+    data: bytes, max_pixels: int = MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (decoded first frame with orientation applied, full (h, w)); BadImage otherwise.
+
+    `draft` (h, w): JPEGs may decode at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the result
+    still covers that size: much faster for phone photos trained at 512 px. Other formats ignore it.
+    """
     if not data:
         raise BadImage("empty file")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -79,16 +106,23 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise BadImage(f"too large: {width}x{height} pixels, limit {max_pixels}")
+                raise BadImage(f"too large: {width}x{height} pixels, over the decompression-bomb limit")
             if width == 0 or height == 0:
                 raise BadImage("no pixels")
+            rotated = _orientation(image) in ROTATING_ORIENTATIONS
+            size = (width, height) if rotated else (height, width)  # (h, w) once oriented
+            if draft is not None and image.format == "JPEG":
+                want_h, want_w = (draft[1], draft[0]) if rotated else draft  # in stored orientation
+                image.draft(image.mode, (want_w, want_h))
             image.seek(0)  # animated GIF/WebP/APNG/TIFF: the first frame
             image.load()
     except BadImage:
         raise
     except Image.DecompressionBombError:
-        raise BadImage("too large (decompression bomb)") from None
+        raise BadImage("too large: over the decompression-bomb limit") from None
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+            raise BadImage("HEIC/AVIF needs `pip install pillow-heif`, or convert it to JPEG") from None
         raise BadImage("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         text = str(error).lower()
@@ -96,17 +130,24 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadImage("truncated") from None
         raise BadImage(f"corrupt: {str(error).splitlines()[0][:80]}") from None
     try:
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image), size
     except Exception:  # a broken EXIF block must not lose an otherwise good image
-        return image
+        return image, (image.height, image.width)
 
 
-def decode(data: bytes, background: tuple[int, int, int] = (255, 255, 255), max_pixels: int = MAX_PIXELS) -> Decoded:
-    image = open_image(data, max_pixels)
+def decode(
+    data: bytes,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
+) -> Decoded:
+    image, size = open_image(data, max_pixels, draft)
     try:
-        return to_rgb(image, background)
+        decoded = to_rgb(image, background)
     except (OSError, ValueError) as error:
         raise BadImage(f"unsupported image mode {image.mode}: {error}") from None
+    decoded.size = size
+    return decoded
 
 
 def read_bytes(path: Path) -> bytes:

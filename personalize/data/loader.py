@@ -4,6 +4,10 @@ The batch sampler shuffles each bucket's indices and the order of the batches wi
 by (seed, epoch) and yields `(epoch, index)` pairs, so the dataset's crops and flips follow the same
 epoch in the main process and in (persistent) workers. Every pass over the loader is the next epoch;
 `loader.batch_sampler.set_epoch(n)` jumps to epoch n (resume).
+
+The sampler deliberately has no `batch_size` attribute: accelerate's `BatchSamplerShard` then treats
+batches as variable-length lists and shards or pads whole batches, never splicing indices of two
+buckets into one batch (it would, to even out a short last batch, if it saw a batch size).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         self.groups: dict[Size, list[int]] = {}
         for index, bucket in enumerate(buckets):
             self.groups.setdefault(tuple(bucket), []).append(index)  # type: ignore[arg-type]
-        self.batch_size = batch_size
+        self.items_per_batch = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -43,9 +47,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             indices = self.groups[bucket]
             if self.shuffle:
                 indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
+            for start in range(0, len(indices), self.items_per_batch):
+                batch = indices[start : start + self.items_per_batch]
+                if len(batch) == self.items_per_batch or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
@@ -60,8 +64,8 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         full, partial = 0, 0
         for indices in self.groups.values():
-            full += len(indices) // self.batch_size
-            partial += 1 if len(indices) % self.batch_size else 0
+            full += len(indices) // self.items_per_batch
+            partial += 1 if len(indices) % self.items_per_batch else 0
         return full if self.drop_last else full + partial
 
 

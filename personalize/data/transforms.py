@@ -63,9 +63,7 @@ def make_plan(
 
 
 def apply_plan(image: Image.Image, plan: Plan) -> Image.Image:
-    """Resize, flip, crop (the crop offset already refers to the flipped image)."""
-    if image.size != (plan.original_size[1], plan.original_size[0]):
-        raise ValueError(f"plan is for {plan.original_size}, image is {image.size[::-1]}")
+    """Resize (from the full or a draft-reduced decode), flip, crop (the offset refers to the flipped image)."""
     height, width = plan.resized
     resample = Image.Resampling.LANCZOS
     image = image.resize((width, height), resample, reducing_gap=3.0) if (height, width) != image.size[::-1] else image

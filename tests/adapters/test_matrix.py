@@ -17,6 +17,9 @@ HYPER = {
     "lokr": {"rank": 2, "alpha": 1, "factor": 4},
     "krona": {"a1": 4, "a2": 4},
     "ia3": {},
+    "loha-tucker": {"rank": 4, "alpha": 2, "tucker": True},
+    "lokr-both": {"rank": 1, "alpha": 1, "factor": 4, "decompose_both": True},
+    "lora-rsfa": {"rank": 4, "alpha": 2, "rslora": True, "fa": True, "init": "gaussian"},
 }
 ALLOWED = {
     "lora": LAYERS,
@@ -25,6 +28,9 @@ ALLOWED = {
     "lokr": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
     "krona": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
     "ia3": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
+    "loha-tucker": ("conv3x3",),
+    "lokr-both": ("linear", "conv3x3"),
+    "lora-rsfa": ("linear", "conv3x3", "embedding"),
 }
 CASES = [(method, layer) for method, layers in ALLOWED.items() for layer in layers]
 # 4-bit and 8-bit bases re-quantize on merge: merged outputs only approximate the unmerged ones.
@@ -33,7 +39,7 @@ MERGE_TOLERANCE = {"linear4bit": 0.25, "linear8bit": 0.05}
 
 def _model(method: str, layer: str, name: str = "a", seed: int = 2) -> Holder:
     model = Holder(build_layer(layer))
-    paths = adapters.inject(model, method, targets="layer", name=name, **HYPER[method])
+    paths = adapters.inject(model, method.split("-")[0], targets="layer", name=name, **HYPER[method])
     assert paths == ["block.layer"]
     randomize(model.block.layer.adapters[name], seed)
     return model
@@ -60,6 +66,9 @@ def test_inject_forward_and_train_step(method, layer):
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         assert changed == (".adapters." in n and p.requires_grad), n
+    if method == "lora-rsfa":  # LoRA-FA: A stays frozen; rsLoRA: effective alpha = alpha * sqrt(r)
+        adapter = model.block.layer.adapters["a"]
+        assert not adapter.lora_down.weight.requires_grad and float(adapter.alpha) == pytest.approx(2 * 2.0)
 
 
 @pytest.mark.parametrize(("method", "layer"), CASES)
@@ -110,7 +119,7 @@ def test_two_adapters_stack_with_independent_scales(method, layer):
     x = sample_input(layer)
     base_out = Holder(build_layer(layer))(x)
     model = _model(method, layer, name="a", seed=5)
-    adapters.inject(model, method, targets="layer", name="b", **HYPER[method])
+    adapters.inject(model, method.split("-")[0], targets="layer", name="b", **HYPER[method])
     randomize(model.block.layer.adapters["b"], seed=6)
     with torch.no_grad():
         both = model(x)

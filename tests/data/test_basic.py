@@ -51,3 +51,35 @@ def test_batch_fields(good_folder: Path):
         assert batch[name].dtype == torch.long and batch[name].shape == (size, 2)
     assert batch["mask"].shape == (size, 1, *batch["pixels"].shape[-2:])
     assert isinstance(batch["prompt"], list)
+
+
+def test_workers_and_epochs_give_the_same_batches(good_folder: Path):
+    dataset = build_dataset(DataConfig(images=str(good_folder), resolution=64, bucket_step=16, flip=0.5, repeats=2))
+
+    def epochs(num_workers, count=2):
+        loader = build_loader(dataset, batch_size=2, seed=4, num_workers=num_workers)
+        return [[batch["key"] for batch in loader] for _ in range(count)]
+
+    in_process, with_worker = epochs(0), epochs(1)
+    assert in_process == with_worker
+    assert in_process[0] != in_process[1]  # the next pass is the next epoch (new order and flips)
+    loader = build_loader(dataset, batch_size=2, seed=4, num_workers=0)
+    loader.batch_sampler.set_epoch(1)  # resume at epoch 1
+    assert [batch["key"] for batch in loader] == in_process[1]
+    assert len(loader) == len(in_process[0])
+
+
+def test_accelerate_sharding_keeps_whole_batches():
+    from accelerate.data_loader import BatchSamplerShard
+
+    from personalize.data.loader import BucketBatchSampler
+
+    buckets = [(64, 64)] * 5 + [(48, 80)] * 3 + [(80, 48)] * 1
+    sampler = BucketBatchSampler(buckets, batch_size=2, seed=1)
+    seen = []
+    for rank in range(2):
+        sampler.set_epoch(0)
+        for batch in BatchSamplerShard(sampler, num_processes=2, process_index=rank):
+            assert len({buckets[index] for _, index in batch}) == 1
+            seen.extend(index for _, index in batch)
+    assert set(seen) == set(range(len(buckets)))
