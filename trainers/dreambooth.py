@@ -49,14 +49,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """
     config, notes = resolve(config if config is not None else config_from_options(options))
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    # A script may train many subjects in one process with different precisions; accelerate keeps its
+    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
     )
     say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
     for note in notes:
         say(f"note: {note}")
     set_seed(config.seed)
