@@ -168,7 +168,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     samples: list[Path] = []
 
     def validate(step: int) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
 
     started = time.perf_counter()
@@ -311,7 +311,16 @@ def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[A
     if count:
         say(f"class images: {count} for '{class_word_prompt}' in {class_dir}")
         size = data.resolution
-        ensure_class_images(pipe, class_word_prompt, class_dir, count, seed=config.seed, height=size, width=size)
+        ensure_class_images(
+            pipe,
+            class_word_prompt,
+            class_dir,
+            count,
+            seed=config.seed,
+            num_inference_steps=config.class_image_steps,
+            height=size,
+            width=size,
+        )
     class_config = dataclasses.replace(
         data, images=str(class_dir), instance_prompt=class_word_prompt, class_dir="", num_class_images=0, repeats=1
     )

@@ -103,7 +103,14 @@ def test_prior_preservation_doubles_the_batch_with_class_images(quick, monkeypat
 
     monkeypatch.setattr(losses, "combine", spy)
     class_dir = tmp_path / "class"
-    quick(method="lora", rank=4, prior_preservation=True, class_dir=str(class_dir), num_class_images=2, batch_size=1)
+    quick(
+        method="lora",
+        rank=4,
+        prior_preservation=True,
+        class_dir=str(class_dir),
+        num_class_images=2,
+        class_image_steps=2,
+    )
     assert sorted(path.name for path in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     assert seen == [[False, True], [False, True]]
 
