@@ -1,1 +1,42 @@
-"""personalize.pipelines: inference only; loads our outputs into stock diffusers pipelines."""
+"""personalize.pipelines: inference only; loads our outputs into stock diffusers pipelines.
+
+    from personalize.pipelines import load_adapter, unload_adapter, fuse, unfuse, set_adapter_scale
+    load_adapter(pipe, "out/cat", scale=1.0, name="cat")
+
+The names are imported on first use, so that the CLI shell (which imports `personalize.pipelines.cli`
+to register `generate`) does not pay for torch at `--help`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from personalize.pipelines.load import (
+        LoadedAdapter,
+        describe_adapters,
+        fuse,
+        load_adapter,
+        loaded_adapters,
+        set_adapter_scale,
+        unfuse,
+        unload_adapter,
+    )
+
+__all__ = [
+    "LoadedAdapter",
+    "describe_adapters",
+    "fuse",
+    "load_adapter",
+    "loaded_adapters",
+    "set_adapter_scale",
+    "unfuse",
+    "unload_adapter",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("personalize.pipelines.load"), name)
+    raise AttributeError(f"module 'personalize.pipelines' has no attribute '{name}'")

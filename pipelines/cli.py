@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from personalize.errors import UserError
+
+# = personalize.adapters.QUANT_MODES, spelled out so that `personalize --help` does not import torch.
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
 
 def register(subparsers: Any) -> None:
@@ -27,9 +31,32 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, unipc, flow-euler, ...")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt (pickle) model file")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a run's output dir or an adapter file (diffusers, kohya/LyCORIS, embeddings), at SCALE "
+        "(default 1.0); repeat to stack adapters",
+    )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, default=None, help="quantize the UNet/transformer (bitsandbytes)"
+    )
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt (pickle) files")
     parser.add_argument("--output", default="personalize-out/generated", help="a folder, or a .png for one image")
     parser.set_defaults(run=run)
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """ "out/cat:0.6" -> ("out/cat", 0.6); "out/cat" -> ("out/cat", 1.0). A path that exists as given wins
+    (so a file named "a:1" still loads)."""
+    path, colon, scale = spec.rpartition(":")
+    if not colon or not path or Path(spec).exists():
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return spec, 1.0
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -64,6 +91,18 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
+def load_adapters(pipe: Any, specs: list[str], allow_pickle: bool) -> list[dict[str, Any]]:
+    """Load every --adapter; returns what the PNG metadata records: [{"path", "scale", "name"}]."""
+    from personalize.pipelines import load_adapter
+
+    loaded = []
+    for spec in specs:
+        path, scale = parse_adapter(spec)
+        name = load_adapter(pipe, path, scale=scale, allow_pickle=allow_pickle)
+        loaded.append({"path": path, "scale": scale, "name": name})
+    return loaded
+
+
 def run(args: argparse.Namespace) -> int:
     from personalize.models import load_pipeline
     from personalize.pipelines.generate import GenerationSettings, generate, image_settings, write_images
@@ -72,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, torch_dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
     pipe.to(device)
+    if args.quantize:
+        from personalize.adapters import quantize
+        from personalize.pipelines.components import denoiser
+
+        quantize(denoiser(pipe), args.quantize, compute_dtype=resolve_dtype(args.dtype, device))
+    adapters = load_adapters(pipe, args.adapter, args.allow_pickle)
     pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -85,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
     )
     images = generate(pipe, settings)
-    metadata = [image_settings(pipe, settings, index, args.model) for index in range(len(images))]
+    extra: dict[str, Any] = {"adapters": adapters} if adapters else {}
+    if args.quantize:
+        extra["quantize"] = args.quantize
+    metadata = [image_settings(pipe, settings, index, args.model, **extra) for index in range(len(images))]
     for path in write_images(images, args.output, metadata):
         print(path)
     return 0
