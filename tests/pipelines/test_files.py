@@ -99,3 +99,54 @@ def test_output_dir_with_lora_and_embeddings(tiny_pipelines, tmp_path):
     torch.testing.assert_close(pipe.text_encoder_2.get_input_embeddings().weight[1000:], vectors["text_encoder_2"])
     unload_adapter(pipe)
     assert (pipe.tokenizer, pipe.tokenizer_2) == tokenizers
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_a_file_lycoris_wrote_gives_lycoris_outputs(tiny_pipelines, tmp_path, algo):
+    """LyCORIS's own create_lycoris + save_weights (kohya `lora_unet_` names): our UNet output equals the
+    LyCORIS-wrapped UNet's."""
+    import copy
+    import logging
+
+    lycoris = pytest.importorskip("lycoris")
+    logging.getLogger("lycoris").setLevel(logging.ERROR)
+    network_class = lycoris.LycorisNetwork
+    pipe = pipeline_copy(tiny_pipelines, "tiny-sd15")
+    unet = copy.deepcopy(pipe.unet)
+    presets = ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX", "ENABLE_CONV")
+    saved = {key: getattr(network_class, key) for key in presets}
+    try:  # the preset is class state: put it back for everyone else
+        network_class.apply_preset({"target_module": ["Attention"], "lora_prefix": "lora_unet"})
+        network = lycoris.create_lycoris(unet, 1.0, linear_dim=2, linear_alpha=1, algo=algo, factor=4)
+    finally:
+        for key, value in saved.items():
+            setattr(network_class, key, value)
+    network.apply_to()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for parameter in network.parameters():
+            parameter.normal_(0, 0.3)
+    network.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, None)
+    sample, states = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = unet(sample, 10, states).sample
+        load_adapter(pipe, tmp_path / "lyco.safetensors")
+        got = pipe.unet(sample, 10, states).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a1111_embedding_file_uses_its_file_name_as_the_trigger(tiny_pipelines, tmp_path):
+    pipe = pipeline_copy(tiny_pipelines, "tiny-sd15")
+    learned = torch.randn(3, 32)
+    formats.save_adapter(
+        tmp_path,
+        {},
+        method="textual_inversion",
+        family="sd1",
+        hyper={},
+        embeddings={"<sks>": {"text_encoder": learned}},
+    )
+    load_adapter(pipe, tmp_path / "a1111" / "sks.safetensors")
+    assert describe_adapters(pipe)[0]["tokens"] == ["sks"]
+    ids = pipe.tokenizer.convert_tokens_to_ids(["sks", "sks_1", "sks_2"])
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], learned)
