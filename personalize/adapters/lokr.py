@@ -88,11 +88,21 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 
 def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """x (..., m*n) -> (..., l*k) = x @ kron(w1, w2)^T without building the Kronecker product."""
-    m, n = w1.shape[1], w2.shape[1]
+    """x (..., m*n) -> (..., l*k) = x @ kron(w1, w2)^T without building the Kronecker product.
+
+    Applies first the factor that leaves the smaller intermediate: (..., m, k) or (..., l, n)."""
+    (l, m), (k, n) = w1.shape, w2.shape  # noqa: E741
     X = x.reshape(*x.shape[:-1], m, n)  # (..., m, n)
-    Z = X @ w2.T  # (..., m, k)
-    Y = w1 @ Z  # (..., l, k)
+    Y = w1 @ (X @ w2.T) if m * k <= l * n else (w1 @ X) @ w2.T  # (..., l, k)
+    return Y.reshape(*x.shape[:-1], l * k)
+
+
+def kron_linear_low_rank(x: torch.Tensor, w1: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor) -> torch.Tensor:
+    """As kron_linear with w2 = w2_a (k, r) @ w2_b (r, n), never building w2: the rank-r side comes first,
+    so the intermediates are (..., m, r) and (..., l, r)."""
+    m, n = w1.shape[1], w2_b.shape[1]
+    X = x.reshape(*x.shape[:-1], m, n)  # (..., m, n)
+    Y = (w1 @ (X @ w2_b.T)) @ w2_a.T  # (..., m, r) -> (..., l, r) -> (..., l, k)
     return Y.reshape(*x.shape[:-1], -1)
 
 
@@ -177,16 +187,14 @@ class LoKr(AdapterModule):
         return w1, w2
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
+        s = scale * self.scaling
+        if self.kind == "linear" and self.plan.w2_rank is not None:
+            w1 = self.lokr_w1 if self.plan.w1_rank is None else self.lokr_w1_a @ self.lokr_w1_b
+            return kron_linear_low_rank(x.to(w1.dtype), w1 * s, self.lokr_w2_a, self.lokr_w2_b)
         w1, w2 = self.factors()
         x = x.to(w1.dtype)
-        s = scale * self.scaling
         if self.kind == "conv2d":
             return kron_conv2d(x, w1 * s, w2, self.geometry)
-        if self.plan.w2_rank is not None:  # x @ w2^T = (x @ w2_b^T) @ w2_a^T: never build w2 either
-            m, n = self.plan.m, self.plan.n
-            X = x.reshape(*x.shape[:-1], m, n)  # (..., m, n)
-            Z = (X @ self.lokr_w2_b.T) @ self.lokr_w2_a.T  # (..., m, k)
-            return ((w1 * s) @ Z).reshape(*x.shape[:-1], -1)  # (..., l*k)
         return kron_linear(x, w1 * s, w2)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:

@@ -83,12 +83,9 @@ def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Rec
         report.skipped.append((path, str(error)))
         return None
     size = decoded.size
-    try:
-        bucket = choose_bucket(
-            size, config.resolution, config.bucket_step, config.max_aspect, config.bucketing, config.no_upscale
-        )
-    except ValueError:
-        bucket = (0, 0)
+    bucket = choose_bucket(
+        size, config.resolution, config.bucket_step, config.max_aspect, config.bucketing, config.no_upscale
+    )
     if min(bucket) < config.bucket_step:
         report.skipped.append((path, f"too small: {size[1]}x{size[0]} with no_upscale"))
         return None

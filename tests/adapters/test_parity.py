@@ -105,13 +105,17 @@ def test_lokr_equals_peft_and_lycoris(kind):
 
 
 def test_kron_factored_forward_equals_torch_kron():
-    from personalize.adapters.lokr import kron_conv2d, kron_linear
+    from personalize.adapters.lokr import kron_conv2d, kron_linear, kron_linear_low_rank
 
     torch.manual_seed(0)
-    w1, w2 = torch.randn(3, 4), torch.randn(5, 6)
-    x = torch.randn(7, 24)
-    torch.testing.assert_close(kron_linear(x, w1, w2), x @ torch.kron(w1, w2).T, rtol=1e-5, atol=1e-5)
-    w2c = torch.randn(5, 6, 3, 3)
+    for w1, w2 in ((torch.randn(3, 4), torch.randn(5, 6)), (torch.randn(6, 2), torch.randn(3, 5))):  # both orders
+        x = torch.randn(7, w1.shape[1] * w2.shape[1])
+        torch.testing.assert_close(kron_linear(x, w1, w2), x @ torch.kron(w1, w2).T, rtol=1e-5, atol=1e-5)
+    w1, w2_a, w2_b = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2, 6)
+    x = torch.randn(2, 7, 24)
+    expected = x @ torch.kron(w1, w2_a @ w2_b).T
+    torch.testing.assert_close(kron_linear_low_rank(x, w1, w2_a, w2_b), expected, rtol=1e-5, atol=1e-5)
+    w1, w2c = torch.randn(3, 4), torch.randn(5, 6, 3, 3)
     xc = torch.randn(2, 24, 8, 8)
     full = torch.kron(w1[:, :, None, None], w2c)
     expected = nn.functional.conv2d(xc, full, padding=1)

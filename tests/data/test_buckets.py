@@ -56,3 +56,16 @@ def test_center_crop_without_flip_is_the_same_every_epoch(tmp_path, make_image):
     dataset = build_dataset(DataConfig(images=str(tmp_path), resolution=48, bucket_step=16, bucketing=False))
     assert dataset[(0, 0)]["key"] == dataset[(5, 0)]["key"]
     assert dataset[0]["crop_top_left"] == (0, (75 - 48) // 2)  # 100x64 -> 75x48, centered
+
+
+def test_no_upscale_trains_small_images_at_their_size(tmp_path, make_image):
+    make_image(40, 36, seed=1).save(tmp_path / "small.png")
+    make_image(10, 10, seed=2).save(tmp_path / "tiny.png")
+    make_image(200, 150, seed=3).save(tmp_path / "big.png")
+    config = DataConfig(images=str(tmp_path), resolution=64, bucket_step=16, no_upscale=True)
+    dataset = build_dataset(config)
+    assert dataset.report.skipped == [(tmp_path / "tiny.png", "too small: 10x10 with no_upscale")]
+    sizes = {record.path.name: record.bucket for record in dataset.records}
+    assert sizes["small.png"] == (32, 32)  # inside 36 x 40, never enlarged
+    assert sizes["big.png"][0] * sizes["big.png"][1] <= 64 * 64 and sizes["big.png"][1] > sizes["big.png"][0]
+    assert dataset.report.warnings == []

@@ -1,6 +1,7 @@
 """Latent/text caches: equal to encoding on the fly, reused when nothing changed, missed when anything did."""
 
 import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ def test_cached_items_equal_uncached_encoding(good_folder, tmp_path, tiny_pipeli
     assert flips == {"f", "n"}
     batch = next(iter(build_loader(cached, batch_size=2, seed=0)))
     assert batch["latents"].shape[:2] == (2, 4) and batch["prompt_embeds"].shape[:2] == (2, 77)
+    # the training loop needs no encoder: the cached dataset holds no module and pickles small
+    assert len(pickle.dumps(cached)) < 200_000
 
 
 def test_hits_and_invalidation(good_folder, tmp_path, tiny_pipelines, make_image):

@@ -1,0 +1,85 @@
+"""Facts about canonical adapter state dicts that every converter needs.
+
+A canonical state dict maps "<module path>.<param>" to a tensor, with the kohya/LyCORIS parameter names
+(`lora_down.weight`, `lora_up.weight`, `alpha`, `dora_scale`, `hada_*`, `lokr_*`, IA3 `weight`/`on_input`).
+`alpha` is the EFFECTIVE alpha: the scale every reader applies is alpha / r (LoKr with two full factors: 1).
+A *component dict* maps a pipeline component ("unet", "text_encoder", "text_encoder_2", "transformer",
+"model") to its canonical state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from personalize.adapters import group_by_module
+from personalize.errors import UserError
+
+Components = dict[str, dict[str, torch.Tensor]]
+
+LORA_METHODS = ("lora", "locon", "dora")
+LYCORIS_METHODS = ("loha", "lokr", "krona", "ia3")
+DENOISERS = ("unet", "transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def method_of(group: Mapping[str, torch.Tensor]) -> str:
+    """The method of one module's parameters: lora, dora, loha, lokr or ia3."""
+    if "lora_down.weight" in group:
+        return "dora" if "dora_scale" in group else "lora"
+    if "hada_w1_a" in group:
+        return "loha"
+    if any(key.startswith("lokr_") for key in group):
+        return "lokr"
+    if "weight" in group:
+        return "ia3"
+    raise UserError(f"cannot tell the adapter method from the parameters {sorted(group)}")
+
+
+def rank_of(group: Mapping[str, torch.Tensor]) -> int | None:
+    """The r in s = alpha / r; None for IA3 and for LoKr with two full factors (s = 1)."""
+    if "lora_down.weight" in group:
+        return int(group["lora_down.weight"].shape[0])
+    if "hada_w1_b" in group:
+        return int(group["hada_w1_b"].shape[0])
+    for key in ("lokr_w2_a", "lokr_w1_a"):
+        if key in group:
+            return int(group[key].shape[1])
+    return None
+
+
+def alpha_of(group: Mapping[str, torch.Tensor]) -> float | None:
+    """The effective alpha (r when the file has none, i.e. scale 1); None where no scale applies."""
+    rank = rank_of(group)
+    if rank is None:
+        return None
+    return float(group["alpha"]) if "alpha" in group else float(rank)
+
+
+def scale_of(group: Mapping[str, torch.Tensor]) -> float:
+    rank, alpha = rank_of(group), alpha_of(group)
+    return 1.0 if rank is None or alpha is None else alpha / rank
+
+
+def methods(components: Components) -> set[str]:
+    return {method_of(group) for sd in components.values() for group in group_by_module(sd).values()}
+
+
+def is_conv(group: Mapping[str, torch.Tensor]) -> bool:
+    return any(value.dim() == 4 for value in group.values())
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """ "a.b.lora_up.weight" -> ("a.b", "lora_up.weight")."""
+    groups = group_by_module({key: torch.empty(0)})
+    (module, params), *_ = groups.items()
+    return module, next(iter(params))
+
+
+def parameter_count(components: Components) -> int:
+    return sum(value.numel() for sd in components.values() for key, value in sd.items() if not _is_buffer(key))
+
+
+def _is_buffer(key: str) -> bool:
+    return key.endswith(".alpha") or key.endswith(".on_input")

@@ -1,0 +1,100 @@
+"""Which layout a file or folder holds, and reading files (safetensors; pickle only with an explicit opt-in)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from personalize.errors import UserError
+from personalize.formats import diffusers, embeddings, kohya, peft
+
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+LAYOUTS = ("diffusers", "kohya", "peft", "embedding")
+
+
+def layout_of(data: Mapping[str, Any], where: str = "") -> str:
+    """'diffusers' | 'kohya' | 'peft' | 'embedding' from the keys; anything else is an error showing them."""
+    keys = list(data)
+    if keys and all(k.startswith(peft.PREFIX) for k in keys):
+        return "peft"
+    if keys and all(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
+    if keys and all(diffusers.is_diffusers_key(k) for k in keys):
+        return "diffusers"
+    if embeddings.is_embedding_dict(data):
+        return "embedding"
+    shown = ", ".join(sorted(keys)[:4]) if keys else "no keys"
+    raise UserError(
+        f"{where or 'this file'} is not an adapter layout this toolkit reads (diffusers, kohya/LyCORIS, peft, "
+        f"embeddings); keys seen: {shown}"
+    )
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors or nested dict, safetensors metadata) of one file."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return dict(load_file(str(path))), metadata
+        except Exception as error:  # safetensors raises its own error types
+            raise UserError(f"cannot read {path}: {error}") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(
+                f"{path.name} is a pickle file, which can run code when loaded; convert it to .safetensors, or pass "
+                "--allow-pickle (read with weights_only=True) if you trust it"
+            )
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UserError(f"cannot read {path} with weights_only=True: {str(error).splitlines()[0][:200]}") from None
+        if not isinstance(data, Mapping):
+            raise UserError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+        return dict(data.get("state_dict", data)), {}
+    raise UserError(f"{path.name}: unknown file type; expected .safetensors (or .pt/.bin with --allow-pickle)")
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / peft.CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {folder / peft.CONFIG_FILE}: {error}") from None
+
+
+def folder_files(folder: Path) -> tuple[tuple[str, Path] | None, list[Path]]:
+    """((layout, adapter file or peft folder) or None, embedding files) in one of our/diffusers/peft folders."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    if (folder / peft.CONFIG_FILE).is_file():
+        return ("peft", folder), _embedding_files(folder)
+    if (folder / diffusers.DIFFUSERS_FILE).is_file():
+        return ("diffusers", folder / diffusers.DIFFUSERS_FILE), _embedding_files(folder)
+    candidates = []
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name in (embeddings.EMBEDS_FILE, embeddings.EMBEDS_FILE_2):
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+        if keys and all(kohya.is_kohya_key(k) for k in keys):
+            candidates.append(file)
+    if len(candidates) > 1:
+        raise UserError(f"{folder} holds {len(candidates)} kohya files ({candidates[0].name}, ...); pass one file")
+    adapter = ("kohya", candidates[0]) if candidates else None
+    found = _embedding_files(folder)
+    if adapter is None and not found:
+        shown = ", ".join(sorted(p.name for p in folder.iterdir())[:5]) or "nothing"
+        raise UserError(f"{folder} holds no adapter or embedding file this toolkit reads (found: {shown})")
+    return adapter, found
+
+
+def _embedding_files(folder: Path) -> list[Path]:
+    return [folder / name for name in (embeddings.EMBEDS_FILE, embeddings.EMBEDS_FILE_2) if (folder / name).is_file()]

@@ -1,0 +1,273 @@
+"""peft layout (`adapter_config.json` + `adapter_model.safetensors`) <-> one canonical state dict.
+
+Keys are "base_model.model.<module path>.<peft name>" (the adapter name is not in the file):
+
+    LoRA  lora_A.weight = lora_down, lora_B.weight = lora_up, lora_magnitude_vector = DoRA m,
+          lora_embedding_A / lora_embedding_B on nn.Embedding; scale lora_alpha / r (rsLoRA: / sqrt(r))
+    LoHa  hada_w1_a ... hada_t2 unchanged;  scale alpha / r
+    LoKr  lokr_w1 ... lokr_w2_b unchanged;  scale alpha / r ALWAYS (also with two full factors, where
+          LyCORIS/ComfyUI/we use 1), and peft rebuilds the factor shapes from (r, decompose_factor,
+          decompose_both), so every module gets an r that makes peft pick the same shapes
+    IA3   ia3_l = 1 + weight (peft multiplies by the vector itself), (out, 1) or (1, in) on feed-forward inputs
+
+Per-module ranks and alphas go in rank_pattern / alpha_pattern with exact-path regexes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from personalize.adapters import group_by_module
+from personalize.adapters.lokr import factorization
+from personalize.errors import UserError
+from personalize.formats.canonical import alpha_of, method_of, rank_of
+from personalize.formats.diffusers import canonical_magnitude, lora_config, pattern_value, peft_magnitude
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
+
+
+def _exact(path: str) -> str:
+    return "^" + re.escape(path)
+
+
+def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    return {_exact(p): v for p, v in sorted(values.items()) if v != default}
+
+
+def _common(values: Mapping[str, Any]) -> Any:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def to_peft(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    base_model: str = "",
+    task_type: str | None = None,
+    embedding_paths: frozenset[str] = frozenset(),
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Canonical state dict of one model -> (peft tensors, adapter_config.json dict)."""
+    groups = group_by_module(sd)
+    if not groups:
+        raise UserError("the adapter is empty: no module has weights")
+    kinds = {method_of(group) for group in groups.values()}
+    if not kinds <= {"lora", "dora"} and len(kinds) > 1:
+        raise UserError(f"one peft adapter holds one method, but this one mixes {', '.join(sorted(kinds))}")
+    method = "lora" if kinds <= {"lora", "dora"} else next(iter(kinds))
+    writer = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3}[method]
+    tensors, config = writer(groups, embedding_paths) if method == "lora" else writer(groups)
+    config.update(
+        {
+            "peft_type": PEFT_TYPES[method],
+            "base_model_name_or_path": base_model or None,
+            "task_type": task_type,
+            "inference_mode": True,
+            "target_modules": sorted(groups),
+        }
+    )
+    return {PREFIX + k: v.contiguous() for k, v in tensors.items()}, config
+
+
+def _lora(groups: Mapping[str, Mapping[str, torch.Tensor]], embedding_paths: frozenset[str]) -> tuple[dict, dict]:
+    tensors, ranks, alphas = {}, {}, {}
+    for path, group in groups.items():
+        down, up = group["lora_down.weight"], group["lora_up.weight"]
+        if path in embedding_paths:
+            tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"] = down, up
+        else:
+            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = down, up
+        if "dora_scale" in group:
+            tensors[f"{path}.lora_magnitude_vector"] = peft_magnitude(group["dora_scale"])
+        ranks[path], alphas[path] = rank_of(group), alpha_of(group)
+    dora = [("dora_scale" in group) for group in groups.values()]
+    if any(dora) and not all(dora):
+        raise UserError("peft applies DoRA to every module of an adapter or none; this one mixes LoRA and DoRA")
+    config = lora_config(ranks, alphas, any(dora))
+    config.update({"lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True})
+    return tensors, config
+
+
+def _loha(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    tensors = {f"{path}.{param}": v for path, group in groups.items() for param, v in group.items() if param != "alpha"}
+    ranks = {path: rank_of(group) for path, group in groups.items()}
+    alphas = {path: alpha_of(group) for path, group in groups.items()}
+    r, alpha = _common(ranks), _common(alphas)
+    config = {
+        "r": r,
+        "alpha": alpha,
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": _patterns(alphas, alpha),
+        "use_effective_conv2d": any("hada_t1" in group for group in groups.values()),
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def lokr_peft_rank(group: Mapping[str, torch.Tensor]) -> int:
+    """The peft r that makes peft build this module's factor shapes (full w2 needs r >= max(k, n) / 2)."""
+    rank = rank_of(group)
+    if "lokr_w2" in group:
+        w2 = group["lokr_w2"]
+        needed = math.ceil(max(w2.shape[0], w2.shape[1]) / 2)
+        return max(rank or 0, needed)
+    return int(rank)  # type: ignore[arg-type]
+
+
+def _lokr(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    if any("lokr_t2" in group for group in groups.values()):
+        raise UserError("LoKr with a Tucker core (lokr_t2) has no peft equivalent here; write the kohya layout")
+    tensors = {f"{path}.{param}": v for path, group in groups.items() for param, v in group.items() if param != "alpha"}
+    ranks = {path: lokr_peft_rank(group) for path, group in groups.items()}
+    # peft's scale is alpha / r everywhere: with two full factors ours is 1, so alpha = r there.
+    alphas = {path: (alpha_of(group) if rank_of(group) else float(ranks[path])) for path, group in groups.items()}
+    decompose_both = any("lokr_w1_a" in group for group in groups.values())
+    factor = _decompose_factor(groups, ranks, decompose_both)
+    r, alpha = _common(ranks), _common(alphas)
+    config = {
+        "r": r,
+        "alpha": alpha,
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": _patterns(alphas, alpha),
+        "decompose_both": decompose_both,
+        "decompose_factor": factor,
+        "use_effective_conv2d": False,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _lokr_shapes(group: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int] | None:
+    """(l, m, k, n) of a module, or None where n is hidden in a flattened low-rank conv factor."""
+    w1 = group.get("lokr_w1")
+    l, m = w1.shape if w1 is not None else (group["lokr_w1_a"].shape[0], group["lokr_w1_b"].shape[1])  # noqa: E741
+    if "lokr_w2" in group:
+        k, n = group["lokr_w2"].shape[:2]
+    else:
+        k, n = group["lokr_w2_a"].shape[0], group["lokr_w2_b"].shape[1]
+        if any(v.dim() == 4 for v in group.values()):
+            return None
+    return int(l), int(m), int(k), int(n)
+
+
+def _peft_builds(shapes: tuple[int, int, int, int], r: int, factor: int, decompose_both: bool, group: Mapping) -> bool:
+    l, m, k, n = shapes  # noqa: E741
+    if factorization(l * k, factor) != (l, k) or factorization(m * n, factor) != (m, n):
+        return False
+    w1_low = decompose_both and r < max(l, m) / 2
+    w2_low = r < max(k, n) / 2
+    return w1_low == ("lokr_w1_a" in group) and w2_low == ("lokr_w2_a" in group)
+
+
+def _decompose_factor(groups: Mapping[str, Mapping], ranks: Mapping[str, int], decompose_both: bool) -> int:
+    shapes = {path: _lokr_shapes(group) for path, group in groups.items()}
+    candidates = [-1] + sorted({s[0] for s in shapes.values() if s} | {s[1] for s in shapes.values() if s})
+    for factor in candidates:
+        if all(s is None or _peft_builds(s, ranks[p], factor, decompose_both, groups[p]) for p, s in shapes.items()):
+            return factor
+    path = next(iter(groups))
+    raise UserError(
+        f"peft cannot rebuild these LoKr factor shapes (e.g. {path}: {_lokr_shapes(groups[path])}) from one "
+        "decompose_factor; write the kohya layout, or convert to a LoRA (--to lora-svd)"
+    )
+
+
+def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    tensors, feedforward = {}, []
+    for path, group in groups.items():
+        vector = 1 + group["weight"].float()
+        if bool(group.get("on_input", torch.tensor(False))):
+            feedforward.append(path)
+            tensors[f"{path}.ia3_l"] = vector.reshape(1, -1)
+        else:
+            tensors[f"{path}.ia3_l"] = vector.reshape(-1, 1)
+    return tensors, {"feedforward_modules": sorted(feedforward), "init_ia3_weights": True, "fan_in_fan_out": False}
+
+
+def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
+        raise UserError(f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3)")
+    stripped = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"peft key '{key}' does not start with '{PREFIX}'; is this a peft adapter file?")
+        stripped[key[len(PREFIX) :]] = value
+    if peft_type == "LORA":
+        return _read_lora(stripped, config)
+    if peft_type == "IA3":
+        return _read_ia3(stripped, config)
+    return _read_lycoris(stripped, config, peft_type)
+
+
+_LORA_NAMES = (
+    (".lora_A.weight", "lora_down.weight"),
+    (".lora_B.weight", "lora_up.weight"),
+    (".lora_embedding_A", "lora_down.weight"),
+    (".lora_embedding_B", "lora_up.weight"),
+    (".lora_magnitude_vector.weight", "dora_scale"),
+    (".lora_magnitude_vector", "dora_scale"),
+)
+
+
+def _config_alpha(config: Mapping[str, Any], path: str, default_key: str) -> float:
+    return float(pattern_value(config.get("alpha_pattern") or {}, path, config.get(default_key, config.get("r", 8))))
+
+
+def _read_lora(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        suffix, param = next(((s, p) for s, p in _LORA_NAMES if key.endswith(s)), (None, None))
+        if suffix is None:
+            raise UserError(f"peft LoRA key '{PREFIX}{key}' is not one this toolkit reads (lora_A/lora_B/magnitude)")
+        out[f"{key[: -len(suffix)]}.{param}"] = value
+    for path, group in group_by_module(out).items():
+        rank = int(group["lora_down.weight"].shape[0])
+        alpha = _config_alpha(config, path, "lora_alpha")
+        if config.get("use_rslora"):
+            alpha *= math.sqrt(rank)
+        out[f"{path}.alpha"] = torch.tensor(alpha)
+        if "dora_scale" in group:
+            out[f"{path}.dora_scale"] = canonical_magnitude(group["dora_scale"], group["lora_down.weight"].dim() == 4)
+    return out
+
+
+def _read_lycoris(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], kind: str) -> dict:
+    out = dict(tensors)
+    for path, group in group_by_module(out).items():
+        alpha = _config_alpha(config, path, "alpha")
+        peft_rank = int(pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8)))
+        rank = rank_of(group)
+        if rank is None:  # LoKr with two full factors: fold peft's alpha / r into w1, keep scale 1
+            out[f"{path}.lokr_w1"] = group["lokr_w1"] * (alpha / peft_rank)
+            out[f"{path}.alpha"] = torch.tensor(1.0)
+        else:
+            out[f"{path}.alpha"] = torch.tensor(alpha * rank / peft_rank)
+    return out
+
+
+def _read_ia3(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    feedforward = config.get("feedforward_modules") or []
+    out = {}
+    for key, value in tensors.items():
+        if not key.endswith(".ia3_l"):
+            raise UserError(f"peft IA3 key '{PREFIX}{key}' is not one this toolkit reads (ia3_l)")
+        path = key[: -len(".ia3_l")]
+        on_input = value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] != 1
+        if isinstance(feedforward, list) and path in feedforward:
+            on_input = True
+        out[f"{path}.weight"] = value.reshape(-1).float() - 1
+        out[f"{path}.on_input"] = torch.tensor(on_input)
+    return out

@@ -1,0 +1,94 @@
+"""`personalize train` flags, presets and errors: every preset loads; bad input is one line, exit 2."""
+
+import dataclasses
+
+import pytest
+
+from personalize.cli import main
+from personalize.config import build, list_presets
+from personalize.trainers.config import TrainConfig, config_from_options, infer_words, resolve
+
+from .conftest import CAT
+
+PRESETS = ["sd15-lora", "sd15-dreambooth", "sd15-krona", "sd15-lokr", "sdxl-lora", "sdxl-lokr", "sdxl-qlora", "tiny"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_and_opens_with_its_command(name):
+    from importlib import resources
+
+    assert name in list_presets()
+    text = resources.files("personalize.configs").joinpath(f"{name}.yaml").read_text()
+    assert text.startswith("# personalize train ") and f"--preset {name}" in text.splitlines()[0]
+    config, _ = resolve(build(TrainConfig, preset=name, flags={"data": {"images": str(CAT)}}))
+    assert config.steps and config.lr and config.method
+
+
+def test_krona_preset_has_the_paper_settings():
+    config = build(TrainConfig, preset="sd15-krona")
+    assert (config.method, config.lr, config.steps, config.batch_size, config.grad_accum) == ("krona", 1e-3, 500, 1, 4)
+    assert config.method_options == {"a1": 64, "a2": 8} and config.targets == "attention"
+
+
+def test_method_defaults_folder_words_and_output_are_resolved(tmp_path):
+    folder = tmp_path / "sks_dog"
+    folder.mkdir()
+    config, notes = resolve(config_from_options({"images": str(folder), "method": "full"}))
+    assert (config.data.token, config.data.class_word) == ("sks", "dog")
+    assert (config.lr, config.steps, config.rank) == (5e-6, 400, None)
+    assert config.output.endswith("personalize-out/sks_dog") and len(notes) == 2
+    config, _ = resolve(config_from_options({"images": str(CAT), "class_word": "kitten", "rank": 8}))
+    assert (config.data.class_word, config.rank, config.alpha, config.lr) == ("kitten", 8, 8.0, 1e-4)
+    assert infer_words("10_sks cat") == ("sks", "cat") and infer_words("cat") == (None, "cat")
+
+
+def test_flags_override_presets_and_set_overrides_flags():
+    from personalize.cli import build_parser
+    from personalize.trainers.cli import flags_to_config
+
+    args = build_parser().parse_args(
+        ["train", "--images", str(CAT), "--preset", "tiny", "--rank", "8", "--resolution", "32"]
+        + ["--validation-prompt", "a", "--validation-prompt", "b", "--set", "rank=2", "--set", "data.flip=0.5"]
+    )
+    config = build(TrainConfig, preset=args.preset, flags=flags_to_config(args), overrides=args.set)
+    assert (config.rank, config.data.resolution, config.data.flip, config.steps) == (2, 32, 0.5, 30)
+    assert config.validation_prompts == ["a", "b"] and config.model == "tiny-sd15"
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    base = ["train", "--images", str(CAT), "--model", "tiny-sd15", "--output", str(tmp_path / "out")]
+    assert "did you mean 'rank'" in _one_line_error(capsys, [*base, "--set", "rnak=4"])
+    assert "does not exist" in _one_line_error(capsys, ["train", "--images", str(tmp_path / "missing")])
+    assert "lora" in _one_line_error(capsys, [*base, "--method", "lorra"])
+    assert "--steps" in _one_line_error(capsys, [*base, "--steps", "0"])
+    assert "--images" in _one_line_error(capsys, ["train", "--model", "tiny-sd15"])
+    assert "tiny-sd15" in _one_line_error(capsys, [*base[:3], "--model", "not a model"])
+    assert "prodigy" in _one_line_error(capsys, [*base, "--optimizer", "prodigy", "--steps", "1"])
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
+def test_unknown_python_option_names_the_nearest_key():
+    from personalize.errors import UserError
+
+    with pytest.raises(UserError, match="did you mean 'resolution'"):
+        config_from_options({"images": str(CAT), "resolutoin": 64})
+    assert dataclasses.is_dataclass(config_from_options({"images": str(CAT)}).data)
+
+
+def test_cli_trains_the_tiny_preset_end_to_end(capsys, tmp_path, cache_dir):
+    out = tmp_path / "cat-run"
+    argv = ["train", "--images", str(CAT), "--preset", "tiny", "--steps", "2", "--output", str(out)]
+    argv += ["--set", f"data.cache_dir={cache_dir}", "--set", "validation_steps=1", "--set", "validation_images=1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-sd15 (sd1)" in printed and "class word 'cat'" in printed
+    assert {path.name for path in out.iterdir()} >= {"adapter.safetensors", "config.yaml", "README.md", "samples"}
+    rerun = build(TrainConfig, file=out / "config.yaml")
+    assert rerun.steps == 2 and rerun.data.images == str(CAT) and rerun.output == str(out)

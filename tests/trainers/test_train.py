@@ -1,0 +1,139 @@
+"""The DreamBooth / adapter recipe end to end on the tiny models: outputs, learning, resume, prior preservation."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from personalize import adapters
+from personalize.trainers import loop
+
+METHOD_OPTIONS = {"krona": {"a1": 4, "a2": 4}}  # the paper's a1=64 does not divide the tiny UNet's 32 channels
+
+
+@pytest.mark.parametrize("method", ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full"])
+def test_every_method_trains_and_writes_its_outputs(quick, method):
+    result = quick(method=method, method_options=METHOD_OPTIONS.get(method, {}), rank=4)
+    out = result.output_dir
+    assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
+    assert [path.name for path in (out / "samples").iterdir()] == ["step-000002.png"]
+    assert result.metrics["steps"] == 2 and result.metrics["trainable_params"] > 0
+    if method == "full":
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        return
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert tensors and all(key.startswith("unet.") for key in tensors)
+    with safe_open(str(out / "adapter.safetensors"), framework="pt") as handle:
+        info = json.loads(handle.metadata()["personalize"])
+    assert info["method"] == method and info["family"] == "sd1"
+    assert method in (out / "README.md").read_text()
+
+
+def _fixed_batch_loss(pipe, unet):
+    """Mean denoising loss of the five cat images at fixed noise and timesteps."""
+    from personalize.data import DataConfig, build_dataset, collate
+    from personalize.models.encode import encode_images, encode_text
+    from personalize.trainers import diffusion, losses
+
+    from .conftest import CAT
+
+    dataset = build_dataset(DataConfig(images=str(CAT), class_word="cat", resolution=64, bucketing=False))
+    batch = collate([dataset[index] for index in range(len(dataset))])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = encode_images(pipe.vae, batch["pixels"])  # (5, 4, 32, 32)
+        embeds = encode_text(pipe, batch["prompt"])["prompt_embeds"]
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.linspace(100, 900, len(latents)).long()
+        schedule = diffusion.noise_schedule(pipe.scheduler.config)
+        noisy = losses.add_noise(schedule.alphas_cumprod, latents, noise, t)
+        prediction = unet(noisy, t, encoder_hidden_states=embeds).sample
+        return float(losses.per_sample_mse(prediction, noise).mean())
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(quick, tiny_pipelines):
+    import copy
+
+    pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
+    before = _fixed_batch_loss(pipe, pipe.unet)
+    result = quick(method="lora", rank=8, lr=1e-2, steps=12, batch_size=2)
+    state = load_file(str(result.output_dir / "adapter.safetensors"))
+    unet_state = {key.removeprefix("unet."): value for key, value in state.items()}
+    adapters.inject(pipe.unet, "lora", targets="attention", name="check", rank=8, alpha=8.0)
+    adapters.load_state_dict(pipe.unet, unet_state, "check")
+    after = _fixed_batch_loss(pipe, pipe.unet)
+    assert after < 0.98 * before, (before, after)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path):
+    settings = dict(method="lora", rank=4, steps=4, lr=1e-3, lr_scheduler="cosine", checkpoint_every=2, ema=True)
+    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "adapter.safetensors"))
+
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, state, root, keep):
+        save(accelerator, state, root, keep)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        quick(**settings, output=str(tmp_path / "b"))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    torch.manual_seed(999)  # a new process: other global RNG state, restored from the checkpoint
+    resumed = quick(**settings, output=str(tmp_path / "b"), resume=True)
+    assert resumed.metrics["steps"] == 4
+    final = load_file(str(resumed.output_dir / "adapter.safetensors"))
+    assert final.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_prior_preservation_doubles_the_batch_with_class_images(quick, monkeypatch, tmp_path):
+    from personalize.trainers import losses
+
+    seen = []
+    combine = losses.combine
+
+    def spy(per_sample, weights=None, is_class=None, prior_weight=1.0):
+        seen.append(is_class.tolist())
+        return combine(per_sample, weights, is_class, prior_weight)
+
+    monkeypatch.setattr(losses, "combine", spy)
+    class_dir = tmp_path / "class"
+    quick(method="lora", rank=4, prior_preservation=True, class_dir=str(class_dir), num_class_images=2, batch_size=1)
+    assert sorted(path.name for path in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
+    assert seen == [[False, True], [False, True]]
+
+
+def test_sdxl_with_text_encoders_min_snr_offset_noise_and_accumulation(quick):
+    result = quick(
+        model="tiny-sdxl",
+        method="lora",
+        rank=4,
+        train_text_encoder=True,
+        snr_gamma=5.0,
+        noise_offset=0.05,
+        grad_accum=2,
+    )
+    keys = load_file(str(result.output_dir / "adapter.safetensors")).keys()
+    assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_nf4_quantized_base_trains_on_cpu(quick):
+    pytest.importorskip("bitsandbytes")
+    result = quick(method="lora", rank=4, quantize="nf4")
+    assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
+    assert (result.output_dir / "adapter.safetensors").is_file()
+
+
+def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
+    result = quick(method="lokr", rank=4, train_text_encoder=True)
+    card = (result.output_dir / "README.md").read_text()
+    snippet = card.split("```python")[1].split("```")[0]
+    snippet = snippet.replace("pipe(PROMPT)", 'pipe("a photo of sks cat", num_inference_steps=1, height=64, width=64)')
+    namespace = {}
+    exec(snippet, namespace)  # the README's own code: builds the pipeline, injects, loads the trained weights
+    assert namespace["image"].size == (64, 64)

@@ -1,0 +1,91 @@
+"""`personalize train`: flags -> TrainConfig (through personalize.config.build) -> the recipe.
+
+Every flag is a config key; defaults live in TrainConfig and the presets, so a flag that is not
+given never overrides a preset or a --config file (all flags default to None here).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# flag dest -> config key (dotted for nested keys); dests not listed map to themselves
+FLAG_KEYS = {
+    "images": "data.images",
+    "token": "data.token",
+    "class_word": "data.class_word",
+    "resolution": "data.resolution",
+    "class_images": "data.num_class_images",
+    "class_dir": "data.class_dir",
+    "validation_prompt": "validation_prompts",
+}
+NOT_CONFIG = {"command", "run", "preset", "config", "set"}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="personalize a diffusion model on a folder of images (DreamBooth, LoRA, LyCORIS, KronA)",
+        description="Train an adapter (or the whole UNet) on a few photos of a subject. Flags override the "
+        "--preset and --config file; --set key=value overrides any config key (see configs/).",
+    )
+    add = parser.add_argument
+    add("--images", metavar="DIR", help="folder of training images (or a dataset .yaml)")
+    add("--model", help="base model: hub id, diffusers folder, .safetensors file, or tiny-sd15 (offline)")
+    add("--token", help="trigger token (default: from the folder name, else 'sks')")
+    add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
+    add("--method", help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm or full")
+    add("--targets", help="layers to adapt: attention, attention+ff, conv, all, or a regex")
+    add("--rank", type=int, help="adapter rank (default: the method's)")
+    add("--alpha", type=float, help="adapter alpha (default: the rank)")
+    add("--prior-preservation", action="store_const", const=True, help="train on class images too (DreamBooth)")
+    add("--class-images", type=int, metavar="N", help="how many class images (generated when missing)")
+    add("--class-dir", metavar="DIR", help="folder of class images (default: OUTPUT/class_images)")
+    add("--train-text-encoder", action="store_const", const=True, help="also adapt the text encoder(s)")
+    add("--steps", type=int, help="optimizer steps (default: the method's)")
+    add("--lr", type=float, help="learning rate (default: the method's)")
+    add("--batch-size", type=int)
+    add("--grad-accum", type=int, help="micro-batches per optimizer step")
+    add("--resolution", type=int, metavar="PX", help="training resolution (default 512)")
+    add("--mixed-precision", help="no, fp16 or bf16")
+    add("--gradient-checkpointing", action="store_const", const=True, help="less memory, slower steps")
+    add("--optimizer", help="adamw, adamw8bit (bitsandbytes) or prodigy (prodigyopt)")
+    add("--quantize", help="nf4, fp4 or int8: train on a quantized frozen UNet (QLoRA)")
+    add("--snr-gamma", type=float, help="Min-SNR weighting gamma (e.g. 5)")
+    add("--noise-offset", type=float, help="offset noise strength (e.g. 0.05)")
+    add("--ema", action="store_const", const=True, help="save an EMA of the trained weights")
+    add("--validation-prompt", action="append", metavar="P", help="sample this prompt (repeatable)")
+    add("--validate-every", type=int, metavar="N", help="sample every N steps (default: only at the end)")
+    add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 250)")
+    add("--resume", action="store_const", const=True, help="continue from the newest checkpoint in --output")
+    add("--attention", help="sdpa (default) or xformers")
+    add("--seed", type=int)
+    add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")
+    add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
+    add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    parser.set_defaults(run=run)
+
+
+def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the user gave, as a nested config mapping."""
+    flags: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest in NOT_CONFIG or value is None:
+            continue
+        target = flags
+        *parents, leaf = FLAG_KEYS.get(dest, dest).split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return flags
+
+
+def run(args: argparse.Namespace) -> int:
+    from personalize.config import build
+    from personalize.trainers.config import TrainConfig
+    from personalize.trainers.dreambooth import train
+
+    config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
+    train(config)
+    return 0

@@ -1,0 +1,535 @@
+"""DreamBooth / adapter fine-tuning of SD1.x, SD2.x and SDXL: the `personalize train` recipe.
+
+Reads top to bottom: resolve the config, load the base, build the data (and class images for
+prior preservation), cache latents and text embeddings, inject the adapter (or unfreeze the
+UNet for `full`), run the shared loop, then write the adapter, samples, config.yaml and README.md.
+
+    from personalize.trainers import train
+    result = train(images="photos/cat", model="tiny-sd15", method="lora", steps=50)
+    result.files, result.metrics
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.config import save_yaml
+from personalize.errors import UserError
+from personalize.trainers import diffusion, losses
+from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
+from personalize.trainers.ema import EMA
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    files: list[Path]
+    samples: list[Path]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
+    """Run the recipe. `options` are TrainConfig keys (data keys such as images= may be given flat).
+
+    Pass a loaded `pipe` to train several subjects without reloading the base: adapters are
+    removed from it afterwards, and a full fine-tune trains a copy of its UNet.
+    """
+    config, notes = resolve(config if config is not None else config_from_options(options))
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    say = _printer(accelerator)
+    for note in notes:
+        say(f"note: {note}")
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+
+    # --- base model ---------------------------------------------------------------------------
+    from personalize.models import detect_family, load_pipeline
+
+    own_pipe = pipe is None
+    if own_pipe:
+        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
+    family = detect_family(pipe)
+    if family not in UNET_FAMILIES:
+        raise UserError(f"personalize train supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
+    weight_dtype = DTYPES[config.mixed_precision]
+    device = accelerator.device
+    text_encoders = {
+        name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)
+    }
+    for module in (pipe.unet, pipe.vae, *text_encoders.values()):
+        module.requires_grad_(False)
+    _place(pipe.vae, device, torch.float32)  # fp32 VAE: fp16 latents of the SD VAE overflow to NaN
+    for encoder in text_encoders.values():
+        _place(encoder, device, weight_dtype)
+
+    # --- data ---------------------------------------------------------------------------------
+    instance_data, class_data = _datasets(config, pipe, output, say)
+    cache_text = not config.train_text_encoder  # a trained text encoder must run every step
+    if config.cache_latents:
+        from personalize.data import cache_dataset
+
+        cache_dir = config.data.cache_dir or None
+        instance_data = cache_dataset(instance_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
+        if class_data is not None:
+            class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
+        if device.type != "cpu":  # frozen encoders are not needed until validation: free the accelerator
+            pipe.vae.to("cpu")
+            for encoder in text_encoders.values() if cache_text else ():
+                encoder.to("cpu")
+
+    # --- model: quantize, inject / unfreeze ---------------------------------------------------
+    original_unet = pipe.unet
+    unet = copy.deepcopy(pipe.unet) if (config.method == "full" and not own_pipe) else pipe.unet
+    pipe.unet = unet
+    hyper = _hyperparameters(config)
+    trained = {"unet": unet}
+    if config.method == "full":
+        _place(unet, device, torch.float32).requires_grad_(True)
+    else:
+        from personalize import adapters
+
+        if config.quantize:
+            adapters.quantize(unet, config.quantize)
+        _place(unet, device, weight_dtype)
+        adapters.inject(unet, config.method, targets=config.targets, name=config.adapter_name, **hyper)
+        if config.train_text_encoder:
+            for name, encoder in text_encoders.items():
+                adapters.inject(encoder, config.method, targets="text", name=config.adapter_name, **hyper)
+                trained[name] = encoder
+    named = _trainable(trained)
+    for param in named.values():  # precision policy: what trains is fp32, whatever the base is
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name in trained:
+            if name != "unet":
+                trained[name].gradient_checkpointing_enable()
+    _set_attention(unet, config.attention)
+
+    # --- optimizer, schedule, loop state ------------------------------------------------------
+    groups = _param_groups(trained, config)
+    optimizer = build_optimizer(
+        config.optimizer,
+        groups,
+        lr=config.lr,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )  # type: ignore[arg-type]
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    modules = list(trained.values())
+    prepared = accelerator.prepare(*modules, optimizer)
+    models, optimizer = list(prepared[:-1]), prepared[-1]
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
+    stream = _stream(instance_data, class_data, config, accelerator)
+    ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
+    if resume_from is not None:
+        load_checkpoint(accelerator, state, resume_from)
+        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
+
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    _summary(say, config, family, instance_data, class_data, named)
+
+    # --- train --------------------------------------------------------------------------------
+    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    compute_loss = _loss_function(pipe, family, models[0], schedule, generator, config)
+    prompts = config.validation_prompts or [instance_data_prompt(instance_data)]
+    samples: list[Path] = []
+
+    def validate(step: int) -> None:
+        if accelerator.is_main_process:
+            samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+
+    started = time.perf_counter()
+    settings = LoopSettings(
+        steps=config.steps,  # type: ignore[arg-type]
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        checkpoint_root=checkpoint_root,
+        validate_every=config.validate_every,
+    )
+    for model in models:
+        model.train()
+    train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)
+    seconds = time.perf_counter() - started
+    for model in models:
+        model.eval()
+
+    # --- outputs ------------------------------------------------------------------------------
+    from personalize.trainers.model_card import render_model_card
+    from personalize.trainers.outputs import save_outputs
+
+    files: list[Path] = []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
+            validate(state.step)
+        with ema.swap() if ema is not None else _nothing():
+            components = {name: accelerator.unwrap_model(model) for name, model in zip(trained, models)}
+            files = save_outputs(
+                output,
+                method=config.method,
+                family=family,
+                base_model=config.model,
+                components=components,
+                adapter_name=config.adapter_name,
+                hyper=hyper,
+                targets=config.targets,
+            )
+    metrics = {
+        "final_loss": state.losses[-1] if state.losses else float("nan"),
+        "steps": state.step,
+        "seconds": seconds,
+        "trainable_params": sum(param.numel() for param in named.values()),
+    }
+    if accelerator.is_main_process:
+        card = render_model_card(
+            base_model=config.model,
+            family=family,
+            method=config.method,
+            trigger=config.data.token,
+            prompt=prompts[0],
+            settings=_card_settings(config),
+            files=files,
+            output_dir=output,
+            samples=samples,
+            metrics=metrics,
+            adapter={
+                "hyper": hyper,
+                "targets": config.targets,
+                "components": list(trained),
+                "name": config.adapter_name,
+            },
+        )
+        (output / "README.md").write_text(card)
+        files += [output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files + samples[-1:]:
+            say(f"  {path}")
+    accelerator.wait_for_everyone()
+    if not own_pipe:
+        _restore_pipe(pipe, original_unet, trained, config)
+    accelerator.free_memory()
+    return TrainResult(output, files, samples, metrics)
+
+
+# --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to device; cast only when the dtype differs (diffusers warns about every cast)."""
+    current = next(module.parameters()).dtype
+    return module.to(device) if current == dtype else module.to(device, dtype=dtype)
+
+
+def _printer(accelerator: Any) -> Any:
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    return say
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _checkpoint_to_resume(config: TrainConfig, root: Path, accelerator: Any, say: Any) -> Path | None:
+    from personalize.trainers.checkpoints import latest_checkpoint, list_checkpoints
+
+    if config.resume:
+        latest = latest_checkpoint(root)
+        if latest is None:
+            say(f"--resume: no checkpoint in {root} yet; starting from step 0")
+        return latest
+    old = list_checkpoints(root)
+    if old and accelerator.is_main_process:
+        say(f"starting over: removing {len(old)} old checkpoint(s) in {root} (pass --resume to continue them)")
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[Any, Any]:
+    """(instance dataset, class dataset or None); generates missing class images first."""
+    from personalize.data import build_dataset
+
+    data = config.data
+    instance = build_dataset(dataclasses.replace(data, class_dir="", num_class_images=0), seed=config.seed)
+    if not config.prior_preservation:
+        return instance, None
+    from personalize.data import ensure_class_images
+
+    class_word_prompt = data.class_prompt or (f"a photo of {data.class_word}" if data.class_word else "")
+    if not class_word_prompt:
+        raise UserError("--prior-preservation needs a class: pass --class-word (e.g. cat) or set data.class_prompt")
+    class_dir = Path(data.class_dir) if data.class_dir else output / "class_images"
+    count = data.num_class_images or (0 if data.class_dir else 100)
+    if count:
+        say(f"class images: {count} for '{class_word_prompt}' in {class_dir}")
+        size = data.resolution
+        ensure_class_images(pipe, class_word_prompt, class_dir, count, seed=config.seed, height=size, width=size)
+    class_config = dataclasses.replace(
+        data, images=str(class_dir), instance_prompt=class_word_prompt, class_dir="", num_class_images=0, repeats=1
+    )
+    return instance, build_dataset(class_config, seed=config.seed)
+
+
+def instance_data_prompt(dataset: Any) -> str:
+    """The instance prompt of a dataset (first item's prompt): the default validation prompt."""
+    prompts = getattr(dataset, "prompts", None)  # CachedDataset
+    if prompts:
+        return prompts[0]
+    return dataset.records[dataset.rows[0]].prompt
+
+
+def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    hyper: dict[str, Any] = {}
+    if config.method in RANKED_METHODS:
+        hyper.update(rank=config.rank, alpha=config.alpha)
+    hyper.update(config.method_options)
+    return hyper
+
+
+def _trainable(trained: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """'<component>.<parameter path>' -> parameter, for every parameter that requires grad."""
+    return {
+        f"{component}.{name}": param
+        for component, module in trained.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+def _param_groups(trained: dict[str, torch.nn.Module], config: TrainConfig) -> list[dict[str, Any]]:
+    groups = []
+    for component, module in trained.items():
+        params = [param for param in module.parameters() if param.requires_grad]
+        if not params:
+            raise UserError(f"nothing to train in the {component}: --targets {config.targets!r} matched no parameter")
+        group: dict[str, Any] = {"params": params}
+        if component != "unet" and config.text_encoder_lr is not None:
+            group["lr"] = config.text_encoder_lr
+        groups.append(group)
+    return groups
+
+
+def _set_attention(unet: torch.nn.Module, attention: str) -> None:
+    if attention == "sdpa":
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise UserError("--attention xformers needs the extra: pip install 'personalize[xformers]'") from None
+    if not torch.cuda.is_available():
+        raise UserError("--attention xformers needs a CUDA GPU; use --attention sdpa")
+    unet.enable_xformers_memory_efficient_attention()  # type: ignore[operator]
+
+
+def _stream(instance: Any, classes: Any, config: TrainConfig, accelerator: Any) -> Any:
+    from personalize.data import build_loader
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    streams = []
+    for dataset in (instance, classes):
+        if dataset is None:
+            continue
+        loader = build_loader(dataset, config.batch_size, seed=config.seed, shuffle=True)
+
+        def make_loader(epoch: int, loader: Any = loader) -> Any:
+            loader.batch_sampler.set_epoch(epoch)
+            return loader
+
+        streams.append(BatchStream(make_loader, rank, world))
+    return streams[0] if len(streams) == 1 else PairedStream(*streams)
+
+
+class PairedStream:
+    """Instance batches zipped with class batches (prior preservation); resumes both positions."""
+
+    def __init__(self, instance: BatchStream, classes: BatchStream) -> None:
+        self.streams = (instance, classes)
+
+    @property
+    def consumed(self) -> list[int]:
+        return [stream.consumed for stream in self.streams]
+
+    @consumed.setter
+    def consumed(self, values: list[int]) -> None:
+        for stream, value in zip(self.streams, values):
+            stream.consumed = int(value)
+
+    def __iter__(self) -> Any:
+        for instance, classes in zip(*self.streams):
+            classes = {**classes, "is_class": torch.ones(len(classes["is_class"]), dtype=torch.bool)}
+            yield [instance, classes]
+
+
+def _loss_function(
+    pipe: Any,
+    family: str,
+    unet: torch.nn.Module,
+    schedule: diffusion.NoiseSchedule,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> Any:
+    from personalize.models.encode import encode_images, encode_text
+
+    device = next(unet.parameters()).device
+
+    def encode(batch: dict[str, Any]) -> dict[str, Any]:
+        """Fill in what the cache did not provide: latents from pixels, embeddings from prompts."""
+        batch = dict(batch)
+        if "latents" not in batch:
+            with torch.no_grad():
+                batch["latents"] = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
+        if "prompt_embeds" not in batch:
+            with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
+                batch.update(encode_text(pipe, batch["prompt"]))
+        return batch
+
+    def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
+        per_sample, weights, is_class = [], [], []
+        for group in diffusion.concat_batches([_tensors_only(item) for item in batches]):
+            latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w)
+            conditioning = diffusion.unet_conditioning(family, group, group, device)
+            values, snr_weights = diffusion.per_sample_loss(
+                unet,
+                latents,
+                conditioning,
+                schedule,
+                generator,
+                noise_offset=config.noise_offset,
+                snr_gamma=config.snr_gamma,
+                mask=group.get("mask"),
+            )
+            per_sample.append(values)
+            weights.append(snr_weights if snr_weights is not None else torch.ones_like(values))
+            is_class.append(group["is_class"].to(device))
+        return losses.combine(
+            torch.cat(per_sample), torch.cat(weights), torch.cat(is_class), prior_weight=config.prior_loss_weight
+        )
+
+    return compute_loss
+
+
+def _tensors_only(batch: dict[str, Any]) -> dict[str, Any]:
+    keep = ("latents", "is_class", "mask", "original_size", "crop_top_left", "target_size", *diffusion.TEXT_KEYS)
+    return {key: batch[key] for key in keep if key in batch}
+
+
+def _validate(
+    pipe: Any,
+    unet: torch.nn.Module,
+    text_encoders: dict[str, torch.nn.Module],
+    prompts: list[str],
+    output: Path,
+    step: int,
+    config: TrainConfig,
+    ema: EMA | None,
+    accelerator: Any,
+) -> Path:
+    from personalize.trainers.validation import sample_grid
+
+    device = accelerator.device
+    pipe.vae.to(device)
+    for encoder in text_encoders.values():
+        encoder.to(device)
+    was_training = unet.training
+    unet.eval()
+    for module in unet.modules():
+        # bitsandbytes repacks 4-bit weights for CPU inference in eval mode (and cannot for layers narrower
+        # than its block size); training mode keeps the layout the training steps use.
+        if type(module).__name__ == "Linear4bit":
+            module.train()
+    autocast = accelerator.autocast() if config.mixed_precision != "no" else None
+    with ema.swap() if ema is not None else _nothing():
+        path = sample_grid(
+            pipe,
+            prompts,
+            output / "samples",
+            step,
+            seed=config.seed,
+            images_per_prompt=config.validation_images,
+            steps=config.validation_steps,
+            size=config.data.resolution,
+            autocast=autocast,
+        )
+    unet.train(was_training)
+    return path
+
+
+def _summary(
+    say: Any,
+    config: TrainConfig,
+    family: str,
+    instance: Any,
+    classes: Any,
+    named: dict[str, torch.nn.Parameter],
+) -> None:
+    used, skipped = len(instance.report.used), len(instance.report.skipped)
+    trainable = sum(param.numel() for param in named.values())
+    lines = [
+        f"model       {config.model} ({family})",
+        f"method      {config.method}"
+        + (f" rank {config.rank} alpha {config.alpha}" if config.method in RANKED_METHODS else "")
+        + (f" on {config.targets}" if config.method != "full" else "")
+        + (f", base quantized {config.quantize}" if config.quantize else ""),
+        f"trainable   {trainable:,} parameters",
+        f"images      {used} used, {skipped} skipped"
+        + (f"; {len(classes)} class images" if classes is not None else ""),
+        f"prompt      {instance_data_prompt(instance)}",
+        f"steps       {config.steps} x batch {config.batch_size} x accum {config.grad_accum}, lr {config.lr:g}",
+        f"output      {config.output}",
+    ]
+    say("\n".join(lines))
+
+
+def _card_settings(config: TrainConfig) -> dict[str, Any]:
+    keys = ("method", "rank", "alpha", "targets", "steps", "lr", "lr_scheduler", "batch_size", "grad_accum")
+    keys += ("mixed_precision", "optimizer", "quantize", "snr_gamma", "noise_offset", "prior_preservation", "seed")
+    settings = {key: getattr(config, key) for key in keys}
+    settings.update(resolution=config.data.resolution, method_options=config.method_options or "")
+    return settings
+
+
+def _restore_pipe(
+    pipe: Any, original_unet: torch.nn.Module, trained: dict[str, torch.nn.Module], config: TrainConfig
+) -> None:
+    """Leave a caller's pipeline as it was: remove adapters, put back the original UNet."""
+    if config.method == "full":
+        pipe.unet = original_unet
+        return
+    from personalize import adapters
+
+    for module in trained.values():
+        adapters.remove(module, config.adapter_name)

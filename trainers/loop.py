@@ -1,0 +1,194 @@
+"""The shared training loop on accelerate: accumulation, clipping, LR schedule, EMA, checkpoints.
+
+`train_loop` knows nothing about diffusion: a recipe gives it `compute_loss(batch) -> (loss,
+parts)` and a `BatchStream`. One optimizer step = `grad_accum` micro-batches per process; the
+loop checkpoints every N steps (resumable bit-exactly: weights, optimizer, LR schedule, EMA, RNG
+and the position in the data stream) and stops with a UserError on a NaN/inf loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.errors import UserError
+from personalize.trainers import checkpoints
+from personalize.trainers.ema import EMA
+
+
+class BatchStream:
+    """An endless, deterministic batch sequence over epochs, dealt round-robin to the processes.
+
+    `make_loader(epoch)` must return the same batches in the same order for the same epoch
+    (a loader seeded with seed + epoch). Global batch g goes to process g % world; `consumed`
+    counts rounds, so resuming skips exactly the batches already trained on.
+    """
+
+    def __init__(self, make_loader: Callable[[int], Iterable[Any]], rank: int = 0, world: int = 1) -> None:
+        self.make_loader = make_loader
+        self.rank = rank
+        self.world = world
+        self.consumed = 0  # rounds of `world` batches handed out
+
+    def __iter__(self) -> Iterator[Any]:
+        position = self.consumed * self.world  # global index of the next batch
+        skip, epoch = position, 0
+        while True:
+            loader = self.make_loader(epoch)
+            length = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+            if length == 0:
+                raise UserError("the training data yields no batch; use a smaller --batch-size or more images")
+            if length is not None and skip >= length:  # a whole epoch already used: skip it unloaded
+                skip -= length
+                epoch += 1
+                continue
+            for index, batch in enumerate(loader):
+                if index < skip:
+                    continue
+                if position % self.world == self.rank:
+                    self.consumed = position // self.world + 1  # before yield: a checkpoint may follow
+                    yield batch
+                position += 1
+            skip = 0
+            epoch += 1
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0  # 0: never
+    keep_checkpoints: int = 2
+    checkpoint_root: Path | None = None
+    validate_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds; `step` is the number of optimizer steps done."""
+
+    named_params: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    stream: BatchStream
+    generator: torch.Generator
+    ema: EMA | None = None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(accelerator: Any, state: TrainState, root: Path, keep: int) -> Path:
+    """Atomic: every process writes into step-N.partial/, then the main process renames it."""
+    partial = checkpoints.partial_dir(root, state.step)
+    if accelerator.is_main_process:
+        partial.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_state(
+            partial,
+            model={name: param for name, param in state.named_params.items()},
+            optimizer=state.optimizer.state_dict(),
+            scheduler=state.lr_scheduler.state_dict(),
+            loop={"step": state.step, "consumed": state.stream.consumed, "losses": state.losses},
+            ema=state.ema.state_dict() if state.ema is not None else None,
+        )
+    accelerator.wait_for_everyone()
+    checkpoints.write_rng(partial, accelerator.process_index, state.generator)
+    accelerator.wait_for_everyone()
+    final = checkpoints.checkpoint_dir(root, state.step)
+    if accelerator.is_main_process:
+        checkpoints.publish(root, state.step, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, state: TrainState, folder: Path) -> None:
+    """Restore `state` (in place) from a checkpoint folder written by save_checkpoint."""
+    saved = checkpoints.read_state(folder)
+    missing = sorted(set(state.named_params) - set(saved["model"]))
+    if missing:
+        raise UserError(
+            f"checkpoint {folder} does not match this run (no weights for {missing[0]}); "
+            "resume with the same method and settings, or start a new --output"
+        )
+    with torch.no_grad():
+        for name, param in state.named_params.items():
+            param.copy_(saved["model"][name])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.lr_scheduler.load_state_dict(saved["scheduler"])
+    if state.ema is not None and saved["ema"] is not None:
+        state.ema.load_state_dict(saved["ema"])
+    state.step = int(saved["loop"]["step"])
+    state.stream.consumed = int(saved["loop"]["consumed"])
+    state.losses = list(saved["loop"].get("losses", []))
+    rng = checkpoints.read_rng(folder, accelerator.process_index)
+    if rng is not None:
+        checkpoints.set_rng_state(rng, state.generator)
+
+
+def train_loop(
+    accelerator: Any,
+    models: list[torch.nn.Module],
+    compute_loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    state: TrainState,
+    settings: LoopSettings,
+    on_validate: Callable[[int], None] | None = None,
+) -> TrainState:
+    """Run optimizer steps from state.step to settings.steps; returns the state (losses per step)."""
+    from tqdm.auto import tqdm
+
+    params = list(state.named_params.values())
+    bar = tqdm(
+        total=settings.steps,
+        initial=state.step,
+        desc="training",
+        disable=not (settings.progress and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+    )
+    batches = iter(state.stream)
+    while state.step < settings.steps:
+        step_loss = 0.0
+        for _ in range(settings.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(*models):
+                loss, _parts = compute_loss(batch)
+                if not torch.isfinite(loss.detach()):
+                    _stop_on_nan(float(loss.detach()), state.step, settings.checkpoint_root)
+                accelerator.backward(loss)
+                step_loss += float(loss.detach()) / settings.grad_accum
+        if settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update()
+        state.step += 1
+        state.losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
+        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and settings.checkpoint_root:
+            save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
+        if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
+            on_validate(state.step)
+    bar.close()
+    return state
+
+
+def _stop_on_nan(value: float, step: int, root: Path | None) -> None:
+    last = checkpoints.latest_checkpoint(root) if root is not None else None
+    where = f"; the last good checkpoint is {last} (continue from it with --resume)" if last else ""
+    raise UserError(
+        f"the loss became {value} at step {step + 1}: training diverged; lower --lr, or use "
+        f"--mixed-precision bf16 or no instead of fp16{where}"
+    )
+
+
+def warmup_steps(steps: int, fraction: float) -> int:
+    """Warm-up length as a fraction of the run, rounded up (0 stays 0)."""
+    return math.ceil(steps * fraction) if fraction > 0 else 0

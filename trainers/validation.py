@@ -1,0 +1,41 @@
+"""Validation sampling during and after training: prompts x seeds -> one grid per step in samples/."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.images import make_grid, save_png
+
+
+def sample_grid(
+    pipe: Any,
+    prompts: list[str],
+    folder: Path,
+    step: int,
+    *,
+    seed: int = 0,
+    images_per_prompt: int = 2,
+    steps: int = 25,
+    size: int | None = None,
+    autocast: Any = None,
+) -> Path:
+    """Generate `images_per_prompt` images per prompt (image i: seed + i) and save them as one grid.
+
+    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata.
+    """
+    from personalize.pipelines.generate import GenerationSettings, generate
+
+    images = []
+    for prompt in prompts:
+        settings = GenerationSettings(
+            prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
+        )
+        with torch.no_grad(), autocast if autocast is not None else nullcontext():
+            images.extend(generate(pipe, settings))
+    grid = make_grid(images, columns=images_per_prompt)
+    info = {"prompt": " | ".join(prompts), "seed": seed, "steps": steps, "training_step": step}
+    return save_png(grid, Path(folder) / f"step-{step:06d}.png", info)
