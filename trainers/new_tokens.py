@@ -224,6 +224,7 @@ def add_new_tokens(
         if encoder is None:
             continue
         original_tokenizer = getattr(pipe, tokenizer_name)
+        check_new(original_tokenizer, names)
         base = encoder.get_input_embeddings()
         if not isinstance(base, nn.Embedding):
             raise UserError(f"{component}'s token embedding is a {type(base).__name__}, not nn.Embedding")
