@@ -220,3 +220,26 @@ def test_cli_flags_reach_the_config():
     config = build(TrainConfig, flags=flags_to_config(args))
     assert (config.method, config.data.token, config.init_word, config.vectors) == ("pivotal", TOKEN, "toy", 3)
     assert (config.embedding_lr, config.stop_embedding_after, config.pivotal_method) == (1e-3, 0.25, "loha")
+
+
+def test_interrupted_textual_inversion_resumes_to_the_same_token(quick, monkeypatch, tmp_path):
+    from personalize.trainers import loop
+
+    settings = dict(steps=4, checkpoint_every=2, init_word="", vectors=2)  # random init and templates: seeded
+    uninterrupted = _ti(quick, output=str(tmp_path / "a"), **settings).output_dir
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, state, root, keep):
+        save(accelerator, state, root, keep)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _ti(quick, output=str(tmp_path / "b"), **settings)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    torch.manual_seed(999)
+    resumed = _ti(quick, output=str(tmp_path / "b"), resume=True, **settings)
+    assert resumed.metrics["steps"] == 4
+    expected = load_file(str(uninterrupted / "learned_embeds.safetensors"))[TOKEN]
+    got = load_file(str(resumed.output_dir / "learned_embeds.safetensors"))[TOKEN]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
