@@ -207,7 +207,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 components=components,
                 adapter_name=config.adapter_name,
                 hyper=hyper,
-                targets=config.targets,
+                resolution=config.data.resolution,
             )
     metrics = {
         "final_loss": state.losses[-1] if state.losses else float("nan"),
