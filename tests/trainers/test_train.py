@@ -165,3 +165,23 @@ def test_fp16_on_cpu_is_a_user_error(quick):
 
     with pytest.raises(UserError, match="bf16"):
         quick(method="lora", mixed_precision="fp16")
+
+
+def test_stock_diffusers_load_lora_weights_reads_the_output(quick, tiny_pipelines):
+    import copy
+
+    pytest.importorskip("peft")
+    from personalize.pipelines import load_adapter
+
+    result = quick(method="lora", rank=4, lr=1e-2, steps=2)
+    base = tiny_pipelines("tiny-sd15")
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    load_adapter(ours, result.output_dir)
+    theirs.load_lora_weights(str(result.output_dir))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 32, 32, generator=generator)
+    text = torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        outputs = [pipe.unet(sample, 500, encoder_hidden_states=text).sample for pipe in (base, ours, theirs)]
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)  # the adapter changes the UNet
+    torch.testing.assert_close(outputs[2], outputs[1], rtol=1e-4, atol=1e-5)
