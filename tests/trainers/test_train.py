@@ -19,6 +19,7 @@ def test_every_method_trains_and_writes_its_outputs(quick, method):
     assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
     assert [path.name for path in (out / "samples").iterdir()] == ["step-000002.png"]
     assert result.metrics["steps"] == 2 and result.metrics["trainable_params"] > 0
+    assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
     if method == "full":
         assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         return
