@@ -34,7 +34,10 @@ def adapter_for(pipe, method, components=("unet", "text_encoder"), seed=0):
     return random_components(pipe, method, components, seed=seed, std=std, targets=targets, **options)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+FAST = ("lora", "dora", "lokr")  # the others run with -m slow (LoHa is also in the scale test)
+
+
+@pytest.mark.parametrize("method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_each_method_gives_the_images_of_merging_by_hand_on_sd15(tiny_pipelines, base_latents, method):
     pipe = pipeline_copy(tiny_pipelines, "tiny-sd15")
     unet, text_encoder = snapshot(pipe.unet), snapshot(pipe.text_encoder)
@@ -48,7 +51,7 @@ def test_each_method_gives_the_images_of_merging_by_hand_on_sd15(tiny_pipelines,
     assert same_state(pipe.unet, unet) and same_state(pipe.text_encoder, text_encoder)
 
 
-@pytest.mark.parametrize("method", ["lora", "lokr"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("lokr", marks=pytest.mark.slow)])
 def test_sdxl_routes_weights_to_unet_and_both_text_encoders(tiny_pipelines, base_latents, method):
     pipe = pipeline_copy(tiny_pipelines, "tiny-sdxl")
     components = adapter_for(pipe, method, ("unet", "text_encoder", "text_encoder_2"))
