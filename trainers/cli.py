@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
     add("--model", help="base model: hub id, diffusers folder, .safetensors file, or tiny-sd15 (offline)")
     add("--token", help="trigger token (default: from the folder name, else 'sks')")
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
-    add("--method", help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm or full")
+    add("--method", help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion or pivotal")
     add("--targets", help="layers to adapt: attention, attention+ff, conv, all, or a regex")
     add("--rank", type=int, help="adapter rank (default: the method's)")
     add("--alpha", type=float, help="adapter alpha (default: the rank)")
@@ -61,6 +61,19 @@ def register(subparsers: Any) -> None:
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")
+    # language models (routed to trainers/llm.py when --data is a JSONL file or the model is an LLM/VLM)
+    add("--data", metavar="FILE", help="LLM/VLM: JSONL conversations (messages, or prompt + completion)")
+    add("--max-length", type=int, metavar="N", help="LLM/VLM: tokens per conversation (default 1024)")
+    add("--packing", action="store_const", const=True, help="LLM: pack conversations into max-length rows")
+    add("--num-virtual-tokens", type=int, metavar="N", help="prompt-tuning / prefix-tuning: virtual tokens")
+    add("--train-projector", action="store_const", const=True, help="VLM: also adapt the projector")
+    add("--train-vision-tower", action="store_const", const=True, help="VLM: also adapt the vision tower")
+    add("--init-word", help="textual-inversion/pivotal: the word the new token starts from (e.g. cat)")
+    add("--vectors", type=int, metavar="N", help="textual-inversion/pivotal: vectors of the new token (default 1)")
+    add("--embedding-lr", type=float, help="pivotal: learning rate of the token (default 5e-4)")
+    add("--stop-embedding-after", type=float, metavar="F", help="freeze the token after this fraction of the steps")
+    add("--learnable-property", help="textual-inversion: object (default) or style prompt templates")
+    add("--pivotal-method", help="pivotal: the adapter trained with the token (default lora)")
     add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
     add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
@@ -83,8 +96,12 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from personalize.config import build
+    from personalize.trainers.llm_cli import is_language_run, run_language
+
+    if is_language_run(args):
+        return run_language(args, flags_to_config(args))
+    from personalize.trainers import train
     from personalize.trainers.config import TrainConfig
-    from personalize.trainers.dreambooth import train
 
     config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
     train(config)
