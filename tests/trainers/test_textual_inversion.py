@@ -243,3 +243,46 @@ def test_interrupted_textual_inversion_resumes_to_the_same_token(quick, monkeypa
     expected = load_file(str(uninterrupted / "learned_embeds.safetensors"))[TOKEN]
     got = load_file(str(resumed.output_dir / "learned_embeds.safetensors"))[TOKEN]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from personalize.models import build_tiny
+from personalize.trainers import new_tokens, train
+torch.set_num_threads(1)
+out, method, rank = sys.argv[1], sys.argv[2], int(__import__("os").environ["RANK"])
+restore = new_tokens.NewTokens.restore
+def dump_then_restore(self, pipe):
+    rows = {name: value.detach().contiguous() for name, value in self.rows.rows.items()}
+    save_file(rows, f"{out}-rows-{rank}.safetensors")
+    restore(self, pipe)
+new_tokens.NewTokens.restore = dump_then_restore
+train(pipe=build_tiny("tiny-sd15"), images=sys.argv[3], model="tiny-sd15", method=method, token="<cat-toy>",
+      init_word="cat", vectors=2, steps=3, resolution=64, output=out, validation_steps=1, validation_images=1,
+      checkpoint_every=0, lr=5e-2, rank=4, embedding_lr=5e-2, cache_dir=sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal"])
+def test_two_processes_keep_the_token_in_sync(tmp_path, cache_dir, method):
+    """torchrun, two gloo ranks on CPU: the rows' gradients are all-reduced (also after pivotal's token freeze)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import CAT
+
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [str(torchrun), "--nproc_per_node", "2", str(script), str(out), method, str(CAT), str(cache_dir)]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
+    first, second = (load_file(str(tmp_path / f"out-rows-{rank}.safetensors")) for rank in (0, 1))
+    assert torch.equal(first["text_encoder"], second["text_encoder"])
+    assert torch.equal(load_file(str(out / "learned_embeds.safetensors"))[TOKEN], first["text_encoder"])
