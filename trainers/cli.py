@@ -61,6 +61,13 @@ def register(subparsers: Any) -> None:
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")
+    # language models (routed to trainers/llm.py when --data is a JSONL file or the model is an LLM/VLM)
+    add("--data", metavar="FILE", help="LLM/VLM: JSONL conversations (messages, or prompt + completion)")
+    add("--max-length", type=int, metavar="N", help="LLM/VLM: tokens per conversation (default 1024)")
+    add("--packing", action="store_const", const=True, help="LLM: pack conversations into max-length rows")
+    add("--num-virtual-tokens", type=int, metavar="N", help="prompt-tuning / prefix-tuning: virtual tokens")
+    add("--train-projector", action="store_const", const=True, help="VLM: also adapt the projector")
+    add("--train-vision-tower", action="store_const", const=True, help="VLM: also adapt the vision tower")
     add("--init-word", help="textual-inversion/pivotal: the word the new token starts from (e.g. cat)")
     add("--vectors", type=int, metavar="N", help="textual-inversion/pivotal: vectors of the new token (default 1)")
     add("--embedding-lr", type=float, help="pivotal: learning rate of the token (default 5e-4)")
@@ -89,6 +96,10 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from personalize.config import build
+    from personalize.trainers.llm_cli import is_language_run, run_language
+
+    if is_language_run(args):
+        return run_language(args, flags_to_config(args))
     from personalize.trainers import train
     from personalize.trainers.config import TrainConfig
 

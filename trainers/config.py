@@ -79,6 +79,7 @@ class TrainConfig:
         help="images, prompts, resolution, class images (see personalize.data)", default_factory=DataConfig
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
+    class_image_steps: int = option(25, "denoising steps of each generated class image (prior preservation)")
     prior_loss_weight: float = option(1.0, "weight of the class-image loss (DreamBooth uses 1.0)")
     steps: int | None = option(None, "optimizer steps; None: the method's default")
     lr: float | None = option(None, "peak learning rate; None: the method's default")
@@ -111,7 +112,7 @@ class TrainConfig:
     validation_prompts: list[str] = option([], "prompts sampled into samples/ during and after training")
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
     validation_steps: int = option(25, "denoising steps of each validation image")
-    validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...)")
+    validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
