@@ -175,6 +175,12 @@ def test_pivotal_saves_and_reloads_the_token_and_the_lora(quick, tiny_pipelines)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, plain)
 
+    snippet = (out / "README.md").read_text().split("```python")[1].split("```")[0]
+    snippet = snippet.replace("pipe(PROMPT)", f'pipe("a {TOKEN}", num_inference_steps=1, height=64, width=64)')
+    namespace: dict = {}
+    exec(snippet, namespace)  # the model card's own code loads the token and the LoRA
+    assert torch.equal(_prompt_embeds(namespace["pipe"], prompt), embeds)
+
 
 def test_pivotal_freezes_the_token_after_its_fraction_of_the_steps(quick, tiny_pipelines, tmp_path):
     base = tiny_pipelines("tiny-sd15")
