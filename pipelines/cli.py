@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt (pickle) files")
     parser.add_argument("--output", default="personalize-out/generated", help="a folder, or a .png for one image")
+    from personalize.pipelines.conditioning import add_flags
+
+    add_flags(parser)  # --controlnet / --t2i-adapter / --ip-adapter and their images
     parser.set_defaults(run=run)
 
 
@@ -117,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
         quantize(denoiser(pipe), args.quantize, compute_dtype=resolve_dtype(args.dtype, device))
     adapters = load_adapters(pipe, args.adapter, args.allow_pickle)
+    from personalize.pipelines.conditioning import from_flags
+
+    pipe, call_arguments, conditioning = from_flags(pipe, args)
     pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -128,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
+        extra=call_arguments,
     )
     images = generate(pipe, settings)
     extra: dict[str, Any] = {"adapters": adapters} if adapters else {}
     if args.quantize:
         extra["quantize"] = args.quantize
+    extra.update(conditioning)
     metadata = [image_settings(pipe, settings, index, args.model, **extra) for index in range(len(images))]
     for path in write_images(images, args.output, metadata):
         print(path)

@@ -15,8 +15,9 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
+from personalize.trainers.conditioning_config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full")
+METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -34,15 +35,28 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "bitfit": (None, 1e-3, 500, "all"),
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
+    **CONDITIONING_DEFAULTS,
 }
 
 
 @dataclass
 class TrainConfig:
     model: str = option(DEFAULT_MODEL, "base model: hub id, diffusers folder, .safetensors file, or tiny-sd15")
-    method: Literal["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full"] = option(
-        "lora", "what to train: an adapter method, or 'full' (fine-tune the whole UNet, DreamBooth)"
-    )
+    method: Literal[
+        "lora",
+        "locon",
+        "dora",
+        "loha",
+        "lokr",
+        "krona",
+        "ia3",
+        "bitfit",
+        "norm",
+        "full",
+        "controlnet",
+        "t2i-adapter",
+        "ip-adapter",
+    ] = option("lora", "what to train: an adapter method, 'full' (DreamBooth), or controlnet/t2i-adapter/ip-adapter")
     rank: int | None = option(None, "adapter rank; None: the method's default (16 for LoRA)")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: equal to the rank (scale 1)")
     targets: str = option(
@@ -55,6 +69,10 @@ class TrainConfig:
     text_encoder_lr: float | None = option(None, "lr of the text encoder adapters; None: the same as lr")
     data: DataConfig = option(
         help="images, prompts, resolution, class images (see personalize.data)", default_factory=DataConfig
+    )
+    conditioning: ConditioningConfig = option(
+        help="controlnet / t2i-adapter / ip-adapter: paired images, annotator, image encoder",
+        default_factory=ConditioningConfig,
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
     prior_loss_weight: float = option(1.0, "weight of the class-image loss (DreamBooth uses 1.0)")
