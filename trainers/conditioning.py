@@ -12,6 +12,7 @@ prediction (steered by the side network) and the target of the scheduler's predi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import time
@@ -146,7 +147,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     )
 
     # --- train --------------------------------------------------------------------------------
-    compute_loss = loss_function(pipe, family, method, models, config, generator)
+    compute_loss = loss_function(pipe, family, method, models, config, generator, accelerator.autocast)
     settings = LoopSettings(
         steps=config.steps,  # type: ignore[arg-type]
         grad_accum=config.grad_accum,
@@ -189,9 +190,16 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 def loss_function(
-    pipe: Any, family: str, method: Any, models: dict[str, Any], config: TrainConfig, generator: torch.Generator
+    pipe: Any,
+    family: str,
+    method: Any,
+    models: dict[str, Any],
+    config: TrainConfig,
+    generator: torch.Generator,
+    autocast: Any = contextlib.nullcontext,
 ) -> Any:
-    """compute_loss(batch) -> (loss, parts) for the shared loop."""
+    """compute_loss(batch) -> (loss, parts) for the shared loop; `autocast` runs the forward (mixed precision:
+    fp32 side-network weights inside a half-precision UNet)."""
     from personalize.models.encode import encode_images, encode_text
 
     unet = pipe.unet
@@ -218,7 +226,8 @@ def loss_function(
         latents = latents.to(device)
         noisy = losses.add_noise(schedule.alphas_cumprod, latents, noise, timesteps)
         dtype = next(unet.parameters()).dtype
-        prediction = method.predict(unet, models, noisy.to(dtype), timesteps, kwargs, batch, config, generator)
+        with autocast():
+            prediction = method.predict(unet, models, noisy.to(dtype), timesteps, kwargs, batch, config, generator)
         target = losses.target_for(schedule.prediction_type, schedule.alphas_cumprod, latents, noise, timesteps)
         per_sample = losses.per_sample_mse(prediction, target)  # (B,)
         weights = None

@@ -27,6 +27,7 @@ from personalize.data.transforms import apply_plan, to_tensor
 from personalize.errors import UserError
 
 ANNOTATORS = ("canny", "tile")
+MIN_GRADIENT = 0.05  # Sobel magnitude of a 1.25% brightness step; below it an image counts as flat
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
@@ -72,7 +73,8 @@ def _blur(gray: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def canny(image: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> torch.Tensor:
-    """Canny edges of (3, H, W) in [0, 1] -> (3, H, W) of 0/1; thresholds are fractions of the max gradient."""
+    """Canny edges of (3, H, W) in [0, 1] -> (3, H, W) of 0/1; thresholds are fractions of the max gradient
+    (so the edge density does not depend on the image's contrast)."""
     weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     gray = (image.float() * weights).sum(0)[None, None]  # (1, 1, H, W)
     gray = _blur(gray, sigma)
@@ -93,7 +95,7 @@ def canny(image: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float
         keep |= (bins == number) & (magnitude >= ahead) & (magnitude >= behind)
     thin = magnitude * keep
     peak = thin.max()
-    if peak <= 0:
+    if peak < MIN_GRADIENT:  # a flat image: only rounding noise, no edge
         return torch.zeros_like(image, dtype=torch.float32)
     strong = thin >= high * peak
     weak = thin >= low * peak
