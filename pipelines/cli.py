@@ -15,9 +15,10 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate images with a base model",
+        help="generate images with a diffusion model, or text with a language model",
         description="Generate images with a diffusion model and write them (plus a grid) as PNGs whose "
-        "metadata holds the prompt, seed and settings that reproduce them.",
+        "metadata holds the prompt, seed and settings that reproduce them. With a language model "
+        "(tiny-llama, tiny-llava, a transformers folder or --max-new-tokens), stream the answer to the terminal.",
     )
     parser.add_argument("--model", required=True, help="hub id, diffusers folder, .safetensors file, or tiny-sd15")
     parser.add_argument("--prompt", required=True)
@@ -44,6 +45,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt (pickle) files")
     parser.add_argument("--output", default="personalize-out/generated", help="a folder, or a .png for one image")
+    text = parser.add_argument_group("language models")
+    text.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
+    text.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    text.add_argument("--image", default=None, help="VLM: an image the prompt talks about")
     from personalize.pipelines.conditioning import add_flags
 
     add_flags(parser)  # --controlnet / --t2i-adapter / --ip-adapter and their images
@@ -94,6 +99,40 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
+def _is_text(args: argparse.Namespace) -> bool:
+    from pathlib import Path
+
+    from personalize.pipelines.text import language_family
+
+    peft_adapter = any((Path(spec).expanduser() / "adapter_config.json").is_file() for spec in args.adapter)
+    return language_family(args.model) is not None or args.max_new_tokens is not None or peft_adapter
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from personalize.pipelines.text import generate_text, load_text_model, read_image
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if len(args.adapter) > 1:
+        raise UserError("a language model takes one --adapter folder (peft layout); stacking is for diffusion models")
+    device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, device)
+    adapter = args.adapter[0] if args.adapter else None
+    model, processor = load_text_model(args.model, adapter, dtype=dtype, device=device)
+    image = read_image(args.image) if args.image else None
+    generate_text(
+        model,
+        processor,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens or 128,
+        temperature=args.temperature,
+        seed=args.seed,
+        image=image,
+        stream=True,
+    )
+    return 0
+
+
 def load_adapters(pipe: Any, specs: list[str], allow_pickle: bool) -> list[dict[str, Any]]:
     """Load every --adapter; returns what the PNG metadata records: [{"path", "scale", "name"}]."""
     from personalize.pipelines import load_adapter
@@ -108,6 +147,9 @@ def load_adapters(pipe: Any, specs: list[str], allow_pickle: bool) -> list[dict[
 
 def run(args: argparse.Namespace) -> int:
     from personalize.models import load_pipeline
+
+    if _is_text(args):
+        return run_text(args)
     from personalize.pipelines.generate import GenerationSettings, generate, image_settings, write_images
 
     _check(args)

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
     add(
         "--method",
-        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, controlnet, t2i-adapter, ip-adapter",
+        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
+        "controlnet, t2i-adapter or ip-adapter",
     )
     add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
     add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
@@ -72,6 +73,19 @@ def register(subparsers: Any) -> None:
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")
+    # language models (routed to trainers/llm.py when --data is a JSONL file or the model is an LLM/VLM)
+    add("--data", metavar="FILE", help="LLM/VLM: JSONL conversations (messages, or prompt + completion)")
+    add("--max-length", type=int, metavar="N", help="LLM/VLM: tokens per conversation (default 1024)")
+    add("--packing", action="store_const", const=True, help="LLM: pack conversations into max-length rows")
+    add("--num-virtual-tokens", type=int, metavar="N", help="prompt-tuning / prefix-tuning: virtual tokens")
+    add("--train-projector", action="store_const", const=True, help="VLM: also adapt the projector")
+    add("--train-vision-tower", action="store_const", const=True, help="VLM: also adapt the vision tower")
+    add("--init-word", help="textual-inversion/pivotal: the word the new token starts from (e.g. cat)")
+    add("--vectors", type=int, metavar="N", help="textual-inversion/pivotal: vectors of the new token (default 1)")
+    add("--embedding-lr", type=float, help="pivotal: learning rate of the token (default 5e-4)")
+    add("--stop-embedding-after", type=float, metavar="F", help="freeze the token after this fraction of the steps")
+    add("--learnable-property", help="textual-inversion: object (default) or style prompt templates")
+    add("--pivotal-method", help="pivotal: the adapter trained with the token (default lora)")
     add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
     add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
@@ -94,12 +108,13 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from personalize.config import build
-    from personalize.trainers.conditioning_config import CONDITIONING_METHODS
+    from personalize.trainers.llm_cli import is_language_run, run_language
+
+    if is_language_run(args):
+        return run_language(args, flags_to_config(args))
+    from personalize.trainers import train
     from personalize.trainers.config import TrainConfig
-    from personalize.trainers.dreambooth import train
 
     config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
-    if config.method in CONDITIONING_METHODS:
-        from personalize.trainers.conditioning import train
     train(config)
     return 0

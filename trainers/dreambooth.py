@@ -49,10 +49,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """
     config, notes = resolve(config if config is not None else config_from_options(options))
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    # A script may train many subjects in one process with different precisions; accelerate keeps its
+    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
+    )
     say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
     for note in notes:
         say(f"note: {note}")
     set_seed(config.seed)
@@ -158,7 +168,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     samples: list[Path] = []
 
     def validate(step: int) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
 
     started = time.perf_counter()
@@ -239,6 +249,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 # --- pieces of the recipe ----------------------------------------------------------------------
 
 
+def _cpu_only() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
 def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
     """Move to device; cast only when the dtype differs (diffusers warns about every cast)."""
     current = next(module.parameters()).dtype
@@ -296,7 +311,16 @@ def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[A
     if count:
         say(f"class images: {count} for '{class_word_prompt}' in {class_dir}")
         size = data.resolution
-        ensure_class_images(pipe, class_word_prompt, class_dir, count, seed=config.seed, height=size, width=size)
+        ensure_class_images(
+            pipe,
+            class_word_prompt,
+            class_dir,
+            count,
+            seed=config.seed,
+            num_inference_steps=config.class_image_steps,
+            height=size,
+            width=size,
+        )
     class_config = dataclasses.replace(
         data, images=str(class_dir), instance_prompt=class_word_prompt, class_dir="", num_class_images=0, repeats=1
     )

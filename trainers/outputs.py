@@ -56,3 +56,40 @@ def save_outputs(
     save_file(tensors, str(partial), metadata=adapter_metadata(method, hyper or {}, family, base_model, targets))
     partial.replace(path)
     return [path]
+
+
+def save_token_outputs(
+    output_dir: Path,
+    *,
+    method: str,
+    family: str,
+    base_model: str,
+    components: dict[str, torch.nn.Module],
+    embeddings: dict[str, dict[str, torch.Tensor]],
+    adapter_name: str = "default",
+    hyper: dict[str, Any] | None = None,
+    resolution: int | None = None,
+) -> list[Path]:
+    """Textual Inversion / pivotal: learned_embeds.safetensors (+ learned_embeds_2 for SDXL, + an A1111 export)
+    and, for pivotal, the adapter in the layouts personalize.formats writes for its method (diffusers
+    pytorch_lora_weights.safetensors and/or kohya), all in one folder that
+    `personalize.pipelines.load_adapter(pipe, output_dir)` loads together."""
+    from personalize import adapters
+    from personalize.formats import save_adapter
+
+    states = {component: adapters.state_dict(module, adapter_name) for component, module in components.items()}
+    states = {
+        component: {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+        for component, state in states.items()
+    }
+    files = save_adapter(
+        output_dir,
+        states,
+        method=method,
+        family=family,
+        hyper=hyper or {},
+        base_model=base_model,
+        embeddings=embeddings,
+        resolution=resolution,
+    )
+    return sorted(files, key=lambda path: (path.parent != Path(output_dir), path.name))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from personalize.adapters import selective
+from personalize.adapters import prompt, selective
 from personalize.adapters.base import AdapterModule
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.layer import AdapterLayer
@@ -51,7 +51,7 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "krona": krona,
     "ia3": IA3,
 }
-METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS
+METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 
 
 def _hyperparameters(builder: Callable[..., Any]) -> list[str]:
@@ -82,7 +82,8 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _names(model: nn.Module) -> set[str]:
-    return {n for _, layer in _layers(model) for n in layer.adapters} | set(selective.registry(model))
+    layer_names = {n for _, layer in _layers(model) for n in layer.adapters}
+    return layer_names | set(selective.registry(model)) | set(prompt.names(model))
 
 
 def _require(model: nn.Module, name: str) -> None:
@@ -94,6 +95,7 @@ def _require(model: nn.Module, name: str) -> None:
 def freeze_base(model: nn.Module) -> None:
     """Only adapter parameters (and selected ones) train; everything else is frozen."""
     adapter_params = {id(p) for _, layer in _layers(model) for p in layer.adapters.parameters()}
+    adapter_params |= {id(p) for name in prompt.names(model) for p in prompt.registry(model)[name].parameters()}
     chosen = {name for adapter in selective.registry(model).values() for name in adapter.originals}
     for name, p in model.named_parameters():
         if id(p) in adapter_params:
@@ -120,6 +122,11 @@ def inject(
         raise UserError(f"an adapter named '{name}' is already on this model; pick another name or remove it first")
     if method in selective.SELECTIVE_METHODS:
         return _inject_selective(model, method, targets, name, freeze)
+    if method in prompt.PROMPT_METHODS:  # a forward hook on the whole model, not wrapped layers
+        prompt.attach(model, method, name, scale, **hyper)
+        if freeze:
+            freeze_base(model)
+        return [f"{prompt.REGISTRY_ATTRIBUTE}.{name}"]
     _check_hyper(method, hyper)
     targets = targets if targets is not None else DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
@@ -172,6 +179,8 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
         layer.scales[name] = float(scale)
     if name in selective.registry(model):
         selective.apply_scale(model, selective.registry(model)[name], float(scale))
+    if name in prompt.names(model):
+        prompt.set_scale(model, name, float(scale))
 
 
 def _fold_one(layer: AdapterLayer, name: str, into: bool) -> torch.Tensor:
@@ -215,6 +224,8 @@ def merge(model: nn.Module, name: str | None = None) -> list[str]:
     """Fold adapter `name` (all when None) into the base weights; NaN/inf results are refused."""
     if name is not None:
         _require(model, name)
+        if name in prompt.names(model):
+            raise UserError(f"'{name}' is a prompt adapter: it adds tokens, there are no weights to merge it into")
     return _fold(model, name, into=True)
 
 
@@ -243,6 +254,9 @@ def remove(model: nn.Module, name: str | None = None) -> None:
     for adapter_name in [name] if name else list(registry):
         if adapter_name in registry:
             selective.detach(model, registry.pop(adapter_name))
+    for adapter_name in [name] if name else prompt.names(model):
+        if adapter_name in prompt.names(model):
+            prompt.detach(model, adapter_name)
 
 
 def state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -256,6 +270,8 @@ def state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tenso
     if name in selective.registry(model):
         parameters = dict(model.named_parameters())
         out.update({n: parameters[n].detach() for n in selective.registry(model)[name].originals})
+    if name in prompt.names(model):
+        out[prompt.STATE_KEY] = prompt.registry(model)[name].prompt_embeddings.detach()
     return out
 
 
@@ -289,6 +305,9 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
         with torch.no_grad():
             for n in selective.registry(model)[name].originals:
                 parameters[n].copy_(tensors[n])
+    if name in prompt.names(model):
+        with torch.no_grad():
+            prompt.registry(model)[name].prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
@@ -302,4 +321,7 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.P
     for adapter_name, adapter in selective.registry(model).items():
         if name is None or adapter_name == name:
             params.update({id(parameters[n]): parameters[n] for n in adapter.originals if parameters[n].requires_grad})
+    for adapter_name in prompt.names(model):
+        if name is None or adapter_name == name:
+            params.update({id(p): p for p in prompt.registry(model)[adapter_name].parameters() if p.requires_grad})
     return list(params.values())

@@ -60,6 +60,27 @@ def test_sdxl_routes_weights_to_unet_and_both_text_encoders(tiny_pipelines, base
     assert torch.equal(latents(pipe), base_latents("tiny-sdxl"))
 
 
+@pytest.mark.parametrize(
+    ("name", "components"),
+    [
+        ("tiny-sd3", ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")),
+        ("tiny-flux", ("transformer", "text_encoder", "text_encoder_2")),
+    ],
+)
+def test_dit_pipelines_route_weights_to_transformer_and_text_encoders(tiny_pipelines, name, components):
+    pipe = pipeline_copy(tiny_pipelines, name)
+    size = {"height": 32, "width": 32}
+    base = latents(pipe, **size)
+    made = random_components(pipe, "lora", components, std=0.3, targets="attention", rank=2)
+    expected = latents(merged_by_hand(pipe, made), **size)
+    load_adapter(pipe, made, name="dit")
+    got = latents(pipe, **size)
+    assert (got - base).abs().max() > 3e-3
+    torch.testing.assert_close(got, expected, **CLOSE)
+    unload_adapter(pipe)
+    assert torch.equal(latents(pipe, **size), base)
+
+
 def test_scale_zero_is_the_base_and_scales_are_independent(tiny_pipelines, base_latents):
     pipe = pipeline_copy(tiny_pipelines, "tiny-sd15")
     first, second = adapter_for(pipe, "lora", seed=1), adapter_for(pipe, "loha", seed=2)

@@ -11,6 +11,7 @@ from personalize.trainers.config import TrainConfig, config_from_options, infer_
 from .conftest import CAT
 
 PRESETS = ["sd15-lora", "sd15-dreambooth", "sd15-krona", "sd15-lokr", "sdxl-lora", "sdxl-lokr", "sdxl-qlora", "tiny"]
+PRESETS += ["sd15-textual-inversion", "sdxl-textual-inversion", "sd15-pivotal", "sdxl-pivotal"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -103,7 +103,14 @@ def test_prior_preservation_doubles_the_batch_with_class_images(quick, monkeypat
 
     monkeypatch.setattr(losses, "combine", spy)
     class_dir = tmp_path / "class"
-    quick(method="lora", rank=4, prior_preservation=True, class_dir=str(class_dir), num_class_images=2, batch_size=1)
+    quick(
+        method="lora",
+        rank=4,
+        prior_preservation=True,
+        class_dir=str(class_dir),
+        num_class_images=2,
+        class_image_steps=2,
+    )
     assert sorted(path.name for path in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     assert seen == [[False, True], [False, True]]
 
@@ -137,3 +144,16 @@ def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
     namespace = {}
     exec(snippet, namespace)  # the README's own code: builds the pipeline, injects, loads the trained weights
     assert namespace["image"].size == (64, 64)
+
+
+def test_bf16_base_with_gradient_checkpointing_keeps_the_adapter_fp32(quick):
+    result = quick(method="lora", rank=4, mixed_precision="bf16", gradient_checkpointing=True, ema=True)
+    tensors = load_file(str(result.output_dir / "adapter.safetensors"))
+    assert {value.dtype for key, value in tensors.items() if not key.endswith("alpha")} == {torch.float32}
+
+
+def test_fp16_on_cpu_is_a_user_error(quick):
+    from personalize.errors import UserError
+
+    with pytest.raises(UserError, match="bf16"):
+        quick(method="lora", mixed_precision="fp16")

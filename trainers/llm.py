@@ -1,0 +1,303 @@
+"""Supervised instruction tuning of LLMs and VLMs with any adapter: `personalize train --data chat.jsonl`.
+
+Reads top to bottom: read the conversations, load the base (4-bit for QLoRA), tokenize with the
+chat template (loss on assistant tokens only; optional packing), inject the adapter, run the shared
+accelerate loop (checkpoints, resume, progress bar), then write the adapter in the peft layout,
+sample answers, config.yaml and README.md.
+
+    from personalize.trainers.llm import train
+    result = train(model="tiny-llama", data="chat.jsonl", method="lora", steps=100)
+
+QLoRA (`quantize: nf4`, arXiv 2305.14314): every Linear of the language model except lm_head is
+stored 4-bit (bitsandbytes NF4); the adapters are fp32. Nothing else is upcast: RMSNorm/LayerNorm
+in Llama/Qwen/CLIP compute their statistics in fp32 internally whatever their weight dtype, the
+loss upcasts the logits itself, and the embeddings and lm_head stay in the load dtype (not
+quantized). A blanket fp32 cast of every non-quantized weight (peft's prepare_model_for_kbit_training)
+would cost memory for nothing here. VLMs keep the vision tower and projector unquantized.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.config import save_yaml
+from personalize.errors import UserError
+from personalize.trainers.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
+from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
+
+
+@dataclass
+class LLMResult:
+    output_dir: Path
+    files: list[Path]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, str] = field(default_factory=dict)
+
+
+def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
+    """Run the recipe; `options` are LLMTrainConfig keys."""
+    config = resolve(config if config is not None else config_from_options(options))
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from personalize.trainers.dreambooth import _checkpoint_to_resume, _printer
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    say = _printer(accelerator)
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+
+    # --- data + base model --------------------------------------------------------------------
+    report = ChatReport()
+    conversations = read_conversations(config.data, report)
+    model, processor = _load(config, accelerator.device)
+    family = "vlm" if hasattr(processor, "image_processor") else "llm"
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if family == "vlm":
+        from personalize.trainers import vlm
+
+        if config.method in ("prompt-tuning", "prefix-tuning") or config.packing:
+            raise UserError(f"VLMs train with lora, dora, loha, lokr or ia3 and no --packing (got {config.method})")
+        examples = vlm.build_examples(processor, conversations, config.max_length, report)
+        rows = [[example] for example in examples]
+        collate_rows: Any = vlm.collate_vlm
+    else:
+        examples = tokenize(tokenizer, conversations, config.max_length, report)
+        rows = pack(examples, config.max_length) if config.packing else [[example] for example in examples]
+        collate_rows = collate
+    say(f"data: {report.summary()}" + (f" in {len(rows)} packed rows" if config.packing else ""))
+    config = resolve(config, rows=len(rows))
+
+    # --- adapters -----------------------------------------------------------------------------
+    from personalize import adapters
+
+    hyper = _hyperparameters(config)
+    targets = _targets(config, family)
+    adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
+    named = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    for param in named.values():  # what trains is fp32, whatever the base is
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    # --- optimizer, schedule, loop state ------------------------------------------------------
+    from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+
+    optimizer = build_optimizer(
+        config.optimizer,
+        [{"params": list(named.values())}],
+        lr=config.lr,  # type: ignore[arg-type]
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = BatchStream(
+        lambda epoch: RowBatches(rows, config.batch_size, config.seed + epoch, collate_rows, pad),
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator)
+    if resume_from is not None:
+        load_checkpoint(accelerator, state, resume_from)
+        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    trainable = sum(param.numel() for param in named.values())
+    say(f"{config.method} on {config.model} ({family}): {trainable:,} trainable parameters, {config.steps} steps")
+
+    # --- train --------------------------------------------------------------------------------
+    device = accelerator.device
+
+    def compute_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        return model(**batch, use_cache=False).loss, {}
+
+    started = time.perf_counter()
+    settings = LoopSettings(
+        steps=config.steps,  # type: ignore[arg-type]
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        checkpoint_root=checkpoint_root,
+    )
+    model.train()
+    train_loop(accelerator, [model], compute_loss, state, settings)
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    # --- outputs ------------------------------------------------------------------------------
+    base = accelerator.unwrap_model(model)
+    metrics = {
+        "final_loss": state.losses[-1] if state.losses else float("nan"),
+        "steps": state.step,
+        "seconds": seconds,
+        "trainable_params": trainable,
+        "data": report.summary(),
+    }
+    files: list[Path] = []
+    samples: dict[str, str] = {}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = save_adapter(output, base, config, family)
+        samples = _samples(base, processor, config, conversations, output)
+        from personalize.trainers.llm_card import render_llm_card
+
+        (output / "README.md").write_text(render_llm_card(config, family, files, metrics, samples))
+        files += [output / "samples.txt", output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files:
+            say(f"  {path}")
+    accelerator.wait_for_everyone()
+    if accelerator.device.type != "cpu":  # on CPU only a full gc.collect() would run: seconds, for nothing
+        accelerator.free_memory()
+    return LLMResult(output, files, metrics, samples)
+
+
+# --- pieces of the recipe ----------------------------------------------------------------------
+
+
+class RowBatches:
+    """One epoch of batches: rows shuffled with `seed` (the same order for the same epoch)."""
+
+    def __init__(self, rows: Sequence[Sequence[Example]], batch_size: int, seed: int, collate_rows: Any, pad: int):
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        self.batches = [[rows[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        self.collate_rows = collate_rows
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        return (self.collate_rows(batch, self.pad) for batch in self.batches)
+
+
+def _load(config: LLMTrainConfig, device: Any) -> tuple[Any, Any]:
+    """The base model (frozen, 4-/8-bit when asked) and its tokenizer or processor."""
+    from personalize.models import TINY_LANGUAGE, load_language_model
+
+    dtype = DTYPES[config.mixed_precision]
+    kwargs: dict[str, Any] = {}
+    hub_quantized = bool(config.quantize) and config.model not in TINY_LANGUAGE
+    if hub_quantized:  # quantize while loading: the full-precision weights never sit in memory at once
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise UserError("--quantize needs bitsandbytes: pip install 'personalize[quant]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=config.quantize in ("nf4", "fp4"),
+            load_in_8bit=config.quantize == "int8",
+            bnb_4bit_quant_type=config.quantize if config.quantize in ("nf4", "fp4") else "nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=["lm_head", "vision_tower", "multi_modal_projector"],
+        )
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights reach the device
+    model, processor = load_language_model(config.model, torch_dtype=dtype, **kwargs)
+    model.requires_grad_(False)
+    if config.quantize and not hub_quantized:
+        from personalize import adapters
+
+        adapters.quantize(model, config.quantize, skip=VLM_UNQUANTIZED, compute_dtype=dtype)
+        _keep_cpu_4bit_layout(model)
+    return model, processor
+
+
+def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first no-grad eval forward,
+    which fails for rows shorter than one quantization block (in_features % blocksize != 0, e.g. tiny
+    models); those layers keep the standard layout (the training kernels read it anyway)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        blocksize = getattr(weight, "blocksize", None)
+        if blocksize and hasattr(module, "support_avx512bf16_for_cpu") and module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+
+
+def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
+    hyper: dict[str, Any] = {}
+    if config.method in RANKED:
+        hyper.update(rank=config.rank, alpha=config.alpha)
+    if config.method in ("prompt-tuning", "prefix-tuning"):
+        hyper["num_virtual_tokens"] = config.num_virtual_tokens
+    hyper.update(config.method_options)
+    return hyper
+
+
+def _targets(config: LLMTrainConfig, family: str) -> str | None:
+    if config.method in ("prompt-tuning", "prefix-tuning"):
+        return None
+    if config.targets:
+        return config.targets
+    if family == "vlm":
+        from personalize.trainers.vlm import vlm_targets
+
+        return vlm_targets(config.train_projector, config.train_vision_tower)
+    return "all-linear"
+
+
+def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) -> list[Path]:
+    """THE place that writes the trained adapter (peft layout; switch to personalize.formats here)."""
+    from personalize import adapters
+    from personalize.trainers.llm_outputs import save_adapter as write_peft
+
+    sd = adapters.state_dict(model, config.adapter_name)
+    hyper = _hyperparameters(config)
+    return write_peft(output, model, sd, method=config.method, hyper=hyper, base_model=config.model)
+
+
+def _samples(
+    model: Any, processor: Any, config: LLMTrainConfig, conversations: Sequence[Any], output: Path
+) -> dict[str, str]:
+    """Greedy answers to the sample prompts (default: the first user turns of the data) -> samples.txt."""
+    from personalize.pipelines.text import generate_text, read_image
+
+    prompts = list(config.sample_prompts)
+    images: list[Any] = [None] * len(prompts)
+    if not prompts:
+        for conversation in conversations:
+            if len(prompts) == 3:
+                break
+            try:  # conversations whose image did not decode were skipped in training, and here
+                image = read_image(conversation.images[0]) if conversation.images else None
+            except UserError:
+                continue
+            first = next(m["content"] for m in conversation.messages if m["role"] == "user")
+            prompts.append(first.replace("<image>", "").strip())
+            images.append(image)
+    answers = {}
+    for prompt, image in zip(prompts, images):
+        answers[prompt] = generate_text(model, processor, prompt, max_new_tokens=config.max_new_tokens, image=image)
+    text = "".join(f"### {prompt}\n{answer}\n\n" for prompt, answer in answers.items())
+    (output / "samples.txt").write_text(text)  # greedy answers, one section per prompt
+    return answers
+
+
+def options_summary(config: LLMTrainConfig) -> dict[str, Any]:
+    keys = ("method", "rank", "alpha", "targets", "steps", "lr", "lr_scheduler", "batch_size", "grad_accum")
+    keys += ("max_length", "packing", "mixed_precision", "quantize", "gradient_checkpointing", "seed")
+    return {key: getattr(config, key) for key in keys} | {"method_options": config.method_options or ""}
+
+
+__all__ = ["LLMResult", "LLMTrainConfig", "train"]

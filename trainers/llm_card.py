@@ -1,0 +1,61 @@
+"""README.md of an LLM/VLM output folder: what was trained, and how to load it (peft or personalize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def render_llm_card(
+    config: Any, family: str, files: list[Path], metrics: dict[str, Any], samples: dict[str, str]
+) -> str:
+    from personalize.trainers.llm import options_summary
+
+    auto = "AutoModelForImageTextToText" if family == "vlm" else "AutoModelForCausalLM"
+    base = config.model
+    load_base = f'{auto}.from_pretrained("{base}")'
+    if base.startswith("tiny-"):
+        load_base = f'build_tiny("{base}")[0]  # from personalize.models import build_tiny'
+    rows = "\n".join(f"| {key} | {value} |" for key, value in options_summary(config).items())
+    answers = "\n".join(f"- **{prompt}** -> {answer}" for prompt, answer in samples.items())
+    lines = [
+        f"# {config.method} instruction tuning of {base}",
+        "",
+        f"- base model: `{base}` ({family})",
+        f"- method: `{config.method}`" + (f" on a 4-bit ({config.quantize}) base (QLoRA)" if config.quantize else ""),
+        f"- data: `{config.data}`: {metrics.get('data', '')}",
+        f"- files: {', '.join(f'`{Path(path).name}`' for path in files)} (peft layout)",
+        f"- final loss: {metrics.get('final_loss', float('nan')):.4f} after {metrics.get('steps')} steps "
+        f"({metrics.get('seconds', 0.0):.0f} s); trainable parameters: {metrics.get('trainable_params', 0):,}",
+        "",
+        "## Use",
+        "",
+        "With stock peft and transformers:",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "from peft import PeftModel",
+        f"base = {load_base}",
+        f'model = PeftModel.from_pretrained(base, "{config.output}")',
+        "```",
+        "",
+        "Or from the command line (streams the answer):",
+        "",
+        "```",
+        f'personalize generate --model {base} --adapter {config.output} --prompt "..." --max-new-tokens 64',
+        "```",
+        "",
+        "## Sample answers (greedy)",
+        "",
+        answers or "(none)",
+        "",
+        "## Settings",
+        "",
+        "| key | value |",
+        "| --- | --- |",
+        rows,
+        "",
+        "Rerun exactly with `personalize train --config config.yaml` (from this folder).",
+        "",
+    ]
+    return "\n".join(lines)
