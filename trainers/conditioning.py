@@ -185,8 +185,16 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             say(f"  {path}")
     accelerator.wait_for_everyone()
     method.restore(pipe, side)
+    samples: list[Path] = []
+    if accelerator.is_main_process:
+        from personalize.trainers.conditioning_samples import write_samples
+
+        autocast = accelerator.autocast() if config.mixed_precision != "no" else None
+        samples.append(write_samples(pipe, config, data, output, state.step, autocast))
+        say(f"  {samples[-1]}")
+    accelerator.wait_for_everyone()
     accelerator.free_memory()
-    return TrainResult(output, files, [], metrics)
+    return TrainResult(output, files, samples, metrics)
 
 
 def loss_function(

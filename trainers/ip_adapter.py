@@ -89,6 +89,11 @@ class IPAdapterParts(nn.Module):
         self.names = list(processors)
         self.__dict__["encoder"] = encoder
 
+    def forward(self, unet: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the UNet (which holds these modules) through this module, so that a DDP wrapper of it sees the
+        forward and synchronizes the gradients, and accelerate's autocast applies."""
+        return unet(*args, **kwargs)
+
 
 def initial_state_dict(unet: Any, embed_dim: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """The layout `_load_ip_adapter_weights` reads: a random projection; K/V copies of the text K/V."""
@@ -160,7 +165,7 @@ def predict(
     added = dict(kwargs.get("added_cond_kwargs", {}))
     added["image_embeds"] = [embeds[:, None].float()]  # one IP-Adapter: (B, 1 image, D)
     rest = {key: value for key, value in kwargs.items() if key != "added_cond_kwargs"}
-    return unet(noisy, timesteps, **rest, added_cond_kwargs=added, return_dict=False)[0]
+    return models["ip_adapter"](unet, noisy, timesteps, **rest, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def weights(unet: Any) -> dict[str, torch.Tensor]:

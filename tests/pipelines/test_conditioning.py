@@ -101,6 +101,7 @@ def test_generate_cli_conditioning_errors_are_one_line(runs, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # each training run above already samples through compose (SDXL too, in tests/trainers)
 def test_sdxl_controlnet_and_ip_adapter_compose(tiny_pipelines, tmp_path):
     from personalize.trainers import train
 
@@ -114,6 +115,8 @@ def test_sdxl_controlnet_and_ip_adapter_compose(tiny_pipelines, tmp_path):
             steps=1,
             resolution=64,
             num_workers=0,
+            validation_steps=1,
+            validation_images=1,
             checkpoint_every=0,
             output=str(tmp_path / method),
         ).output_dir

@@ -94,6 +94,7 @@ def test_controlnet_run_writes_a_folder_stock_controlnetmodel_loads(quick, model
     assert list(loaded.config.conditioning_embedding_out_channels) == [16, 32]
     assert any(param.abs().sum() > 0 for param in loaded.controlnet_down_blocks.parameters())  # trained
     assert "ControlNetModel.from_pretrained" in (out / "README.md").read_text()
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["conditioning.png", "step-000001.png"]
     assert (out / "config.yaml").is_file() and result.metrics["steps"] == 1
 
 
@@ -212,3 +213,16 @@ def test_conditioning_presets_load(name):
 
     config, _ = resolve(build(TrainConfig, preset=name, flags={"data": {"images": str(CAT)}}))
     assert config.method in METHODS and config.lr and config.steps
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(quick, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(method="ip-adapter", num_workers=0, lr=1e-2, checkpoint_every=1)
+    straight = quick(steps=3, output=str(tmp_path / "straight"), **options)
+    quick(steps=2, output=str(tmp_path / "resumed"), **options)
+    resumed = quick(steps=3, output=str(tmp_path / "resumed"), resume=True, **options)
+    assert resumed.metrics["steps"] == 3
+    expected = load_file(str(straight.output_dir / "ip_adapter.safetensors"))
+    got = load_file(str(resumed.output_dir / "ip_adapter.safetensors"))
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
