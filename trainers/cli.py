@@ -18,6 +18,10 @@ FLAG_KEYS = {
     "class_images": "data.num_class_images",
     "class_dir": "data.class_dir",
     "validation_prompt": "validation_prompts",
+    "conditioning": "conditioning.folder",
+    "annotator": "conditioning.annotator",
+    "reference": "conditioning.reference",
+    "image_encoder": "conditioning.image_encoder",
 }
 NOT_CONFIG = {"command", "run", "preset", "config", "set"}
 
@@ -35,7 +39,15 @@ def register(subparsers: Any) -> None:
     add("--model", help="base model: hub id, diffusers folder, .safetensors file, or tiny-sd15 (offline)")
     add("--token", help="trigger token (default: from the folder name, else 'sks')")
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
-    add("--method", help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm or full")
+    add(
+        "--method",
+        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
+        "controlnet, t2i-adapter or ip-adapter",
+    )
+    add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
+    add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
+    add("--reference", metavar="DIR", help="ip-adapter: reference images named like the images (default: themselves)")
+    add("--image-encoder", help="ip-adapter: CLIPVisionModelWithProjection hub id or folder")
     add("--targets", help="layers to adapt: attention, attention+ff, conv, all, or a regex")
     add("--rank", type=int, help="adapter rank (default: the method's)")
     add("--alpha", type=float, help="adapter alpha (default: the rank)")
@@ -69,6 +81,12 @@ def register(subparsers: Any) -> None:
     add("--num-virtual-tokens", type=int, metavar="N", help="prompt-tuning / prefix-tuning: virtual tokens")
     add("--train-projector", action="store_const", const=True, help="VLM: also adapt the projector")
     add("--train-vision-tower", action="store_const", const=True, help="VLM: also adapt the vision tower")
+    add("--init-word", help="textual-inversion/pivotal: the word the new token starts from (e.g. cat)")
+    add("--vectors", type=int, metavar="N", help="textual-inversion/pivotal: vectors of the new token (default 1)")
+    add("--embedding-lr", type=float, help="pivotal: learning rate of the token (default 5e-4)")
+    add("--stop-embedding-after", type=float, metavar="F", help="freeze the token after this fraction of the steps")
+    add("--learnable-property", help="textual-inversion: object (default) or style prompt templates")
+    add("--pivotal-method", help="pivotal: the adapter trained with the token (default lora)")
     add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
     add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
@@ -95,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     if is_language_run(args):
         return run_language(args, flags_to_config(args))
+    from personalize.trainers import train
     from personalize.trainers.config import TrainConfig
-    from personalize.trainers.dreambooth import train
 
     config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
     train(config)

@@ -15,8 +15,10 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
+from personalize.trainers.conditioning_config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full")
+METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -34,14 +36,40 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "bitfit": (None, 1e-3, 500, "all"),
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
+    **CONDITIONING_DEFAULTS,
+    # diffusers' Textual Inversion guide: 3000 steps, lr 5e-4 x (batch 1 x accum 4) with --scale_lr = 2e-3;
+    # pivotal: the LoRA defaults for the UNet (the token has its own embedding_lr).
+    "textual-inversion": (None, 2e-3, 3000, ""),
+    "pivotal": (16, 1e-4, 1000, "attention"),
 }
+EMBEDDING_LR = 5e-4  # pivotal's token rows: the TI guide's unscaled rate
+PIVOTAL_STOP = 0.5  # diffusers' advanced scripts train the token for the first half (train_text_encoder_ti_frac)
 
 
 @dataclass
 class TrainConfig:
     model: str = option(DEFAULT_MODEL, "base model: hub id, diffusers folder, .safetensors file, or tiny-sd15")
-    method: Literal["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full"] = option(
-        "lora", "what to train: an adapter method, or 'full' (fine-tune the whole UNet, DreamBooth)"
+    method: Literal[
+        "lora",
+        "locon",
+        "dora",
+        "loha",
+        "lokr",
+        "krona",
+        "ia3",
+        "bitfit",
+        "norm",
+        "full",
+        "textual-inversion",
+        "pivotal",
+        "controlnet",
+        "t2i-adapter",
+        "ip-adapter",
+    ] = option(
+        "lora",
+        "what to train: an adapter method, 'full' (fine-tune the whole UNet, DreamBooth), 'textual-inversion' "
+        "(a new token only), 'pivotal' (a new token and an adapter together), or a conditioning adapter "
+        "(controlnet, t2i-adapter, ip-adapter)",
     )
     rank: int | None = option(None, "adapter rank; None: the method's default (16 for LoRA)")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: equal to the rank (scale 1)")
@@ -56,7 +84,12 @@ class TrainConfig:
     data: DataConfig = option(
         help="images, prompts, resolution, class images (see personalize.data)", default_factory=DataConfig
     )
+    conditioning: ConditioningConfig = option(
+        help="controlnet / t2i-adapter / ip-adapter: paired images, annotator, image encoder",
+        default_factory=ConditioningConfig,
+    )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
+    class_image_steps: int = option(25, "denoising steps of each generated class image (prior preservation)")
     prior_loss_weight: float = option(1.0, "weight of the class-image loss (DreamBooth uses 1.0)")
     steps: int | None = option(None, "optimizer steps; None: the method's default")
     lr: float | None = option(None, "peak learning rate; None: the method's default")
@@ -89,7 +122,7 @@ class TrainConfig:
     validation_prompts: list[str] = option([], "prompts sampled into samples/ during and after training")
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
     validation_steps: int = option(25, "denoising steps of each validation image")
-    validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...)")
+    validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
@@ -101,6 +134,16 @@ class TrainConfig:
     cache_latents: bool = option(True, "encode images and prompts once, then free the VAE and text encoders")
     allow_pickle: bool = option(False, "allow loading a pickle (.ckpt) base model; only for files you trust")
     adapter_name: str = option("default", "name of the injected adapter (several can stack on one model)")
+    init_word: str = option("", "textual-inversion/pivotal: word(s) the new token starts from; '' = random rows")
+    vectors: int = option(1, "textual-inversion/pivotal: embedding vectors of the token (<tok> <tok>_1 ...)")
+    embedding_lr: float | None = option(None, "lr of the token rows; None: --lr (textual-inversion) or 5e-4 (pivotal)")
+    stop_embedding_after: float | None = option(
+        None, "freeze the token after this fraction of the steps; None: 1.0 (textual-inversion) or 0.5 (pivotal)"
+    )
+    learnable_property: Literal["object", "style"] = option(
+        "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
+    )
+    pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -144,6 +187,8 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if not Path(data.images).expanduser().exists():  # before the (slow) model load
         raise UserError(f"--images {data.images} does not exist; point it at a folder of photos of your subject")
     token, class_word = infer_words(str(Path(data.images).expanduser().resolve()))
+    if config.method in TOKEN_METHODS:  # a new word, never one the tokenizer knows
+        token = f"<{token or class_word or 'concept'}>"
     updates: dict[str, Any] = {}
     if not data.class_word and class_word:
         updates["class_word"] = class_word
@@ -171,6 +216,13 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
     )
     if resolved.alpha is None and resolved.rank is not None:
         resolved = dataclasses.replace(resolved, alpha=float(resolved.rank))
+    if config.method in TOKEN_METHODS:
+        pivotal = config.method == "pivotal"
+        resolved = dataclasses.replace(
+            resolved,
+            embedding_lr=config.embedding_lr or (EMBEDDING_LR if pivotal else resolved.lr),
+            stop_embedding_after=config.stop_embedding_after or (PIVOTAL_STOP if pivotal else 1.0),
+        )
     check(resolved)
     return resolved, notes
 
@@ -191,5 +243,30 @@ def check(config: TrainConfig) -> None:
         raise UserError("--method full fine-tunes the UNet only; use an adapter --method with --train-text-encoder")
     if not 0 <= config.ema_decay < 1:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
+    if config.method in TOKEN_METHODS:
+        check_token_options(config)
     if len(config.adam_betas) != 2:
         raise UserError(f"adam_betas must be two numbers, e.g. [0.9, 0.999] (got {config.adam_betas})")
+
+
+def check_token_options(config: TrainConfig) -> None:
+    """The textual-inversion / pivotal keys."""
+    if config.vectors < 1:
+        raise UserError(f"--vectors must be at least 1 (got {config.vectors})")
+    if config.embedding_lr is not None and config.embedding_lr <= 0:
+        raise UserError(f"--embedding-lr must be positive (got {config.embedding_lr})")
+    stop = config.stop_embedding_after
+    if stop is not None and not 0 < stop <= 1:
+        raise UserError(f"--stop-embedding-after is a fraction of the steps in (0, 1] (got {stop})")
+    if config.method == "textual-inversion" and stop is not None and stop < 1:
+        raise UserError(
+            "--stop-embedding-after is for --method pivotal; textual-inversion trains only the token (set --steps)"
+        )
+    if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
+        raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    if config.method == "pivotal" and config.pivotal_method not in adapters:
+        raise UserError(
+            f"pivotal_method '{config.pivotal_method}' is not an adapter method"
+            f"{nearest(config.pivotal_method, adapters)}; choose one of {', '.join(adapters)}"
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,10 +50,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """
     config, notes = resolve(config if config is not None else config_from_options(options))
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    # A script may train many subjects in one process with different precisions; accelerate keeps its
+    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
+    )
     say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
     for note in notes:
         say(f"note: {note}")
     set_seed(config.seed)
@@ -158,7 +169,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     samples: list[Path] = []
 
     def validate(step: int) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
 
     started = time.perf_counter()
@@ -197,7 +208,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 components=components,
                 adapter_name=config.adapter_name,
                 hyper=hyper,
-                targets=config.targets,
+                resolution=config.data.resolution,
             )
     metrics = {
         "final_loss": state.losses[-1] if state.losses else float("nan"),
@@ -225,7 +236,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             },
         )
         (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml"]
+        log = {**metrics, "losses": state.losses}  # the loss of every optimizer step, resumed runs included
+        (output / "metrics.json").write_text(json.dumps(log, indent=1))
+        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
@@ -237,6 +250,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 # --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def _cpu_only() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -296,7 +314,16 @@ def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[A
     if count:
         say(f"class images: {count} for '{class_word_prompt}' in {class_dir}")
         size = data.resolution
-        ensure_class_images(pipe, class_word_prompt, class_dir, count, seed=config.seed, height=size, width=size)
+        ensure_class_images(
+            pipe,
+            class_word_prompt,
+            class_dir,
+            count,
+            seed=config.seed,
+            num_inference_steps=config.class_image_steps,
+            height=size,
+            width=size,
+        )
     class_config = dataclasses.replace(
         data, images=str(class_dir), instance_prompt=class_word_prompt, class_dir="", num_class_images=0, repeats=1
     )

@@ -62,11 +62,28 @@ def render_model_card(
 def _usage(base_model: str, method: str, output_dir: Path, files: list[Path], adapter: dict[str, Any] | None) -> str:
     """A Python snippet that loads the result into a stock diffusers pipeline."""
     lines = ["```python", "from personalize.models import load_pipeline", "", f'pipe = load_pipeline("{base_model}")']
-    if method == "full":
+    tokens = (adapter or {}).get("tokens")
+    if tokens:  # textual-inversion / pivotal: the embeddings (and adapter) load together
+        lines += [
+            "from personalize.pipelines import load_adapter",
+            "",
+            f'load_adapter(pipe, "{output_dir}")  # the tokens {" ".join(tokens)} (and the adapter)',
+            f'# stock diffusers, embeddings only: pipe.load_textual_inversion("{output_dir}")',
+        ]
+        if (adapter or {}).get("family") == "sdxl":
+            lines.append(
+                f'# and pipe.load_textual_inversion("{output_dir}", weight_name="learned_embeds_2.safetensors", '
+                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+            )
+    elif method == "full":
         lines += [
             "from diffusers import UNet2DConditionModel",
             f'pipe.unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")',
         ]
+    elif method in ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3"):
+        lines += ["from personalize.pipelines import load_adapter", f'load_adapter(pipe, "{output_dir}")']
+        if method in ("lora", "locon", "dora"):
+            lines.append(f'# or with diffusers alone: pipe.load_lora_weights("{output_dir}")')
     else:
         adapter = adapter or {}
         hyper = ", ".join(f"{key}={value!r}" for key, value in adapter.get("hyper", {}).items())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from personalize.errors import UserError
 
-TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd")
+TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd", "lora")  # "lora": short for lora-svd
 
 
 def register_convert(subparsers: Any) -> None:
@@ -91,6 +92,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from personalize.formats.io import _write_all, embeddings_files, model_components, read_adapter
     from personalize.formats.svd import adapter_to_lora
 
+    args.to = "lora-svd" if args.to == "lora" else args.to
     model = load_model(args.model) if args.model else None
     if args.to == "lora-svd" and model is None:
         raise UserError("--to lora-svd needs the base model (--model) to compute each module's weight delta")
@@ -150,6 +152,11 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def target_name(module: str) -> str:
+    """A layer's name inside its block: "...transformer_blocks.0.attn1.to_q" -> "attn1.to_q"."""
+    return re.sub(r"^(.*\.)?\w*(blocks|layers|attentions|resnets|layer|h)\.\d+\.", "", module)
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -180,7 +187,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             alpha = alpha_of(group)
             row = (component, method_of(group), kind, rank_of(group) or "-", "-" if alpha is None else f"{alpha:g}")
             rows[row] += 1
-            targets[row][module.rsplit(".", 1)[-1] if not module.endswith(".0") else module.rsplit(".", 2)[-2]] += 1
+            targets[row][target_name(module)] += 1
             modules.append((f"{component}.{module}", *row[1:]))
     if rows:
         header = ("component", "method", "layer", "rank", "alpha", "modules", "targets")

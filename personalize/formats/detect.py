@@ -11,11 +11,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from personalize.adapters.from_weights import PARAM_NAMES
 from personalize.errors import UserError
 from personalize.formats import diffusers, embeddings, kohya, peft
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
-LAYOUTS = ("diffusers", "kohya", "peft", "embedding")
+COMPONENT_HEADS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "model")
+
+
+def is_canonical_key(key: str) -> bool:
+    """ "<component>.<module path>.<param>" with the injection core's parameter names (our own raw files)."""
+    head, _, rest = key.partition(".")
+    return head in COMPONENT_HEADS and any(rest.endswith("." + p) for p in PARAM_NAMES)
 
 
 def layout_of(data: Mapping[str, Any], where: str = "") -> str:
@@ -27,6 +34,8 @@ def layout_of(data: Mapping[str, Any], where: str = "") -> str:
         return "kohya"
     if keys and all(diffusers.is_diffusers_key(k) for k in keys):
         return "diffusers"
+    if keys and all(is_canonical_key(k) for k in keys):
+        return "canonical"
     if embeddings.is_embedding_dict(data):
         return "embedding"
     shown = ", ".join(sorted(keys)[:4]) if keys else "no keys"
@@ -85,10 +94,13 @@ def folder_files(folder: Path) -> tuple[tuple[str, Path] | None, list[Path]]:
         with safe_open(str(file), framework="pt") as handle:
             keys = list(handle.keys())
         if keys and all(kohya.is_kohya_key(k) for k in keys):
-            candidates.append(file)
+            candidates.append(("kohya", file))
+        elif keys and all(is_canonical_key(k) for k in keys):
+            candidates.append(("canonical", file))
     if len(candidates) > 1:
-        raise UserError(f"{folder} holds {len(candidates)} kohya files ({candidates[0].name}, ...); pass one file")
-    adapter = ("kohya", candidates[0]) if candidates else None
+        shown = ", ".join(f.name for _, f in candidates[:3])
+        raise UserError(f"{folder} holds {len(candidates)} adapter files ({shown}); pass one file")
+    adapter = candidates[0] if candidates else None
     found = _embedding_files(folder)
     if adapter is None and not found:
         shown = ", ".join(sorted(p.name for p in folder.iterdir())[:5]) or "nothing"

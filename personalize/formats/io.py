@@ -34,6 +34,7 @@ from personalize.formats.kohya_guess import guess_path
 from personalize.models.presets import model_kind
 
 EMBEDDING_NAMES = re.compile(r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding)")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENT_OF_KIND = {"unet": "unet", "dit": "transformer", "clip": "text_encoder", "t5": "text_encoder"}
 
 
@@ -70,8 +71,7 @@ def model_components(pipe_or_model: Any) -> dict[str, nn.Module]:
     components = getattr(pipe_or_model, "components", None)
     if not isinstance(components, Mapping):
         raise UserError(f"expected a diffusers pipeline or a torch model, got {type(pipe_or_model).__name__}")
-    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-    return {n: components[n] for n in names if isinstance(components.get(n), nn.Module)}
+    return {n: components[n] for n in COMPONENTS if isinstance(components.get(n), nn.Module)}
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -194,7 +194,17 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
     path = Path(path)
     targets = model_components(pipe_or_model) if pipe_or_model is not None else None
     result = AdapterFile()
-    if path.is_dir():
+    subfolders = [c for c in COMPONENTS if (path / c / peft.CONFIG_FILE).is_file()] if path.is_dir() else []
+    if subfolders and not (path / peft.CONFIG_FILE).is_file():  # `convert --to peft` of a whole pipeline
+        for component in subfolders:
+            part = AdapterFile()
+            tensors, metadata = detect.read_tensors(path / component / peft.WEIGHTS_FILE, allow_pickle)
+            metadata = {**metadata, "peft_config": json.dumps(detect.read_peft_config(path / component))}
+            _map_tensors("peft", tensors, metadata, _only(targets, component), part, component)
+            result.components.update({component: next(iter(part.components.values()))})
+            result.metadata = part.metadata
+        result.layout = "peft"
+    elif path.is_dir():
         adapter, embedding_paths = detect.folder_files(path)
         if adapter is not None:
             _read_adapter_file(adapter[0], adapter[1], targets, result, allow_pickle)
@@ -219,6 +229,14 @@ def read_adapter(path: str | Path, pipe_or_model: Any, allow_pickle: bool = Fals
     return result
 
 
+def _only(targets: dict | None, component: str) -> dict | None:
+    if targets is None:
+        return None
+    if component not in targets:
+        raise UserError(f"the adapter has weights for {component}, which this model does not have ({sorted(targets)})")
+    return {component: targets[component]}
+
+
 def _read_adapter_file(layout: str, path: Path, targets: dict | None, result: AdapterFile, allow_pickle: bool) -> None:
     if layout == "peft":
         tensors, metadata = detect.read_tensors(path / peft.WEIGHTS_FILE, allow_pickle)
@@ -241,11 +259,10 @@ def _map_tensors(
         component = next((c for c in ("model", "unet", "transformer") if c in targets), next(iter(targets)))
         components = {component: sd}
     elif layout == "diffusers":
-        if len(targets) == 1:  # a bare model: the file's one component prefix is it
-            (only,) = targets
-            heads = {k.partition(".")[0] for k in data}
-            data = {f"{only}.{k.partition('.')[2]}" if len(heads) == 1 else k: v for k, v in data.items()}
+        data = _component_prefixed(data, targets)
         components = diffusers.from_diffusers(data, metadata, tuple(targets))
+    elif layout == "canonical":
+        components = split_components(data)
     elif layout == "kohya":
         unet = targets.get("unet")
         config = dict(unet.config) if unet is not None and hasattr(unet, "config") else None
@@ -259,6 +276,29 @@ def _map_tensors(
     result.components, result.layout, result.metadata = components, layout, dict(metadata)
 
 
+def split_components(data: Mapping[str, torch.Tensor]) -> Components:
+    """{"unet.a.b.lora_up.weight": t} -> {"unet": {"a.b.lora_up.weight": t}} (our raw canonical files)."""
+    out: Components = {}
+    for key, value in data.items():
+        component, _, rest = key.partition(".")
+        out.setdefault(component, {})[rest] = value
+    return out
+
+
+def _component_prefixed(data: dict, targets: dict) -> dict:
+    """diffusers keys with the pipeline component first. A file for one component loads onto a bare model
+    whatever its prefix; keys with no component prefix (old `save_attn_procs` files) belong to the denoiser."""
+    heads = {k.partition(".")[0] for k in data}
+    known = set(COMPONENTS) | {"model"}
+    if not heads & known:
+        denoiser = next((c for c in ("unet", "transformer", "model") if c in targets), next(iter(targets)))
+        return {f"{denoiser}.{k}": v for k, v in data.items()}
+    if len(targets) == 1 and len(heads) == 1:
+        (only,) = targets
+        return {f"{only}.{k.partition('.')[2]}": v for k, v in data.items()}
+    return data
+
+
 def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Components:
     if layout == "peft":
         if "peft_config" not in metadata:
@@ -266,6 +306,8 @@ def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Componen
         return {"model": peft.from_peft(data, json.loads(metadata["peft_config"]))}
     if layout == "diffusers":
         return diffusers.from_diffusers(data, metadata)
+    if layout == "canonical":
+        return split_components(data)
     if layout == "kohya":
         names = {kohya.split_kohya_key(k)[0] for k in data}
         return kohya.from_kohya(data, {name: guess_path(name) for name in names})

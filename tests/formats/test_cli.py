@@ -26,7 +26,7 @@ def test_inspect_prints_a_table(sd15_lokr, capsys):
     assert main(["inspect", str(file)]) == 0
     out = capsys.readouterr().out
     assert "layout       kohya" in out and "family guess sd1" in out
-    assert "unet       lokr" in out and "to_q x" in out
+    assert "unet       lokr" in out and "attn1.to_q x" in out
     assert "ss_network_module = lycoris.kohya" in out
     assert f"{sum(v.numel() for k, v in components['unet'].items() if not k.endswith('.alpha')):,}" in out
 
@@ -66,3 +66,15 @@ def test_pickle_and_unknown_inputs_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "a.ckpt")]) == 2
     assert "--allow-pickle" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_convert_pipeline_adapter_to_peft_subfolders_and_back(tiny_pipelines, tmp_path):
+    pipe = tiny_pipelines("tiny-sd15")
+    _, components = with_adapter(pipe, "lora")
+    save_adapter(tmp_path / "src", components, method="lora", family="sd1", hyper={})
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "peft"), "--to", "peft", "--model", "tiny-sd15"]) == 0
+    assert (tmp_path / "peft" / "unet" / "adapter_config.json").is_file()
+    assert (tmp_path / "peft" / "text_encoder" / "adapter_model.safetensors").is_file()
+    read = read_adapter(tmp_path / "peft", pipe)
+    assert read.layout == "peft"
+    assert_same_components(components, read.components)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from personalize import adapters
 from personalize.errors import UserError
 from personalize.formats import read_adapter, save_adapter
+from personalize.models.tiny_layers import randomize
 
 from .helpers import (
     ADAPTER_METHODS,
@@ -190,3 +193,50 @@ def test_alpha_conventions_old_diffusers_keys_and_network_alphas(tiny_pipelines)
     )
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_down.weight" in processor["unet"]
     adapters.group_by_module(processor["unet"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "family"), [("tiny-flux", "flux"), ("tiny-sd3", "sd3")])
+def test_dit_lora_loads_in_stock_diffusers_and_round_trips(tiny_pipelines, tmp_path, name, family):
+    pipe = tiny_pipelines(name)
+    parts = dict(pipe.components)
+    parts["transformer"] = copy.deepcopy(pipe.transformer)
+    ours = type(pipe)(**parts)
+    adapters.inject(ours.transformer, "lora", targets="attention", rank=4, alpha=2)
+    for _, module in ours.transformer.named_modules():
+        if hasattr(module, "adapters") and "default" in module.adapters:
+            randomize(module.adapters["default"], 1)
+    components = {"transformer": adapters.state_dict(ours.transformer)}
+    save_adapter(tmp_path, components, method="lora", family=family, hyper={}, output_name="x")
+    parts["transformer"] = copy.deepcopy(pipe.transformer)
+    stock = type(pipe)(**parts)
+    stock.load_lora_weights(tmp_path)
+    assert abs(images(stock) - images(ours)).max() < 1e-4
+    assert_same_components(components, read_adapter(tmp_path / "x.safetensors", pipe).components)
+
+
+def test_unprefixed_attention_processor_files_belong_to_the_unet(tiny_pipelines, tmp_path):
+    pipe = tiny_pipelines("tiny-sd15")
+    base = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    save_file(
+        {
+            f"{base}.processor.to_k_lora.down.weight": torch.ones(2, 32),
+            f"{base}.processor.to_k_lora.up.weight": torch.ones(64, 2),
+        },
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
+    read = read_adapter(tmp_path, pipe)
+    assert read.layout == "diffusers"
+    assert float(read.components["unet"][f"{base}.to_k.alpha"]) == 2.0  # no alpha in the file: scale 1
+    assert read.components["unet"][f"{base}.to_k.lora_up.weight"].shape == (64, 2)
+
+
+def test_raw_canonical_files_and_folders_read(tiny_pipelines, tmp_path):
+    """What trainers wrote before this package: "<component>.<path>.<param>" in adapter.safetensors."""
+    pipe = tiny_pipelines("tiny-sd15")
+    _, components = with_adapter(pipe, "loha")
+    flat = {f"{c}.{k}": v.contiguous() for c, sd in components.items() for k, v in sd.items()}
+    save_file(flat, tmp_path / "adapter.safetensors")
+    read = read_adapter(tmp_path, pipe)
+    assert read.layout == "canonical"
+    assert_same_components(components, read.components)

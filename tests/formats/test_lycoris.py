@@ -7,17 +7,24 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from personalize.formats import read_adapter
+from personalize import adapters
+from personalize.formats import read_adapter, save_adapter
 
-from .helpers import unet_inputs
+from .helpers import unet_inputs, with_adapter
 
 lycoris = pytest.importorskip("lycoris")
 
 
 @pytest.mark.parametrize(
     ("algo", "options"),
-    [("lokr", {"factor": 4}), ("loha", {}), ("locon", {}), ("lokr", {"factor": -1, "full_matrix": True})],
+    [
+        ("lokr", {"factor": 4}),
+        ("loha", {}),
+        pytest.param("locon", {}, marks=pytest.mark.slow),
+        pytest.param("lokr", {"factor": -1, "full_matrix": True}, marks=pytest.mark.slow),
+    ],
 )
 def test_lycoris_files_load_with_identical_outputs(tiny_pipelines, tmp_path, algo, options):
     logging.getLogger("lycoris").setLevel(logging.ERROR)
@@ -43,3 +50,27 @@ def test_lycoris_files_load_with_identical_outputs(tiny_pipelines, tmp_path, alg
         base = pipe.unet(**inputs).sample
     assert not torch.allclose(expected, base, atol=1e-4)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lokr", "loha", "dora"])
+def test_lycoris_reads_our_kohya_files_with_identical_outputs(tiny_pipelines, tmp_path, method):
+    """LyCORIS's own loader (module names under our `lora_unet` prefix) computes what our adapter does."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
+
+    logging.getLogger("lycoris").setLevel(logging.ERROR)
+    pipe = tiny_pipelines("tiny-sd15")
+    ours, components = with_adapter(pipe, method, text=False)
+    save_adapter(tmp_path, components, method=method, family="sd1", hyper={}, output_name="x")
+    unet = copy.deepcopy(pipe.unet)
+    previous = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = "lora_unet"
+    try:
+        network, _ = create_lycoris_from_weights(1.0, str(tmp_path / "x.safetensors"), unet)
+    finally:
+        LycorisNetwork.LORA_PREFIX = previous
+    assert len(network.loras) == len(adapters.group_by_module(components["unet"]))
+    network.apply_to()
+    network.load_state_dict(load_file(tmp_path / "x.safetensors"), strict=False)
+    inputs = unet_inputs(pipe)
+    with torch.no_grad():
+        assert torch.allclose(unet(**inputs).sample, ours.unet(**inputs).sample, atol=1e-5)

@@ -16,9 +16,9 @@ def pipeline_copy(tiny_pipelines, name):
     return copy.deepcopy(tiny_pipelines(name))
 
 
-def latents(pipe, prompt=PROMPT, steps=1, seed=0):
+def latents(pipe, prompt=PROMPT, steps=1, seed=0, **more):
     generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent").images
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **more).images
 
 
 def same_state(module, state):

@@ -1,0 +1,337 @@
+"""Textual Inversion and pivotal tuning of SD1.x, SD2.x, SDXL: `personalize train --method textual-inversion|pivotal`.
+
+Textual Inversion (Gal et al., arXiv 2208.01618) learns only the embedding rows of a new token
+("<cat-toy>", n vectors) in every text encoder; pivotal tuning (the recipe of diffusers' advanced
+DreamBooth scripts) trains those rows and an adapter on the UNet (any method of the injection core,
+LoRA by default) together, with their own learning rates, the token frozen after a fraction of the steps.
+
+Reads top to bottom like the DreamBooth recipe, whose pieces it reuses: resolve, load the base, build
+the data (latents cached; prompts are encoded every step because the token changes), add the token,
+inject the adapter (pivotal), run the shared loop, then write learned_embeds.safetensors (+ the
+adapter) through personalize.formats, samples, config.yaml and README.md.
+
+    from personalize.trainers import train
+    train(images="photos/toy", model="tiny-sd15", method="textual-inversion", token="<toy>", init_word="toy")
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.config import save_yaml
+from personalize.data.sources import instance_prompt
+from personalize.errors import UserError
+from personalize.trainers import diffusion
+from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
+from personalize.trainers.dreambooth import (
+    DTYPES,
+    UNET_FAMILIES,
+    TrainResult,
+    _card_settings,
+    _checkpoint_to_resume,
+    _cpu_only,
+    _datasets,
+    _loss_function,
+    _nothing,
+    _place,
+    _printer,
+    _set_attention,
+    _stream,
+    _summary,
+    _trainable,
+    _validate,
+)
+from personalize.trainers.ema import EMA
+from personalize.trainers.loop import LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
+from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+
+
+def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
+    """Run the recipe (`options`: TrainConfig keys; data keys such as images= and token= may be given flat).
+
+    A given `pipe` is left as it was: its tokenizers and embeddings are put back, adapters removed."""
+    config, notes = resolve(config if config is not None else config_from_options(options))
+    pivotal = config.method == "pivotal"
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    AcceleratorState._reset_state()  # as in the DreamBooth recipe: each run starts from clean accelerate settings
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=_cpu_only()
+    )
+    say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
+    for note in notes:
+        say(f"note: {note}")
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+
+    # --- base model ---------------------------------------------------------------------------
+    from personalize.models import detect_family, load_pipeline
+
+    own_pipe = pipe is None
+    if own_pipe:
+        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
+    family = detect_family(pipe)
+    if family not in UNET_FAMILIES:
+        raise UserError(f"--method {config.method} supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
+    weight_dtype = DTYPES[config.mixed_precision]
+    device = accelerator.device
+    text_encoders = {
+        name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)
+    }
+    for module in (pipe.unet, pipe.vae, *text_encoders.values()):
+        module.requires_grad_(False)
+    _place(pipe.vae, device, torch.float32)
+    for encoder in text_encoders.values():
+        _place(encoder, device, weight_dtype)
+
+    # --- data: latents cached, prompts encoded each step (the token is what trains) --------------
+    instance_data, class_data = _datasets(config, pipe, output, say)
+    if config.cache_latents:
+        from personalize.data import cache_dataset
+
+        cache_dir = config.data.cache_dir or None
+        instance_data = cache_dataset(instance_data, pipe, cache_dir=cache_dir, cache_text=False)
+        if class_data is not None:
+            class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=False)
+        if device.type != "cpu":
+            pipe.vae.to("cpu")
+
+    # --- model: the new token (+ the adapter for pivotal) ----------------------------------------
+    init_generator = torch.Generator().manual_seed(config.seed)
+    tokens = add_new_tokens(pipe, config.data.token, config.vectors, config.init_word, init_generator)
+    unet = pipe.unet
+    adapter_method = config.pivotal_method if pivotal else ""
+    hyper = _adapter_hyperparameters(config) if pivotal else {}
+    trained: dict[str, torch.nn.Module] = {}
+    if pivotal:
+        from personalize import adapters
+
+        if config.quantize:
+            adapters.quantize(unet, config.quantize)
+        _place(unet, device, weight_dtype)
+        adapters.inject(unet, adapter_method, targets=config.targets, name=config.adapter_name, **hyper)
+        trained["unet"] = unet
+        if config.train_text_encoder:
+            for name, encoder in text_encoders.items():
+                adapters.inject(encoder, adapter_method, targets="text", name=config.adapter_name, **hyper)
+                trained[name] = encoder
+    else:
+        _place(unet, device, weight_dtype)
+    trained["embeddings"] = tokens.rows
+    named = _trainable(trained)
+    for param in named.values():
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    _set_attention(unet, config.attention)
+
+    # --- optimizer, schedule, loop state ------------------------------------------------------
+    optimizer = build_optimizer(
+        config.optimizer,
+        _param_groups(trained, config),
+        lr=config.lr,  # type: ignore[arg-type]
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    models, optimizer = list(prepared[:-1]), prepared[-1]
+    rows_model = models[-1]  # NewRows (data-parallel wrapped when there are several processes)
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
+    stream = _stream(instance_data, class_data, config, accelerator)
+    ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
+    if resume_from is not None:
+        load_checkpoint(accelerator, state, resume_from)
+        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
+
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    _summary(say, config, family, instance_data, class_data, named)
+    stop_step = round(config.steps * config.stop_embedding_after)  # type: ignore[operator]
+    say(f"token       {' '.join(tokens.names)} (init '{config.init_word or 'random'}'), trained for {stop_step} steps")
+
+    # --- train --------------------------------------------------------------------------------
+    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    unet_model = models[0] if pivotal else unet
+    denoising_loss = _loss_function(pipe, family, unet_model, schedule, generator, config)
+    rewrite = _prompt_rewriter(config, tokens, generator)
+
+    def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Encode this step's prompts through the current token rows, then the DreamBooth loss."""
+        learning = state.step < stop_step
+        with torch.set_grad_enabled(learning):  # frozen: no graph, and no gradient for data parallelism to wait on
+            rows = rows_model()
+        tokens.use(rows if learning else {name: value.detach() for name, value in rows.items()})
+        encoded = []
+        for item in batch if isinstance(batch, list) else [batch]:
+            prompts = [rewrite(prompt) for prompt in item["prompt"]]
+            with torch.set_grad_enabled(learning or config.train_text_encoder):
+                encoded.append({**item, **_encode(pipe, prompts)})
+        tokens.use(dict(tokens.rows.rows.items()))  # validation reads the live parameters
+        return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
+
+    prompts = config.validation_prompts or [_default_prompt(config, tokens, instance_data)]
+    samples: list[Path] = []
+
+    def validate(step: int) -> None:
+        if accelerator.is_main_process and config.validation_images > 0:
+            samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+
+    started = time.perf_counter()
+    settings = LoopSettings(
+        steps=config.steps,  # type: ignore[arg-type]
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        checkpoint_root=checkpoint_root,
+        validate_every=config.validate_every,
+    )
+    for model in models:
+        model.train()
+    train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)
+    seconds = time.perf_counter() - started
+    for model in models:
+        model.eval()
+
+    # --- outputs ------------------------------------------------------------------------------
+    from personalize.trainers.model_card import render_model_card
+    from personalize.trainers.outputs import save_token_outputs
+
+    files: list[Path] = []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
+            validate(state.step)
+        with ema.swap() if ema is not None else _nothing():
+            adapted = {name: accelerator.unwrap_model(model) for name, model in zip(trained, models)}
+            adapted.pop("embeddings")
+            files = save_token_outputs(
+                output,
+                method=adapter_method or config.method,
+                family=family,
+                base_model=config.model,
+                components=adapted,
+                adapter_name=config.adapter_name,
+                hyper=hyper,
+                embeddings=tokens.learned(),
+                resolution=config.data.resolution,
+            )
+    metrics = {
+        "final_loss": state.losses[-1] if state.losses else float("nan"),
+        "steps": state.step,
+        "seconds": seconds,
+        "trainable_params": sum(param.numel() for param in named.values()),
+    }
+    if accelerator.is_main_process:
+        card = render_model_card(
+            base_model=config.model,
+            family=family,
+            method=config.method,
+            trigger=config.data.token,
+            prompt=prompts[0],
+            settings=_card_settings(config) | _token_settings(config),
+            files=files,
+            output_dir=output,
+            samples=samples,
+            metrics=metrics,
+            adapter={"tokens": tokens.names, "family": family},
+        )
+        (output / "README.md").write_text(card)
+        files += [output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; prompt with {config.data.token}; wrote:")
+        for path in files + samples[-1:]:
+            say(f"  {path}")
+    accelerator.wait_for_everyone()
+    if own_pipe:
+        tokens.install(pipe)  # the pipeline now holds the learned token, as after a stock load
+    else:
+        tokens.restore(pipe)
+        _remove_adapters(trained, config)
+    accelerator.free_memory()
+    return TrainResult(output, files, samples, metrics)
+
+
+# --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def _adapter_hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    hyper: dict[str, Any] = {}
+    if config.pivotal_method in RANKED_METHODS:
+        hyper.update(rank=config.rank, alpha=config.alpha)
+    hyper.update(config.method_options)
+    return hyper
+
+
+def _param_groups(trained: dict[str, torch.nn.Module], config: TrainConfig) -> list[dict[str, Any]]:
+    """UNet adapter: lr; text-encoder adapters: text_encoder_lr (else lr); the token rows: embedding_lr."""
+    groups = []
+    for component, module in trained.items():
+        params = [param for param in module.parameters() if param.requires_grad]
+        if not params:
+            raise UserError(f"nothing to train in the {component}: --targets {config.targets!r} matched no parameter")
+        group: dict[str, Any] = {"params": params}
+        if component == "embeddings":
+            group["lr"] = config.embedding_lr
+        elif component != "unet" and config.text_encoder_lr is not None:
+            group["lr"] = config.text_encoder_lr
+        groups.append(group)
+    return groups
+
+
+def _encode(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    from personalize.models.encode import encode_text
+
+    return encode_text(pipe, prompts)
+
+
+def _prompt_rewriter(config: TrainConfig, tokens: NewTokens, generator: torch.Generator) -> Any:
+    """prompt -> the prompt trained on: a random template for uncaptioned images (textual-inversion),
+    then '<tok>' expanded to the token's vectors."""
+    plain = "" if config.data.instance_prompt else instance_prompt(config.data)
+    templates = config.method == "textual-inversion"
+
+    def rewrite(prompt: str) -> str:
+        if templates and prompt == plain:
+            prompt = template_prompt(config.learnable_property, tokens.token, generator)
+        return expand_prompt(prompt, tokens.token, tokens.vectors)
+
+    return rewrite
+
+
+def _default_prompt(config: TrainConfig, tokens: NewTokens, dataset: Any) -> str:
+    from personalize.trainers.dreambooth import instance_data_prompt
+
+    if config.method == "textual-inversion":
+        return template_prompt(config.learnable_property, tokens.token)
+    return instance_data_prompt(dataset)
+
+
+def _token_settings(config: TrainConfig) -> dict[str, Any]:
+    keys = ("init_word", "vectors", "embedding_lr", "stop_embedding_after")
+    keys += ("learnable_property",) if config.method == "textual-inversion" else ("pivotal_method",)
+    return {key: getattr(config, key) for key in keys}
+
+
+def _remove_adapters(trained: dict[str, torch.nn.Module], config: TrainConfig) -> None:
+    if config.method != "pivotal":
+        return
+    from personalize import adapters
+
+    for component, module in trained.items():
+        if component != "embeddings":
+            adapters.remove(module, config.adapter_name)
