@@ -173,25 +173,23 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         "seconds": seconds,
         "trainable_params": trainable,
     }
+    samples: list[Path] = []
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
         files = method.save(unwrapped, pipe, family, output, config)
-        from personalize.trainers.conditioning_card import render_card
-
-        (output / "README.md").write_text(render_card(config, family, files, output, metrics))
-        files += [output / "README.md", output / "config.yaml"]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
-        for path in files:
-            say(f"  {path}")
     accelerator.wait_for_everyone()
     method.restore(pipe, side)
-    samples: list[Path] = []
     if accelerator.is_main_process:
+        from personalize.trainers.conditioning_card import render_card
         from personalize.trainers.conditioning_samples import write_samples
 
         autocast = accelerator.autocast() if config.mixed_precision != "no" else None
         samples.append(write_samples(pipe, config, data, output, state.step, autocast))
-        say(f"  {samples[-1]}")
+        (output / "README.md").write_text(render_card(config, family, files, output, metrics, samples[-1]))
+        files += [output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files + samples:
+            say(f"  {path}")
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return TrainResult(output, files, samples, metrics)
