@@ -226,3 +226,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(quick, tmp_path):
     expected = load_file(str(straight.output_dir / "ip_adapter.safetensors"))
     got = load_file(str(resumed.output_dir / "ip_adapter.safetensors"))
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.parametrize(("method", "key"), [("t2i-adapter", "folder"), ("ip-adapter", "reference")])
+def test_a_paired_folder_is_what_the_run_trains_and_samples_with(quick, tmp_path, method, key):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "paired"
+    folder.mkdir()
+    for path in sorted(CAT.glob("*.jpg")):
+        Image.new("RGB", (80, 60), (0, 200, 0)).save(folder / f"{path.stem}.png")
+    result = quick(method=method, steps=1, num_workers=0, conditioning={key: str(folder)})
+    name = "reference.png" if method == "ip-adapter" else "conditioning.png"
+    used = np.asarray(Image.open(result.output_dir / "samples" / name).convert("RGB"))
+    assert used.shape == (64, 64, 3) and (used == [0, 200, 0]).all()
+    assert str(folder) in (result.output_dir / "README.md").read_text()
