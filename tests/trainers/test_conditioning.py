@@ -242,3 +242,24 @@ def test_a_paired_folder_is_what_the_run_trains_and_samples_with(quick, tmp_path
     used = np.asarray(Image.open(result.output_dir / "samples" / name).convert("RGB"))
     assert used.shape == (64, 64, 3) and (used == [0, 200, 0]).all()
     assert str(folder) in (result.output_dir / "README.md").read_text()
+
+
+def test_options_for_personalization_only_are_refused(quick):
+    from personalize.errors import UserError
+
+    with pytest.raises(UserError, match="--quantize"):
+        quick(method="controlnet", quantize="nf4")
+    with pytest.raises(UserError, match="--prior-preservation"):
+        quick(method="ip-adapter", prior_preservation=True)
+
+
+def test_ema_weights_are_what_is_saved(quick, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(method="ip-adapter", steps=2, num_workers=0, lr=1e-2, ema_decay=0.5)
+    raw = quick(output=str(tmp_path / "raw"), **options)
+    averaged = quick(output=str(tmp_path / "ema"), ema=True, **options)
+    raw_weights = load_file(str(raw.output_dir / "ip_adapter.safetensors"))
+    ema_weights = load_file(str(averaged.output_dir / "ip_adapter.safetensors"))
+    assert raw.metrics["final_loss"] == averaged.metrics["final_loss"]  # the same training run
+    assert not torch.equal(raw_weights["image_proj.proj.weight"], ema_weights["image_proj.proj.weight"])
