@@ -258,6 +258,10 @@ def check_token_options(config: TrainConfig) -> None:
     stop = config.stop_embedding_after
     if stop is not None and not 0 < stop <= 1:
         raise UserError(f"--stop-embedding-after is a fraction of the steps in (0, 1] (got {stop})")
+    if config.method == "textual-inversion" and stop is not None and stop < 1:
+        raise UserError(
+            "--stop-embedding-after is for --method pivotal; textual-inversion trains only the token (set --steps)"
+        )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
     adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
