@@ -176,6 +176,10 @@ def test_t2i_layouts_of_the_real_unets():
     )
     light = adapter_layout(sd15, 8, "light")  # diffusers' light adapter for SD1.5: 3 channel entries, 4 features
     assert light["adapter_type"] == "light_adapter" and light["channels"] == [320, 640, 1280]
+    from diffusers import T2IAdapter
+
+    features = T2IAdapter(in_channels=3, **light)(torch.rand(1, 3, 64, 64))  # one feature per SD1.5 down block
+    assert [tuple(feature.shape[1:]) for feature in features] == [(320, 8, 8), (640, 4, 4), (1280, 2, 2), (1280, 1, 1)]
     assert adapter_layout(sdxl, 8) == dict(
         adapter_type="full_adapter_xl", channels=[320, 640, 1280, 1280], num_res_blocks=2, downscale_factor=16
     )
