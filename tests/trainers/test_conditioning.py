@@ -219,6 +219,7 @@ def test_conditioning_presets_load(name):
     assert config.method in METHODS and config.lr and config.steps
 
 
+@pytest.mark.slow  # three runs; the loop's resume is also tested bit-exactly in test_loop.py
 def test_an_interrupted_run_resumes_to_the_same_weights(quick, tmp_path):
     from safetensors.torch import load_file
 
@@ -257,6 +258,7 @@ def test_options_for_personalization_only_are_refused(quick):
         quick(method="ip-adapter", prior_preservation=True)
 
 
+@pytest.mark.slow  # two runs
 def test_ema_weights_are_what_is_saved(quick, tmp_path):
     from safetensors.torch import load_file
 
