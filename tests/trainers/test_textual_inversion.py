@@ -292,3 +292,11 @@ def test_two_processes_keep_the_token_in_sync(tmp_path, cache_dir, method):
     first, second = (load_file(str(tmp_path / f"out-rows-{rank}.safetensors")) for rank in (0, 1))
     assert torch.equal(first["text_encoder"], second["text_encoder"])
     assert torch.equal(load_file(str(out / "learned_embeds.safetensors"))[TOKEN], first["text_encoder"])
+
+
+def test_bf16_base_trains_fp32_token_rows(quick):
+    """The frozen UNet and text encoder run in bf16 (autocast: the UNet is not wrapped by accelerate here)."""
+    result = _ti(quick, mixed_precision="bf16")
+    rows = load_file(str(result.output_dir / "learned_embeds.safetensors"))[TOKEN]
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
