@@ -35,10 +35,10 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     def merged(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
-        return weight + scale * self.delta_weight(weight).to(weight.dtype)
+        return torch.add(weight, self.delta_weight(weight).to(weight.dtype), alpha=scale)  # W + scale dW
 
     def unmerged(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
-        return weight - scale * self.delta_weight(weight).to(weight.dtype)
+        return torch.add(weight, self.delta_weight(weight).to(weight.dtype), alpha=-scale)  # W - scale dW
 
 
 def check_positive(method: str, **values: float) -> None:

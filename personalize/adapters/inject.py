@@ -190,6 +190,11 @@ def _fold_one(layer: AdapterLayer, name: str, into: bool) -> torch.Tensor:
         return adapter.merged(weight, scale) if into else adapter.unmerged(weight, scale)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A NaN/inf anywhere makes the fp32 sum non-finite: one read of the weight, no boolean copy of it."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+
+
 def _fold(model: nn.Module, name: str | None, into: bool) -> list[str]:
     done: list[tuple[str, AdapterLayer, str]] = []
     for path, layer in _layers(model, name):
@@ -197,7 +202,7 @@ def _fold(model: nn.Module, name: str | None, into: bool) -> list[str]:
             if (adapter_name in layer.merged) == into:
                 continue
             new = _fold_one(layer, adapter_name, into)
-            if not torch.isfinite(new).all():
+            if not _all_finite(new):
                 for _, done_layer, done_name in reversed(done):  # undo what this call changed
                     write_weight(done_layer.base_layer, _fold_one(done_layer, done_name, not into))
                     _toggle(done_layer, done_name, not into)

@@ -136,7 +136,10 @@ class LoRA(AdapterModule):
             weight = base_weight.float()
             combined = weight + self.scaling * self.unit_delta_weight(weight)
             return self.dora_scale / row_norm(combined) * combined - weight
-        return self.scaling * self.unit_delta_weight(base_weight)
+        # s (B A): scale the small factor, not the (out, in) product
+        return lora_delta_weight(
+            self.lora_down.weight, self.lora_up.weight * self.scaling, self.kind, base_weight.shape
+        )
 
     def merged(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         if not self.is_dora:

@@ -24,12 +24,15 @@ def wrappable_paths(model: nn.Module) -> list[str]:
     """Paths of the layers an adapter can wrap; a wrapped layer counts once (not its insides)."""
     from personalize.adapters.layer import AdapterLayer
 
-    paths, wrapped = [], []
+    paths, wrapped = [], set()
     for path, module in model.named_modules():
-        if any(path.startswith(w + ".") for w in wrapped):
+        # Inside a wrapped layer? Look up its ancestors (O(depth)), not every wrapped path (O(layers)):
+        # with adapters stacked on hundreds of layers that scan made each load slower than the last.
+        parts = path.split(".")
+        if any(".".join(parts[:end]) in wrapped for end in range(1, len(parts))):
             continue
         if isinstance(module, AdapterLayer):
-            wrapped.append(path)
+            wrapped.add(path)
             paths.append(path)
         elif isinstance(module, WRAPPABLE) and path:
             paths.append(path)

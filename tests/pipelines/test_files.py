@@ -35,7 +35,7 @@ def in_memory_and_from_file(tiny_pipelines, name, family, method, folder, compon
     return pipe, expected
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m if m == "lora" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_every_method_from_its_file_on_sd15(tiny_pipelines, tmp_path, method):
     pipe, expected = in_memory_and_from_file(
         tiny_pipelines, "tiny-sd15", "sd1", method, tmp_path / "out", ("unet", "text_encoder")
@@ -44,7 +44,7 @@ def test_every_method_from_its_file_on_sd15(tiny_pipelines, tmp_path, method):
     torch.testing.assert_close(latents(pipe), expected, **CLOSE)
 
 
-@pytest.mark.parametrize("method", ["lora", "lokr"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "lokr"])
 def test_sdxl_files_with_both_text_encoders(tiny_pipelines, tmp_path, method):
     pipe, expected = in_memory_and_from_file(
         tiny_pipelines, "tiny-sdxl", "sdxl", method, tmp_path / "xl", ("unet", "text_encoder", "text_encoder_2")
@@ -101,7 +101,7 @@ def test_output_dir_with_lora_and_embeddings(tiny_pipelines, tmp_path):
     assert (pipe.tokenizer, pipe.tokenizer_2) == tokenizers
 
 
-@pytest.mark.parametrize("algo", ["lokr", "loha"])
+@pytest.mark.parametrize("algo", ["lokr", pytest.param("loha", marks=pytest.mark.slow)])
 def test_a_file_lycoris_wrote_gives_lycoris_outputs(tiny_pipelines, tmp_path, algo):
     """LyCORIS's own create_lycoris + save_weights (kohya `lora_unet_` names): our UNet output equals the
     LyCORIS-wrapped UNet's."""

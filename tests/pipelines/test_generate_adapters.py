@@ -81,6 +81,7 @@ def test_generate_with_two_adapters_reproduces_and_records_them(tmp_path, capsys
     assert capsys.readouterr().out.split()[0].endswith("one.png")
 
 
+@pytest.mark.slow  # test_quantized covers the 4-bit path; this adds the CLI flag
 def test_generate_on_a_4bit_unet_with_an_adapter(tmp_path, cached_models, tiny_pipelines):
     pytest.importorskip("bitsandbytes")
     adapter = save_canonical(
