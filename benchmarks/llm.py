@@ -3,7 +3,7 @@
     python -m benchmarks.llm [--steps 6] [--seq 256] [--batch 2] [--device cpu|cuda] [--threads 2]
 
 The model is a Llama-architecture causal LM of ~100M parameters with random weights (hidden 768,
-12 layers, MLP 2048, vocabulary 8000), saved once to a temporary folder with a chat-template
+12 layers, MLP 2048, vocabulary 16000), saved once to a temporary folder with a chat-template
 tokenizer. Both sides train LoRA rank 16 / alpha 32 on every linear layer except lm_head with AdamW
 (lr 2e-4) on the same batches (our chat-data pipeline's collated rows); QLoRA loads the base in NF4
 through transformers' BitsAndBytesConfig on both sides (peft side: the documented
@@ -35,7 +35,7 @@ def build_model_folder(folder: Path) -> Path:
 
     tokenizer = tiny_llama_tokenizer(max_length=4096)
     config = LlamaConfig(
-        vocab_size=8000,
+        vocab_size=16000,
         hidden_size=768,
         intermediate_size=2048,
         num_hidden_layers=12,
@@ -160,7 +160,8 @@ def main() -> None:
         f"Llama-architecture model, {params / 1e6:.0f}M parameters, random weights; device {args.device}; "
         f"batch {args.batch} x ~{args.seq * 2} tokens; {args.steps} timed steps\n"
     )
-    rows = []
+    memory = "peak CUDA GiB" if args.device == "cuda" else "peak RSS GiB"
+    print(f"| mode | trainer | s/step | {memory} |\n| --- | --- | --- | --- |", flush=True)
     for mode in args.modes.split(","):
         for impl in ("peft", "ours"):
             command = [sys.executable, "-m", "benchmarks.llm", "--child", "--impl", impl, "--mode", mode]
@@ -180,11 +181,8 @@ def main() -> None:
             if line is None:
                 print(f"{impl} {mode} failed:\n{done.stderr[-2000:]}")
                 continue
-            rows.append((mode, impl, json.loads(line[len("RESULT ") :])))
-    memory = "peak CUDA GiB" if args.device == "cuda" else "peak RSS GiB"
-    print(f"| mode | trainer | s/step | {memory} |\n| --- | --- | --- | --- |")
-    for mode, impl, result in rows:
-        print(f"| {mode} | {impl} | {result['s_per_step']:.3f} | {result['peak_gib']:.2f} |")
+            result = json.loads(line[len("RESULT ") :])
+            print(f"| {mode} | {impl} | {result['s_per_step']:.3f} | {result['peak_gib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

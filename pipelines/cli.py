@@ -49,6 +49,9 @@ def register(subparsers: Any) -> None:
     text.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
     text.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     text.add_argument("--image", default=None, help="VLM: an image the prompt talks about")
+    from personalize.pipelines.conditioning import add_flags
+
+    add_flags(parser)  # --controlnet / --t2i-adapter / --ip-adapter and their images
     parser.set_defaults(run=run)
 
 
@@ -159,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
 
         quantize(denoiser(pipe), args.quantize, compute_dtype=resolve_dtype(args.dtype, device))
     adapters = load_adapters(pipe, args.adapter, args.allow_pickle)
+    from personalize.pipelines.conditioning import from_flags
+
+    pipe, call_arguments, conditioning = from_flags(pipe, args)
     pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
     settings = GenerationSettings(
         prompt=args.prompt,
@@ -170,11 +176,13 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
+        extra=call_arguments,
     )
     images = generate(pipe, settings)
     extra: dict[str, Any] = {"adapters": adapters} if adapters else {}
     if args.quantize:
         extra["quantize"] = args.quantize
+    extra.update(conditioning)
     metadata = [image_settings(pipe, settings, index, args.model, **extra) for index in range(len(images))]
     for path in write_images(images, args.output, metadata):
         print(path)

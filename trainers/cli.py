@@ -18,6 +18,10 @@ FLAG_KEYS = {
     "class_images": "data.num_class_images",
     "class_dir": "data.class_dir",
     "validation_prompt": "validation_prompts",
+    "conditioning": "conditioning.folder",
+    "annotator": "conditioning.annotator",
+    "reference": "conditioning.reference",
+    "image_encoder": "conditioning.image_encoder",
 }
 NOT_CONFIG = {"command", "run", "preset", "config", "set"}
 
@@ -34,7 +38,15 @@ def register(subparsers: Any) -> None:
     add("--model", help="base model: hub id, diffusers folder, .safetensors file, or tiny-sd15 (offline)")
     add("--token", help="trigger token (default: from the folder name, else 'sks')")
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
-    add("--method", help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion or pivotal")
+    add(
+        "--method",
+        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
+        "controlnet, t2i-adapter or ip-adapter",
+    )
+    add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
+    add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
+    add("--reference", metavar="DIR", help="ip-adapter: reference images named like the images (default: themselves)")
+    add("--image-encoder", help="ip-adapter: CLIPVisionModelWithProjection hub id or folder")
     add("--targets", help="layers to adapt: attention, attention+ff, conv, all, or a regex")
     add("--rank", type=int, help="adapter rank (default: the method's)")
     add("--alpha", type=float, help="adapter alpha (default: the rank)")

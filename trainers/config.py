@@ -15,8 +15,9 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
+from personalize.trainers.conditioning_config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full")
+METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -35,6 +36,7 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "bitfit": (None, 1e-3, 500, "all"),
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
+    **CONDITIONING_DEFAULTS,
     # diffusers' Textual Inversion guide: 3000 steps, lr 5e-4 x (batch 1 x accum 4) with --scale_lr = 2e-3;
     # pivotal: the LoRA defaults for the UNet (the token has its own embedding_lr).
     "textual-inversion": (None, 2e-3, 3000, ""),
@@ -60,10 +62,14 @@ class TrainConfig:
         "full",
         "textual-inversion",
         "pivotal",
+        "controlnet",
+        "t2i-adapter",
+        "ip-adapter",
     ] = option(
         "lora",
         "what to train: an adapter method, 'full' (fine-tune the whole UNet, DreamBooth), 'textual-inversion' "
-        "(a new token only) or 'pivotal' (a new token and an adapter together)",
+        "(a new token only), 'pivotal' (a new token and an adapter together), or a conditioning adapter "
+        "(controlnet, t2i-adapter, ip-adapter)",
     )
     rank: int | None = option(None, "adapter rank; None: the method's default (16 for LoRA)")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: equal to the rank (scale 1)")
@@ -77,6 +83,10 @@ class TrainConfig:
     text_encoder_lr: float | None = option(None, "lr of the text encoder adapters; None: the same as lr")
     data: DataConfig = option(
         help="images, prompts, resolution, class images (see personalize.data)", default_factory=DataConfig
+    )
+    conditioning: ConditioningConfig = option(
+        help="controlnet / t2i-adapter / ip-adapter: paired images, annotator, image encoder",
+        default_factory=ConditioningConfig,
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
     class_image_steps: int = option(25, "denoising steps of each generated class image (prior preservation)")
@@ -248,6 +258,10 @@ def check_token_options(config: TrainConfig) -> None:
     stop = config.stop_embedding_after
     if stop is not None and not 0 < stop <= 1:
         raise UserError(f"--stop-embedding-after is a fraction of the steps in (0, 1] (got {stop})")
+    if config.method == "textual-inversion" and stop is not None and stop < 1:
+        raise UserError(
+            "--stop-embedding-after is for --method pivotal; textual-inversion trains only the token (set --steps)"
+        )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
     adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 components=components,
                 adapter_name=config.adapter_name,
                 hyper=hyper,
-                targets=config.targets,
+                resolution=config.data.resolution,
             )
     metrics = {
         "final_loss": state.losses[-1] if state.losses else float("nan"),
@@ -235,7 +236,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             },
         )
         (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml"]
+        log = {**metrics, "losses": state.losses}  # the loss of every optimizer step, resumed runs included
+        (output / "metrics.json").write_text(json.dumps(log, indent=1))
+        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")

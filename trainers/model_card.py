@@ -80,6 +80,10 @@ def _usage(base_model: str, method: str, output_dir: Path, files: list[Path], ad
             "from diffusers import UNet2DConditionModel",
             f'pipe.unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")',
         ]
+    elif method in ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3"):
+        lines += ["from personalize.pipelines import load_adapter", f'load_adapter(pipe, "{output_dir}")']
+        if method in ("lora", "locon", "dora"):
+            lines.append(f'# or with diffusers alone: pipe.load_lora_weights("{output_dir}")')
     else:
         adapter = adapter or {}
         hyper = ", ".join(f"{key}={value!r}" for key, value in adapter.get("hyper", {}).items())

@@ -1,27 +1,39 @@
-"""Writing what a run produced. The ONE place that decides file names and layouts.
+"""Writing what a run produced. The ONE place that decides file names and layouts (DESIGN.md "Files we write").
 
-Until `personalize.formats` exists, adapters are saved as `adapter.safetensors`: the injection
-core's canonical state dict (`adapters.state_dict`) with a component prefix ("unet.",
-"text_encoder.", "text_encoder_2.") and safetensors metadata {"personalize": JSON of method,
-hyperparameters, family, base model}. A full fine-tune saves the UNet as a diffusers model
-folder (`unet/`, safetensors) that `UNet2DConditionModel.from_pretrained` loads.
+- LoRA family (lora, locon, dora): `pytorch_lora_weights.safetensors` (stock `pipe.load_lora_weights(OUT)`)
+  and `<name>.safetensors` in kohya keys (A1111, ComfyUI), both through `personalize.formats.save_adapter`.
+- LyCORIS family (loha, lokr, krona, ia3): `<name>.safetensors` in kohya/LyCORIS keys.
+- Selective methods (bitfit, norm), which no other tool reads: `adapter.safetensors`, the injection
+  core's state dict with a component prefix ("unet.", "text_encoder.", ...) and the method in metadata.
+- `full`: each trained component as a diffusers model folder (`unet/`, safetensors).
+- Textual Inversion / pivotal (`save_token_outputs`): `learned_embeds.safetensors` (+ `learned_embeds_2` on
+  SDXL, + `a1111/<token>.safetensors`) and, for pivotal, the adapter as above.
+`personalize.pipelines.load_adapter(pipe, OUT)` reads every adapter layout above except `adapter.safetensors`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-ADAPTER_FILE = "adapter.safetensors"
+CANONICAL_FILE = "adapter.safetensors"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+SHARED_FORMAT_METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3")
+EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")  # textual-inversion / pivotal
 
 
-def adapter_metadata(method: str, hyper: dict[str, Any], family: str, base_model: str, targets: str) -> dict[str, str]:
-    info = {"method": method, "hyperparameters": hyper, "family": family, "base_model": base_model, "targets": targets}
-    return {"personalize": json.dumps(info, sort_keys=True)}
+def _clear_previous(output_dir: Path, output_name: str) -> None:
+    """A rerun into the same folder must not leave another method's file for a loader to pick."""
+    for name in (CANONICAL_FILE, DIFFUSERS_FILE, f"{output_name}.safetensors", *EMBEDDING_FILES):
+        (output_dir / name).unlink(missing_ok=True)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        if (output_dir / name / "config.json").is_file():
+            shutil.rmtree(output_dir / name)
 
 
 def save_outputs(
@@ -33,27 +45,47 @@ def save_outputs(
     components: dict[str, torch.nn.Module],
     adapter_name: str = "default",
     hyper: dict[str, Any] | None = None,
-    targets: str = "",
+    resolution: int | None = None,
 ) -> list[Path]:
     """Save the trained weights of `components` ({"unet": module, "text_encoder": module, ...})."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    output_name = output_dir.name or "adapter"
+    _clear_previous(output_dir, output_name)
     if method == "full":
         paths = []
         for component, module in components.items():
-            folder = output_dir / component
-            module.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
-            paths.append(folder)
+            module.save_pretrained(str(output_dir / component), safe_serialization=True)  # type: ignore[operator]
+            paths.append(output_dir / component)
         return paths
     from personalize import adapters
 
-    tensors: dict[str, torch.Tensor] = {}
-    for component, module in components.items():
-        for key, value in adapters.state_dict(module, adapter_name).items():
-            tensors[f"{component}.{key}"] = value.detach().to("cpu").contiguous()
-    path = output_dir / ADAPTER_FILE
+    states = {
+        component: {key: value.detach().to("cpu") for key, value in adapters.state_dict(module, adapter_name).items()}
+        for component, module in components.items()
+    }
+    if method in SHARED_FORMAT_METHODS:
+        from personalize.formats import save_adapter
+
+        unet = components.get("unet")
+        return save_adapter(
+            output_dir,
+            states,
+            method=method,
+            family=family,
+            hyper=hyper or {},
+            base_model=base_model,
+            resolution=resolution,
+            output_name=output_name,
+            unet_config=getattr(unet, "config", None) if family == "sdxl" else None,
+        )
+    tensors = {
+        f"{component}.{key}": value.contiguous() for component, sd in states.items() for key, value in sd.items()
+    }
+    info = {"method": method, "hyperparameters": hyper or {}, "family": family, "base_model": base_model}
+    path = output_dir / CANONICAL_FILE
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=adapter_metadata(method, hyper or {}, family, base_model, targets))
+    save_file(tensors, str(partial), metadata={"personalize": json.dumps(info, sort_keys=True)})
     partial.replace(path)
     return [path]
 
@@ -77,11 +109,14 @@ def save_token_outputs(
     from personalize import adapters
     from personalize.formats import save_adapter
 
-    states = {component: adapters.state_dict(module, adapter_name) for component, module in components.items()}
+    output_dir = Path(output_dir)
+    output_name = output_dir.name or "adapter"
+    _clear_previous(output_dir, output_name)
     states = {
-        component: {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-        for component, state in states.items()
+        component: {key: value.detach().to("cpu") for key, value in adapters.state_dict(module, adapter_name).items()}
+        for component, module in components.items()
     }
+    unet = components.get("unet")
     files = save_adapter(
         output_dir,
         states,
@@ -91,5 +126,7 @@ def save_token_outputs(
         base_model=base_model,
         embeddings=embeddings,
         resolution=resolution,
+        output_name=output_name,
+        unet_config=getattr(unet, "config", None) if family == "sdxl" else None,
     )
     return sorted(files, key=lambda path: (path.parent != Path(output_dir), path.name))

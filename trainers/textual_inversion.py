@@ -33,6 +33,7 @@ from personalize.trainers.dreambooth import (
     TrainResult,
     _card_settings,
     _checkpoint_to_resume,
+    _cpu_only,
     _datasets,
     _loss_function,
     _nothing,
@@ -57,10 +58,16 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     config, notes = resolve(config if config is not None else config_from_options(options))
     pivotal = config.method == "pivotal"
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    AcceleratorState._reset_state()  # as in the DreamBooth recipe: each run starts from clean accelerate settings
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=_cpu_only()
+    )
     say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
     for note in notes:
         say(f"note: {note}")
     set_seed(config.seed)
@@ -175,13 +182,14 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             with torch.set_grad_enabled(learning or config.train_text_encoder):
                 encoded.append({**item, **_encode(pipe, prompts)})
         tokens.use(dict(tokens.rows.rows.items()))  # validation reads the live parameters
-        return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
+        with accelerator.autocast():  # a frozen UNet is not wrapped by accelerate.prepare (textual-inversion)
+            return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
 
     prompts = config.validation_prompts or [_default_prompt(config, tokens, instance_data)]
     samples: list[Path] = []
 
     def validate(step: int) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
 
     started = time.perf_counter()

@@ -13,15 +13,12 @@ from collections.abc import Mapping
 
 import torch
 
-from personalize.adapters import group_by_module
 from personalize.errors import UserError
 
 Components = dict[str, dict[str, torch.Tensor]]
 
 LORA_METHODS = ("lora", "locon", "dora")
 LYCORIS_METHODS = ("loha", "lokr", "krona", "ia3")
-DENOISERS = ("unet", "transformer")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def method_of(group: Mapping[str, torch.Tensor]) -> str:
@@ -55,26 +52,6 @@ def alpha_of(group: Mapping[str, torch.Tensor]) -> float | None:
     if rank is None:
         return None
     return float(group["alpha"]) if "alpha" in group else float(rank)
-
-
-def scale_of(group: Mapping[str, torch.Tensor]) -> float:
-    rank, alpha = rank_of(group), alpha_of(group)
-    return 1.0 if rank is None or alpha is None else alpha / rank
-
-
-def methods(components: Components) -> set[str]:
-    return {method_of(group) for sd in components.values() for group in group_by_module(sd).values()}
-
-
-def is_conv(group: Mapping[str, torch.Tensor]) -> bool:
-    return any(value.dim() == 4 for value in group.values())
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """ "a.b.lora_up.weight" -> ("a.b", "lora_up.weight")."""
-    groups = group_by_module({key: torch.empty(0)})
-    (module, params), *_ = groups.items()
-    return module, next(iter(params))
 
 
 def parameter_count(components: Components) -> int:

@@ -73,7 +73,7 @@ def from_embedding_dict(data: Mapping[str, Any], name: str, component: str = "te
         params = data.get("string_to_param") or {k.split(".", 1)[1]: v for k, v in data.items() if "." in k}
         if not isinstance(params, Mapping) or len(params) != 1:
             raise UserError(f"A1111 embedding '{name}' has {len(params)} vectors sets in string_to_param; expected 1")
-        token = str(data.get("name") or name) if isinstance(data.get("name"), str) else name
+        token = data["name"] if isinstance(data.get("name"), str) and data["name"] else name
         return {token: {component: _rows(next(iter(params.values())), token)}}
     if set(data) & set(_SDXL_KEYS):
         missing = set(_SDXL_KEYS) - set(data)

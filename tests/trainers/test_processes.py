@@ -41,7 +41,7 @@ def test_two_process_torchrun_on_cpu_writes_one_output(tmp_path, cache_dir):
     done = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("done in") == 1  # only the main process reports and writes
-    assert (out / "adapter.safetensors").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
     step = out / "checkpoints" / "step-000004"
     assert {path.name for path in step.iterdir()} == {
         "state.safetensors",
@@ -68,7 +68,7 @@ def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "adapter.safetensors").exists(), "the run finished before it could be killed"
+    assert not (out / "killed.safetensors").exists(), "the run finished before it could be killed"
     resumed = subprocess.run(
         [*python, *_train_args(out, steps, "--checkpoint-every", "2", "--resume")],
         env=_env(cache_dir),
@@ -76,7 +76,7 @@ def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir
         text=True,
     )
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
-    expected = load_file(str(reference / "adapter.safetensors"))
-    final = load_file(str(out / "adapter.safetensors"))
+    expected = load_file(str(reference / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)

@@ -175,6 +175,12 @@ def test_pivotal_saves_and_reloads_the_token_and_the_lora(quick, tiny_pipelines)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, plain)
 
+    snippet = (out / "README.md").read_text().split("```python")[1].split("```")[0]
+    snippet = snippet.replace("pipe(PROMPT)", f'pipe("a {TOKEN}", num_inference_steps=1, height=64, width=64)')
+    namespace: dict = {}
+    exec(snippet, namespace)  # the model card's own code loads the token and the LoRA
+    assert torch.equal(_prompt_embeds(namespace["pipe"], prompt), embeds)
+
 
 def test_pivotal_freezes_the_token_after_its_fraction_of_the_steps(quick, tiny_pipelines, tmp_path):
     base = tiny_pipelines("tiny-sd15")
@@ -243,3 +249,78 @@ def test_interrupted_textual_inversion_resumes_to_the_same_token(quick, monkeypa
     expected = load_file(str(uninterrupted / "learned_embeds.safetensors"))[TOKEN]
     got = load_file(str(resumed.output_dir / "learned_embeds.safetensors"))[TOKEN]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from personalize.models import build_tiny
+from personalize.trainers import new_tokens, train
+torch.set_num_threads(1)
+out, method, rank = sys.argv[1], sys.argv[2], int(__import__("os").environ["RANK"])
+restore = new_tokens.NewTokens.restore
+def dump_then_restore(self, pipe):
+    rows = {name: value.detach().contiguous() for name, value in self.rows.rows.items()}
+    save_file(rows, f"{out}-rows-{rank}.safetensors")
+    restore(self, pipe)
+new_tokens.NewTokens.restore = dump_then_restore
+train(pipe=build_tiny("tiny-sd15"), images=sys.argv[3], model="tiny-sd15", method=method, token="<cat-toy>",
+      init_word="cat", vectors=2, steps=3, resolution=64, output=out, validation_steps=1, validation_images=1,
+      checkpoint_every=0, lr=5e-2, rank=4, embedding_lr=5e-2, cache_dir=sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal"])
+def test_two_processes_keep_the_token_in_sync(tmp_path, cache_dir, method):
+    """torchrun, two gloo ranks on CPU: the rows' gradients are all-reduced (also after pivotal's token freeze)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import CAT
+
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [str(torchrun), "--nproc_per_node", "2", str(script), str(out), method, str(CAT), str(cache_dir)]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
+    first, second = (load_file(str(tmp_path / f"out-rows-{rank}.safetensors")) for rank in (0, 1))
+    assert torch.equal(first["text_encoder"], second["text_encoder"])
+    assert torch.equal(load_file(str(out / "learned_embeds.safetensors"))[TOKEN], first["text_encoder"])
+
+
+def test_bf16_base_trains_fp32_token_rows(quick):
+    """The frozen UNet and text encoder run in bf16 (autocast: the UNet is not wrapped by accelerate here)."""
+    result = _ti(quick, mixed_precision="bf16")
+    rows = load_file(str(result.output_dir / "learned_embeds.safetensors"))[TOKEN]
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
+
+
+def test_cli_trains_a_token_end_to_end(capsys, tmp_path, cache_dir):
+    from personalize.cli import main
+    from personalize.config import build
+    from personalize.trainers.config import TrainConfig
+
+    from .conftest import CAT
+
+    out = tmp_path / "toy"
+    argv = ["train", "--images", str(CAT), "--preset", "tiny", "--method", "textual-inversion", "--steps", "2"]
+    argv += ["--init-word", "toy", "--vectors", "2", "--learnable-property", "style", "--output", str(out)]
+    argv += ["--set", f"data.cache_dir={cache_dir}", "--set", "validation_images=0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "<cat> <cat>_1 (init 'toy')" in printed and "prompt with <cat>" in printed  # token from the folder name
+    assert load_file(str(out / "learned_embeds.safetensors"))["<cat>"].shape == (2, 32)
+    rerun = build(TrainConfig, file=out / "config.yaml")
+    assert (rerun.method, rerun.data.token, rerun.vectors, rerun.learnable_property) == (
+        "textual-inversion",
+        "<cat>",
+        2,
+        "style",
+    )

@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from personalize import adapters
 from personalize.trainers import loop
 
 METHOD_OPTIONS = {"krona": {"a1": 4, "a2": 4}}  # the paper's a1=64 does not divide the tiny UNet's 32 channels
@@ -20,15 +19,24 @@ def test_every_method_trains_and_writes_its_outputs(quick, method):
     assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
     assert [path.name for path in (out / "samples").iterdir()] == ["step-000002.png"]
     assert result.metrics["steps"] == 2 and result.metrics["trainable_params"] > 0
+    assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
     if method == "full":
         assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         return
-    tensors = load_file(str(out / "adapter.safetensors"))
-    assert tensors and all(key.startswith("unet.") for key in tensors)
-    with safe_open(str(out / "adapter.safetensors"), framework="pt") as handle:
-        info = json.loads(handle.metadata()["personalize"])
-    assert info["method"] == method and info["family"] == "sd1"
+    expected = {
+        "lora": {"pytorch_lora_weights.safetensors", "out.safetensors"},
+        "bitfit": {"adapter.safetensors"},
+        "norm": {"adapter.safetensors"},
+    }
+    expected.update(locon=expected["lora"], dora=expected["lora"])
+    weights = {path.name for path in out.glob("*.safetensors")}
+    assert weights == expected.get(method, {"out.safetensors"}), weights
     assert method in (out / "README.md").read_text()
+    if method in ("bitfit", "norm"):
+        tensors = load_file(str(out / "adapter.safetensors"))
+        assert tensors and all(key.startswith("unet.") for key in tensors)
+        with safe_open(str(out / "adapter.safetensors"), framework="pt") as handle:
+            assert json.loads(handle.metadata()["personalize"])["method"] == method
 
 
 def _fixed_batch_loss(pipe, unet):
@@ -59,17 +67,16 @@ def test_training_lowers_the_loss_on_a_fixed_batch(quick, tiny_pipelines):
     pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
     before = _fixed_batch_loss(pipe, pipe.unet)
     result = quick(method="lora", rank=8, lr=1e-2, steps=12, batch_size=2)
-    state = load_file(str(result.output_dir / "adapter.safetensors"))
-    unet_state = {key.removeprefix("unet."): value for key, value in state.items()}
-    adapters.inject(pipe.unet, "lora", targets="attention", name="check", rank=8, alpha=8.0)
-    adapters.load_state_dict(pipe.unet, unet_state, "check")
+    from personalize.pipelines import load_adapter
+
+    load_adapter(pipe, result.output_dir)  # the written file, read back
     after = _fixed_batch_loss(pipe, pipe.unet)
     assert after < 0.98 * before, (before, after)
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path):
     settings = dict(method="lora", rank=4, steps=4, lr=1e-3, lr_scheduler="cosine", checkpoint_every=2, ema=True)
-    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "adapter.safetensors"))
+    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
 
     save = loop.save_checkpoint
 
@@ -81,11 +88,11 @@ def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         quick(**settings, output=str(tmp_path / "b"))
     monkeypatch.setattr(loop, "save_checkpoint", save)
-    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    assert not (tmp_path / "b" / "b.safetensors").exists()
     torch.manual_seed(999)  # a new process: other global RNG state, restored from the checkpoint
     resumed = quick(**settings, output=str(tmp_path / "b"), resume=True)
     assert resumed.metrics["steps"] == 4
-    final = load_file(str(resumed.output_dir / "adapter.safetensors"))
+    final = load_file(str(resumed.output_dir / "b.safetensors"))
     assert final.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
@@ -125,15 +132,17 @@ def test_sdxl_with_text_encoders_min_snr_offset_noise_and_accumulation(quick):
         noise_offset=0.05,
         grad_accum=2,
     )
-    keys = load_file(str(result.output_dir / "adapter.safetensors")).keys()
+    keys = load_file(str(result.output_dir / "pytorch_lora_weights.safetensors")).keys()
     assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = load_file(str(result.output_dir / "out.safetensors")).keys()
+    assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
 
 
 def test_nf4_quantized_base_trains_on_cpu(quick):
     pytest.importorskip("bitsandbytes")
     result = quick(method="lora", rank=4, quantize="nf4")
     assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
-    assert (result.output_dir / "adapter.safetensors").is_file()
+    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
@@ -148,7 +157,7 @@ def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
 
 def test_bf16_base_with_gradient_checkpointing_keeps_the_adapter_fp32(quick):
     result = quick(method="lora", rank=4, mixed_precision="bf16", gradient_checkpointing=True, ema=True)
-    tensors = load_file(str(result.output_dir / "adapter.safetensors"))
+    tensors = load_file(str(result.output_dir / "pytorch_lora_weights.safetensors"))
     assert {value.dtype for key, value in tensors.items() if not key.endswith("alpha")} == {torch.float32}
 
 
@@ -157,3 +166,23 @@ def test_fp16_on_cpu_is_a_user_error(quick):
 
     with pytest.raises(UserError, match="bf16"):
         quick(method="lora", mixed_precision="fp16")
+
+
+def test_stock_diffusers_load_lora_weights_reads_the_output(quick, tiny_pipelines):
+    import copy
+
+    pytest.importorskip("peft")
+    from personalize.pipelines import load_adapter
+
+    result = quick(method="lora", rank=4, lr=1e-2, steps=2)
+    base = tiny_pipelines("tiny-sd15")
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    load_adapter(ours, result.output_dir)
+    theirs.load_lora_weights(str(result.output_dir))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 32, 32, generator=generator)
+    text = torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        outputs = [pipe.unet(sample, 500, encoder_hidden_states=text).sample for pipe in (base, ours, theirs)]
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)  # the adapter changes the UNet
+    torch.testing.assert_close(outputs[2], outputs[1], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,82 @@
+"""Paired data for conditioning adapters: name matching, the canny/tile annotators, aligned crops."""
+
+import pytest
+import torch
+from PIL import Image
+
+from personalize.data import DataConfig, build_dataset
+from personalize.data.paired import build_paired, canny, match_by_name, tile
+from personalize.errors import UserError
+
+
+def _square(size=32):
+    """(3, size, size) in [0, 1]: a white square on black, 8 px from each side."""
+    image = torch.zeros(3, size, size)
+    image[:, 8:-8, 8:-8] = 1.0
+    return image
+
+
+def test_canny_finds_the_outline_of_a_square_and_nothing_in_flat_areas():
+    edges = canny(_square())
+    assert edges.shape == (3, 32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
+    mask = edges[0].bool()
+    assert mask[6:10, 12:20].any() and mask[12:20, 6:10].any()  # top and left sides
+    assert not mask[:4].any() and not mask[14:18, 14:18].any()  # flat background and inside
+    assert torch.equal(canny(torch.full((3, 16, 16), 0.5)), torch.zeros(3, 16, 16))
+
+
+def test_canny_edges_are_thin():
+    """Non-maximum suppression: a step edge is at most 2 px wide, not the blurred band."""
+    image = torch.zeros(3, 32, 32)
+    image[:, :, 16:] = 1.0
+    row = canny(image)[0, 16]
+    assert 1 <= int(row.sum()) <= 2 and row[14:18].sum() == row.sum()
+
+
+def test_tile_is_a_blurred_copy():
+    image = _square()
+    blurred = tile(image)
+    assert blurred.shape == image.shape and blurred.min() >= 0 and blurred.max() <= 1
+    assert (blurred - image).abs().mean() > 0.01  # changed near edges
+    assert torch.allclose(tile(torch.full((3, 16, 16), 0.3)), torch.full((3, 16, 16), 0.3), atol=1e-5)
+
+
+def _folder(path, names, color="red", size=(48, 40)):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", size, color).save(path / name)
+    return path
+
+
+def test_mismatched_folders_are_an_error_listing_the_unmatched_names(tmp_path):
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"]
+    conditioning = _folder(tmp_path / "cond", ["a.png", "b.png", "zzz.png"])
+    with pytest.raises(UserError) as error:
+        match_by_name(images, conditioning)
+    message = str(error.value)
+    assert "c.jpg" in message and "zzz.png" in message and "a.jpg" not in message
+    with pytest.raises(UserError, match="not a folder"):
+        match_by_name(images, tmp_path / "missing")
+
+
+def test_conditioning_files_get_the_crop_of_their_image(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):  # left half black, right half white: a crop offset would show
+        picture = Image.new("RGB", (96, 64), "black")
+        picture.paste(Image.new("RGB", (48, 64), "white"), (48, 0))
+        picture.save(images / f"p{index}.png")
+        picture.resize((48, 32)).save(tmp_path / f"p{index}.png")  # conditioning at half the resolution
+    conditioning = tmp_path / "cond"
+    conditioning.mkdir()
+    for index in range(2):
+        (tmp_path / f"p{index}.png").rename(conditioning / f"p{index}.png")
+    dataset = build_dataset(DataConfig(images=str(images), resolution=64, bucketing=False, num_workers=0))
+    paired = build_paired(dataset, str(conditioning))
+    item = paired[(0, 0)]
+    assert item["conditioning"].shape == item["pixels"].shape == (3, 64, 64)
+    assert (item["conditioning"] - item["pixels"].add(1).div(2)).abs().mean() < 0.02  # same crop, same content
+    annotated = build_paired(dataset, "", "canny")[(0, 1)]["conditioning"]
+    assert annotated.shape == (3, 64, 64) and annotated[0, :, 28:36].sum() > 0  # the vertical edge
+    reference = build_paired(dataset, "", "", key="reference")[(0, 0)]
+    assert torch.equal(reference["reference"], reference["pixels"].add(1).div(2))

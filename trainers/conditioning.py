@@ -1,0 +1,247 @@
+"""The recipe shared by the conditioning adapters (ControlNet, T2I-Adapter, IP-Adapter).
+
+Reads top to bottom: resolve the config, load the frozen base, pair the images with their
+conditioning (or reference) images, build the side network of the method (trainers/controlnet.py,
+t2i_adapter.py, ip_adapter.py: each gives `pair`, `build`, `predict`, `save`, `restore`), run the
+shared loop, then write what stock diffusers loads plus config.yaml and README.md.
+
+Each step: z_t = add_noise(z_0, eps, t) with t uniform (cubic for T2I-Adapter), the prompt replaced
+by the empty prompt with probability `conditioning.prompt_dropout`, and the MSE between the UNet's
+prediction (steered by the side network) and the target of the scheduler's prediction type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.config import save_yaml
+from personalize.errors import UserError
+from personalize.trainers import diffusion, losses
+from personalize.trainers.config import TrainConfig, config_from_options, resolve
+from personalize.trainers.dreambooth import (
+    DTYPES,
+    UNET_FAMILIES,
+    TrainResult,
+    _checkpoint_to_resume,
+    _place,
+    _printer,
+    _trainable,
+)
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+
+RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
+
+
+def cubic_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """t = floor((1 - u^3) T), u ~ U(0, 1): T2I-Adapter's sampling, weighted towards large (early) t. (B,)"""
+    u = torch.rand(batch_size, generator=generator, device=generator.device)
+    return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def drop_rows(values: torch.Tensor, replacement: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Rows of `values` (B, ...) where `drop` (B,) is True become `replacement` (1, ...) or (B, ...)."""
+    mask = drop.view(-1, *([1] * (values.dim() - 1))).to(values.device)
+    return torch.where(mask, replacement.to(values.dtype).expand_as(values), values)
+
+
+def recipe(method: str) -> Any:
+    """The module of a conditioning method (its pair/build/predict/save/restore functions)."""
+    return importlib.import_module(f"personalize.trainers.{RECIPES[method]}")
+
+
+def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
+    """Train a ControlNet, T2I-Adapter or IP-Adapter (config.method); returns the TrainResult."""
+    config, notes = resolve(config if config is not None else config_from_options(options))
+    if config.method not in RECIPES:
+        raise UserError(f"--method {config.method} is not a conditioning adapter; use one of {', '.join(RECIPES)}")
+    method = recipe(config.method)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    say = _printer(accelerator)
+    for note in notes:
+        say(f"note: {note}")
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+
+    # --- frozen base --------------------------------------------------------------------------
+    from personalize.models import detect_family, load_pipeline
+
+    own_pipe = pipe is None
+    if own_pipe:
+        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
+    family = detect_family(pipe)
+    if family not in UNET_FAMILIES:
+        raise UserError(f"--method {config.method} supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
+    device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
+    text_encoders = [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)]
+    for module in (pipe.unet, pipe.vae, *text_encoders):
+        module.requires_grad_(False)
+    _place(pipe.vae, device, torch.float32)
+    for encoder in text_encoders:
+        _place(encoder, device, weight_dtype)
+    _place(pipe.unet, device, weight_dtype)
+
+    # --- paired data and the side network -----------------------------------------------------
+    from personalize.data import build_dataset, build_loader
+
+    images = build_dataset(dataclasses.replace(config.data, class_dir="", num_class_images=0), seed=config.seed)
+    data = method.pair(images, config.conditioning)
+    side = method.build(pipe, family, config)  # name -> module; what trains requires grad
+    for module in side.values():
+        module.to(device)
+    named = _trainable(side)
+    if not named:
+        raise UserError(f"nothing to train in the {config.method}: check conditioning.controlnet_adapter / --targets")
+    for param in named.values():
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for module in side.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+    optimizer = build_optimizer(
+        config.optimizer,
+        [{"params": list(named.values())}],
+        lr=config.lr,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )  # type: ignore[arg-type]
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    prepared = accelerator.prepare(*side.values(), optimizer)
+    models = dict(zip(side, prepared[:-1]))
+    optimizer = prepared[-1]
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
+    loader = build_loader(data, config.batch_size, seed=config.seed, shuffle=True)
+
+    def make_loader(epoch: int) -> Any:
+        loader.batch_sampler.set_epoch(epoch)
+        return loader
+
+    stream = BatchStream(make_loader, accelerator.process_index, accelerator.num_processes)
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator)
+    if resume_from is not None:
+        load_checkpoint(accelerator, state, resume_from)
+        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    trainable = sum(param.numel() for param in named.values())
+    say(
+        f"model       {config.model} ({family})\nmethod      {config.method}, {trainable:,} trainable parameters\n"
+        f"images      {len(images.report.used)} used, {len(images.report.skipped)} skipped\n"
+        f"steps       {config.steps} x batch {config.batch_size} x accum {config.grad_accum}, lr {config.lr:g}\n"
+        f"output      {config.output}"
+    )
+
+    # --- train --------------------------------------------------------------------------------
+    compute_loss = loss_function(pipe, family, method, models, config, generator, accelerator.autocast)
+    settings = LoopSettings(
+        steps=config.steps,  # type: ignore[arg-type]
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        checkpoint_root=checkpoint_root,
+    )
+    started = time.perf_counter()
+    for model in models.values():
+        model.train()
+    train_loop(accelerator, list(models.values()), compute_loss, state, settings)
+    seconds = time.perf_counter() - started
+    for model in models.values():
+        model.eval()
+
+    # --- outputs ------------------------------------------------------------------------------
+    files: list[Path] = []
+    accelerator.wait_for_everyone()
+    metrics = {
+        "final_loss": state.losses[-1] if state.losses else float("nan"),
+        "steps": state.step,
+        "seconds": seconds,
+        "trainable_params": trainable,
+    }
+    if accelerator.is_main_process:
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        files = method.save(unwrapped, pipe, family, output, config)
+        from personalize.trainers.conditioning_card import render_card
+
+        (output / "README.md").write_text(render_card(config, family, files, output, metrics))
+        files += [output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files:
+            say(f"  {path}")
+    accelerator.wait_for_everyone()
+    method.restore(pipe, side)
+    samples: list[Path] = []
+    if accelerator.is_main_process:
+        from personalize.trainers.conditioning_samples import write_samples
+
+        autocast = accelerator.autocast() if config.mixed_precision != "no" else None
+        samples.append(write_samples(pipe, config, data, output, state.step, autocast))
+        say(f"  {samples[-1]}")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return TrainResult(output, files, samples, metrics)
+
+
+def loss_function(
+    pipe: Any,
+    family: str,
+    method: Any,
+    models: dict[str, Any],
+    config: TrainConfig,
+    generator: torch.Generator,
+    autocast: Any = contextlib.nullcontext,
+) -> Any:
+    """compute_loss(batch) -> (loss, parts) for the shared loop; `autocast` runs the forward (mixed precision:
+    fp32 side-network weights inside a half-precision UNet)."""
+    from personalize.models.encode import encode_images, encode_text
+
+    unet = pipe.unet
+    device = next(unet.parameters()).device
+    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    with torch.no_grad():
+        empty = encode_text(pipe, [""])  # the "unconditional" prompt of classifier-free guidance
+    dropout = config.conditioning.prompt_dropout
+
+    def compute_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            latents = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
+            embeds = encode_text(pipe, batch["prompt"])
+        size = latents.shape[0]
+        drop = torch.rand(size, generator=generator) < dropout  # (B,)
+        embeds = {key: drop_rows(value, empty[key], drop) for key, value in embeds.items()}
+        kwargs = diffusion.unet_conditioning(family, embeds, batch, device)
+        noise = losses.sample_noise(latents, config.noise_offset, generator).to(device)  # (B, C, h, w)
+        if getattr(method, "TIMESTEPS", "uniform") == "cubic":
+            timesteps = cubic_timesteps(size, schedule.num_train_timesteps, generator)
+        else:
+            timesteps = losses.sample_timesteps(size, schedule.num_train_timesteps, generator)
+        timesteps = timesteps.to(device)  # (B,)
+        latents = latents.to(device)
+        noisy = losses.add_noise(schedule.alphas_cumprod, latents, noise, timesteps)
+        dtype = next(unet.parameters()).dtype
+        with autocast():
+            prediction = method.predict(unet, models, noisy.to(dtype), timesteps, kwargs, batch, config, generator)
+        target = losses.target_for(schedule.prediction_type, schedule.alphas_cumprod, latents, noise, timesteps)
+        per_sample = losses.per_sample_mse(prediction, target)  # (B,)
+        weights = None
+        if config.snr_gamma > 0:
+            snr = losses.snr(schedule.alphas_cumprod, timesteps)
+            weights = losses.min_snr_weights(snr, config.snr_gamma, schedule.prediction_type).to(per_sample.device)
+        return losses.combine(per_sample, weights)
+
+    return compute_loss
