@@ -29,7 +29,8 @@ NOT_CONFIG = {"command", "run", "preset", "config", "set"}
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="personalize a diffusion model on a folder of images (DreamBooth, LoRA, LyCORIS, KronA)",
+        help="personalize a diffusion model on a folder of images (DreamBooth, LoRA, LyCORIS, KronA), "
+        "or instruction-tune an LLM/VLM on a JSONL file (--data)",
         description="Train an adapter (or the whole UNet) on a few photos of a subject. Flags override the "
         "--preset and --config file; --set key=value overrides any config key (see configs/).",
     )

@@ -49,12 +49,18 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     """Run the recipe; `options` are LLMTrainConfig keys."""
     config = resolve(config if config is not None else config_from_options(options))
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from personalize.trainers.dreambooth import _checkpoint_to_resume, _printer
+    from personalize.trainers.dreambooth import _checkpoint_to_resume, _cpu_only, _printer
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    AcceleratorState._reset_state()  # a clean accelerate singleton per run, as the DreamBooth recipe
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=_cpu_only()
+    )
     say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
     set_seed(config.seed)
     output = Path(config.output)
     checkpoint_root = output / "checkpoints"

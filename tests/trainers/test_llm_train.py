@@ -192,3 +192,13 @@ def test_cli_trains_and_generates_text(qa_file, tmp_path, capsys):
     empty.write_text("{broken\n")
     assert main(["train", "--model", "tiny-llama", "--data", str(empty), "--output", str(tmp_path / "e")]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_cli_generates_about_an_image(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "red.png")
+    command = ["generate", "--model", "tiny-llava", "--prompt", "what is this", "--max-new-tokens", "3"]
+    assert main([*command, "--image", str(tmp_path / "red.png")]) == 0
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--image", str(tmp_path / "red.png")]) == 2
+    assert "vision-language model" in capsys.readouterr().err
