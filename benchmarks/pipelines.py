@@ -14,8 +14,9 @@ to_q/to_k/to_v/to_out.0, converted with `convert_state_dict_to_diffusers` and sa
 - one LoKr file (kohya/LyCORIS keys, rank 4, factor -1, attention): ours vs LyCORIS's own
   `create_lycoris_from_weights` + `apply_to` (unfused) and + `merge_to` (fused).
 
-Candidates alternate within each round and the pipeline is reset to its base weights after each, so
-every one starts from the same state; the table gives medians over the rounds (after one warm-up).
+Candidates alternate within each round (the order rotates from round to round) and the pipeline is
+reset to its base weights after each, so every one starts from the same state; the table gives
+medians over the rounds (after one warm-up round).
 """
 
 from __future__ import annotations
@@ -179,9 +180,10 @@ def measure(rounds: int, stack: int) -> dict[str, dict[str, float]]:
         trials = candidates(pipe, loras, lokr, Restorer(pipe.unet))
         PEERS[f"ours {stack} loras"] = f"diffusers {stack} loras"
         times: dict[str, dict[str, list[float]]] = {name: {} for name in trials}
+        names = list(trials)
         for r in range(rounds + 1):
-            for name, trial in trials.items():
-                result = trial()
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no fixed first slot
+                result = trials[name]()
                 if r:  # round 0 warms up
                     for key, seconds in result.items():
                         times[name].setdefault(key, []).append(seconds)

@@ -1,10 +1,11 @@
 """Fuse adapters into the base weights and take them out again without drift.
 
 `adapters.merge` / `unmerge` fold W' = W + s dW and back by arithmetic, which rounds (and re-quantizes a
-4-bit base each time). Before the first adapter is fused into a layer we keep that layer's weight
-(a CPU copy, or the quantized parameter object itself, which merge replaces rather than changes);
+4-bit base each time). Before the first adapter is fused into a layer we keep that layer's weight;
 when the last fused adapter of the layer is unfused, the kept weight is put back, so fuse + unfuse
-returns the exact base weights.
+returns the exact base weights. Merging writes a new tensor (or, for 4-bit, a new parameter) into the
+layer rather than changing the old one, so on CPU keeping costs no copy: we hold on to the old
+tensor. On an accelerator we keep a CPU copy instead, so that GPU memory does not grow.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def _layers(module: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
 
 
 def _keep(weight: nn.Parameter, quantized: bool) -> Any:
-    return weight if quantized else weight.detach().to("cpu", copy=True)
+    if quantized:  # the Parameter object: merge replaces it with a re-quantized one
+        return weight
+    if weight.device.type == "cpu":  # merge swaps a new tensor into the Parameter: this one stays as it was
+        return weight.data
+    return weight.detach().to("cpu", copy=True)  # accelerator memory stays free
 
 
 def fuse_component(module: nn.Module, component: str, name: str, originals: Originals | None) -> None:
@@ -54,6 +59,8 @@ def unfuse_component(module: nn.Module, component: str, name: str, originals: Or
         kept, base = originals.pop(key), layer.base_layer
         if isinstance(kept, nn.Parameter) and quant_mode(base) is not None:
             base.weight = kept
+        elif kept.device == base.weight.device:
+            base.weight.data = kept
         else:
             with torch.no_grad():
                 base.weight.copy_(kept)

@@ -34,6 +34,7 @@ from personalize.trainers.dreambooth import (
     _printer,
     _trainable,
 )
+from personalize.trainers.ema import EMA
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 
@@ -63,6 +64,14 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if config.method not in RECIPES:
         raise UserError(f"--method {config.method} is not a conditioning adapter; use one of {', '.join(RECIPES)}")
     method = recipe(config.method)
+    unsupported = {
+        "--quantize": config.quantize,
+        "--train-text-encoder": config.train_text_encoder,
+        "--prior-preservation": config.prior_preservation,
+    }
+    for flag, value in unsupported.items():
+        if value:
+            raise UserError(f"{flag} is for personalization methods; --method {config.method} trains a side network")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -131,7 +140,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         return loader
 
     stream = BatchStream(make_loader, accelerator.process_index, accelerator.num_processes)
-    state = TrainState(named, optimizer, lr_scheduler, stream, generator)
+    ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
     if resume_from is not None:
         load_checkpoint(accelerator, state, resume_from)
         say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
@@ -173,25 +183,24 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         "seconds": seconds,
         "trainable_params": trainable,
     }
-    if accelerator.is_main_process:
-        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-        files = method.save(unwrapped, pipe, family, output, config)
-        from personalize.trainers.conditioning_card import render_card
-
-        (output / "README.md").write_text(render_card(config, family, files, output, metrics))
-        files += [output / "README.md", output / "config.yaml"]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
-        for path in files:
-            say(f"  {path}")
-    accelerator.wait_for_everyone()
-    method.restore(pipe, side)
     samples: list[Path] = []
     if accelerator.is_main_process:
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        with ema.swap() if ema is not None else contextlib.nullcontext():
+            files = method.save(unwrapped, pipe, family, output, config)
+    accelerator.wait_for_everyone()
+    method.restore(pipe, side)
+    if accelerator.is_main_process:
+        from personalize.trainers.conditioning_card import render_card
         from personalize.trainers.conditioning_samples import write_samples
 
         autocast = accelerator.autocast() if config.mixed_precision != "no" else None
         samples.append(write_samples(pipe, config, data, output, state.step, autocast))
-        say(f"  {samples[-1]}")
+        (output / "README.md").write_text(render_card(config, family, files, output, metrics, samples[-1]))
+        files += [output / "README.md", output / "config.yaml"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files + samples:
+            say(f"  {path}")
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return TrainResult(output, files, samples, metrics)

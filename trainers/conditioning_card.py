@@ -43,7 +43,9 @@ def cli_usage(method: str, output: Path) -> str:
     return f'personalize generate --model BASE --prompt "..." {flag} {target} {image} IMAGE.png'
 
 
-def render_card(config: Any, family: str, files: list[Path], output: Path, metrics: dict[str, Any]) -> str:
+def render_card(
+    config: Any, family: str, files: list[Path], output: Path, metrics: dict[str, Any], sample: Path | None = None
+) -> str:
     cond = config.conditioning
     if config.method == "ip-adapter":
         source = f"reference images from {cond.reference}" if cond.reference else "each image as its own reference"
@@ -70,7 +72,14 @@ def render_card(config: Any, family: str, files: list[Path], output: Path, metri
         f"# {config.method} for {config.model}\n\n"
         f"A {config.method} trained with `personalize train` on {config.data.images} ({family}), "
         f"paired with {source}.\n\n"
-        f"## Use it\n\n```bash\n{cli_usage(config.method, output)}\n```\n\n"
+        + (
+            f"![samples]({sample.relative_to(output)})\n\nEach row: the first training image's "
+            f"{'reference' if config.method == 'ip-adapter' else 'conditioning'} image, then images generated "
+            "with it by the saved files.\n\n"
+            if sample is not None
+            else ""
+        )
+        + f"## Use it\n\n```bash\n{cli_usage(config.method, output)}\n```\n\n"
         f"```python\n{usage(config.method, family, config.model, output)}```\n\n"
         f"## Settings\n\n| key | value |\n| --- | --- |\n{rows}\n\n"
         f"Final loss {metrics['final_loss']:.4f} after {metrics['steps']} steps "

@@ -108,7 +108,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original_unet = pipe.unet
-    unet = copy.deepcopy(pipe.unet) if (config.method == "full" and not own_pipe) else pipe.unet
+    changes_unet = config.method == "full" or bool(config.quantize)  # a caller's UNet must stay as it was
+    unet = copy.deepcopy(pipe.unet) if (changes_unet and not own_pipe) else pipe.unet
     pipe.unet = unet
     hyper = _hyperparameters(config)
     trained = {"unet": unet}
@@ -118,7 +119,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         from personalize import adapters
 
         if config.quantize:
-            adapters.quantize(unet, config.quantize)
+            adapters.quantize(unet, config.quantize, compute_dtype=weight_dtype)
         _place(unet, device, weight_dtype)
         adapters.inject(unet, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:
@@ -146,9 +147,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         eps=config.adam_epsilon,
     )  # type: ignore[arg-type]
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
-    modules = list(trained.values())
-    prepared = accelerator.prepare(*modules, optimizer)
-    models, optimizer = list(prepared[:-1]), prepared[-1]
+    # Only the UNet is wrapped (DDP when distributed); text encoders run unwrapped inside encode_text,
+    # so the loop averages their adapter gradients across processes itself.
+    prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
+    models = [prepared_unet, *[module for name, module in trained.items() if name != "unet"]]
+    unwrapped_sync = [param for name, param in named.items() if not name.startswith("unet.")]
     generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
     stream = _stream(instance_data, class_data, config, accelerator)
     ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
@@ -181,6 +184,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         keep_checkpoints=config.keep_checkpoints,
         checkpoint_root=checkpoint_root,
         validate_every=config.validate_every,
+        average_gradients=unwrapped_sync,
     )
     for model in models:
         model.train()
@@ -199,7 +203,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
             validate(state.step)
         with ema.swap() if ema is not None else _nothing():
-            components = {name: accelerator.unwrap_model(model) for name, model in zip(trained, models)}
+            components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             files = save_outputs(
                 output,
                 method=config.method,
@@ -552,11 +556,11 @@ def _card_settings(config: TrainConfig) -> dict[str, Any]:
 def _restore_pipe(
     pipe: Any, original_unet: torch.nn.Module, trained: dict[str, torch.nn.Module], config: TrainConfig
 ) -> None:
-    """Leave a caller's pipeline as it was: remove adapters, put back the original UNet."""
-    if config.method == "full":
-        pipe.unet = original_unet
-        return
+    """Leave a caller's pipeline as it was: put back its UNet (when a copy trained), remove adapters."""
     from personalize import adapters
 
-    for module in trained.values():
-        adapters.remove(module, config.adapter_name)
+    for name, module in trained.items():
+        if name == "unet" and module is not original_unet:
+            pipe.unet = original_unet
+        elif config.method != "full":
+            adapters.remove(module, config.adapter_name)

@@ -68,6 +68,7 @@ class LoopSettings:
     checkpoint_root: Path | None = None
     validate_every: int = 0
     progress: bool = True
+    average_gradients: list[torch.nn.Parameter] = field(default_factory=list)  # trained outside DDP
 
 
 @dataclass
@@ -161,6 +162,8 @@ def train_loop(
                     _stop_on_nan(float(loss.detach()), state.step, settings.checkpoint_root)
                 accelerator.backward(loss)
                 step_loss += float(loss.detach()) / settings.grad_accum
+        if accelerator.num_processes > 1 and settings.average_gradients:
+            average_gradients(settings.average_gradients, accelerator.num_processes)
         if settings.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         state.optimizer.step()
@@ -178,6 +181,17 @@ def train_loop(
             on_validate(state.step)
     bar.close()
     return state
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """grad <- mean over processes (what DDP does for the modules it wraps)."""
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)  # every rank must join each all_reduce
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
 
 
 def _stop_on_nan(value: float, step: int, root: Path | None) -> None:

@@ -6,6 +6,8 @@
 - Selective methods (bitfit, norm), which no other tool reads: `adapter.safetensors`, the injection
   core's state dict with a component prefix ("unet.", "text_encoder.", ...) and the method in metadata.
 - `full`: each trained component as a diffusers model folder (`unet/`, safetensors).
+- Textual Inversion / pivotal (`save_token_outputs`): `learned_embeds.safetensors` (+ `learned_embeds_2` on
+  SDXL, + `a1111/<token>.safetensors`) and, for pivotal, the adapter as above.
 `personalize.pipelines.load_adapter(pipe, OUT)` reads every adapter layout above except `adapter.safetensors`.
 """
 
@@ -22,11 +24,12 @@ from safetensors.torch import save_file
 CANONICAL_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 SHARED_FORMAT_METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3")
+EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")  # textual-inversion / pivotal
 
 
 def _clear_previous(output_dir: Path, output_name: str) -> None:
     """A rerun into the same folder must not leave another method's file for a loader to pick."""
-    for name in (CANONICAL_FILE, DIFFUSERS_FILE, f"{output_name}.safetensors"):
+    for name in (CANONICAL_FILE, DIFFUSERS_FILE, f"{output_name}.safetensors", *EMBEDDING_FILES):
         (output_dir / name).unlink(missing_ok=True)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         if (output_dir / name / "config.json").is_file():
@@ -106,11 +109,14 @@ def save_token_outputs(
     from personalize import adapters
     from personalize.formats import save_adapter
 
-    states = {component: adapters.state_dict(module, adapter_name) for component, module in components.items()}
+    output_dir = Path(output_dir)
+    output_name = output_dir.name or "adapter"
+    _clear_previous(output_dir, output_name)
     states = {
-        component: {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-        for component, state in states.items()
+        component: {key: value.detach().to("cpu") for key, value in adapters.state_dict(module, adapter_name).items()}
+        for component, module in components.items()
     }
+    unet = components.get("unet")
     files = save_adapter(
         output_dir,
         states,
@@ -120,5 +126,7 @@ def save_token_outputs(
         base_model=base_model,
         embeddings=embeddings,
         resolution=resolution,
+        output_name=output_name,
+        unet_config=getattr(unet, "config", None) if family == "sdxl" else None,
     )
     return sorted(files, key=lambda path: (path.parent != Path(output_dir), path.name))

@@ -182,7 +182,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             with torch.set_grad_enabled(learning or config.train_text_encoder):
                 encoded.append({**item, **_encode(pipe, prompts)})
         tokens.use(dict(tokens.rows.rows.items()))  # validation reads the live parameters
-        return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
+        with accelerator.autocast():  # a frozen UNet is not wrapped by accelerate.prepare (textual-inversion)
+            return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
 
     prompts = config.validation_prompts or [_default_prompt(config, tokens, instance_data)]
     samples: list[Path] = []

@@ -76,8 +76,9 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Set the layer's weight to `weight` (re-quantized for a bnb layer, so the result rounds)."""
     mode = quant_mode(layer)
     if mode is None:
-        with torch.no_grad():
-            layer.weight.copy_(weight.to(layer.weight.dtype))
+        # Swap the new tensor in rather than copying into the old one: a pass less, and whoever kept the
+        # old tensor (personalize.pipelines' exact unfuse) still holds the untouched original.
+        layer.weight.data = weight.detach().to(layer.weight.dtype)
         return
     bnb = _bnb()
     device = layer.weight.device

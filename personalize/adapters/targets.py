@@ -21,21 +21,27 @@ _PLAIN_NAME = re.compile(r"[\w.]+")
 
 
 def wrappable_paths(model: nn.Module) -> list[str]:
-    """Paths of the layers an adapter can wrap; a wrapped layer counts once (not its insides)."""
+    """Paths of the layers an adapter can wrap; a wrapped layer counts once (not its insides).
+
+    Walks the module tree in `named_modules` order but never descends into a wrapped layer, so the
+    cost does not grow with the number of adapters already attached."""
     from personalize.adapters.layer import AdapterLayer
 
-    paths, wrapped = [], set()
-    for path, module in model.named_modules():
-        # Inside a wrapped layer? Look up its ancestors (O(depth)), not every wrapped path (O(layers)):
-        # with adapters stacked on hundreds of layers that scan made each load slower than the last.
-        parts = path.split(".")
-        if any(".".join(parts[:end]) in wrapped for end in range(1, len(parts))):
-            continue
-        if isinstance(module, AdapterLayer):
-            wrapped.add(path)
-            paths.append(path)
-        elif isinstance(module, WRAPPABLE) and path:
-            paths.append(path)
+    paths: list[str] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, (AdapterLayer, *WRAPPABLE)):
+                paths.append(path)
+            if not isinstance(child, AdapterLayer):
+                visit(child, path)
+
+    visit(model, "")
     return paths
 
 

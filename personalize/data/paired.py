@@ -72,6 +72,34 @@ def _blur(gray: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(gray, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
+def hysteresis(strong: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
+    """Weak pixels (H, W) 8-connected to a strong one, by connected-component labels.
+
+    Labels are parent pointers (pixel indices, a root points to itself). Each round hooks every root
+    to the smallest label among its pixels' 3x3 weak neighbours, then jumps pointers (p <- parent[p]);
+    as in Shiloach & Vishkin (1982), long edge chains take a few dozen rounds, not one per pixel.
+    """
+    height, width = weak.shape
+    count = height * width
+    dtype = torch.float32 if count < 2**24 else torch.float64  # min-pooling needs floats; exact integers
+    parent = torch.arange(count, dtype=dtype)
+    inside = weak.flatten()
+    outside = torch.full((count,), float(count), dtype=dtype)
+    while True:
+        labels = torch.where(inside, parent, outside).view(1, 1, height, width)
+        smallest = -F.max_pool2d(-labels, 3, stride=1, padding=1).flatten()  # 3x3 minimum label
+        smallest = torch.where(inside, torch.minimum(smallest, parent), parent)
+        hooked = parent.clone()
+        hooked.scatter_reduce_(0, parent[inside].long(), smallest[inside], reduce="amin")  # root -> smaller
+        hooked = torch.minimum(hooked, smallest)
+        jumped = hooked[hooked.long()]  # pointer jumping
+        if torch.equal(jumped, parent):
+            break
+        parent = jumped
+    roots = torch.unique(parent[(strong & weak).flatten()])
+    return (inside & torch.isin(parent, roots)).view(height, width)
+
+
 def canny(image: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> torch.Tensor:
     """Canny edges of (3, H, W) in [0, 1] -> (3, H, W) of 0/1; thresholds are fractions of the max gradient
     (so the edge density does not depend on the image's contrast)."""
@@ -99,12 +127,7 @@ def canny(image: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float
         return torch.zeros_like(image, dtype=torch.float32)
     strong = thin >= high * peak
     weak = thin >= low * peak
-    edges = strong
-    for _ in range(height + width):  # hysteresis: grow strong edges through 8-connected weak pixels
-        grown = F.max_pool2d(edges[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & weak
-        if torch.equal(grown, edges):
-            break
-        edges = grown
+    edges = hysteresis(strong, weak)
     return edges.float().expand(3, -1, -1).clone()  # (3, H, W)
 
 

@@ -38,6 +38,13 @@ def layout_of(data: Mapping[str, Any], where: str = "") -> str:
         return "canonical"
     if embeddings.is_embedding_dict(data):
         return "embedding"
+    if keys and all(any(k.startswith(p + "_") for p in kohya.READ_PREFIXES) for k in keys):
+        params = sorted({k.partition(".")[2] for k in keys} - set(kohya.PARAMS))
+        raise UserError(
+            f"{where or 'this file'} is a kohya/LyCORIS file with parameters this toolkit does not read: "
+            f"{', '.join(params[:4])} (Tucker LoCon lora_mid, OFT, full diff, ...); supported: LoRA/LoCon/DoRA, "
+            "LoHa, LoKr, IA3"
+        )
     shown = ", ".join(sorted(keys)[:4]) if keys else "no keys"
     raise UserError(
         f"{where or 'this file'} is not an adapter layout this toolkit reads (diffusers, kohya/LyCORIS, peft, "

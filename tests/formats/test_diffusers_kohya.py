@@ -161,6 +161,9 @@ def test_unknown_format_and_pickle_are_refused(tiny_pipelines, tmp_path):
     save_file({"some.weird.key": torch.zeros(3, 3, 3)}, tmp_path / "odd.safetensors")
     with pytest.raises(UserError, match="keys seen: some.weird.key"):
         read_adapter(tmp_path / "odd.safetensors", pipe)
+    save_file({"lora_unet_conv_in.lora_mid.weight": torch.zeros(2, 2, 3, 3)}, tmp_path / "tucker.safetensors")
+    with pytest.raises(UserError, match="does not read: lora_mid.weight"):
+        read_adapter(tmp_path / "tucker.safetensors", pipe)
     torch.save({"a": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(UserError, match="pickle"):
         read_adapter(tmp_path / "x.pt", pipe)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from personalize.cli import main
 from personalize.images import read_png_settings
-from personalize.pipelines.conditioning import compose
+from personalize.pipelines import compose
 from personalize.pipelines.generate import GenerationSettings, generate
 
 CAT = Path(__file__).resolve().parents[2] / "examples" / "cat"

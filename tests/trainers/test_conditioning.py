@@ -176,6 +176,10 @@ def test_t2i_layouts_of_the_real_unets():
     )
     light = adapter_layout(sd15, 8, "light")  # diffusers' light adapter for SD1.5: 3 channel entries, 4 features
     assert light["adapter_type"] == "light_adapter" and light["channels"] == [320, 640, 1280]
+    from diffusers import T2IAdapter
+
+    features = T2IAdapter(in_channels=3, **light)(torch.rand(1, 3, 64, 64))  # one feature per SD1.5 down block
+    assert [tuple(feature.shape[1:]) for feature in features] == [(320, 8, 8), (640, 4, 4), (1280, 2, 2), (1280, 1, 1)]
     assert adapter_layout(sdxl, 8) == dict(
         adapter_type="full_adapter_xl", channels=[320, 640, 1280, 1280], num_res_blocks=2, downscale_factor=16
     )
@@ -215,6 +219,7 @@ def test_conditioning_presets_load(name):
     assert config.method in METHODS and config.lr and config.steps
 
 
+@pytest.mark.slow  # three runs; the loop's resume is also tested bit-exactly in test_loop.py
 def test_an_interrupted_run_resumes_to_the_same_weights(quick, tmp_path):
     from safetensors.torch import load_file
 
@@ -226,3 +231,41 @@ def test_an_interrupted_run_resumes_to_the_same_weights(quick, tmp_path):
     expected = load_file(str(straight.output_dir / "ip_adapter.safetensors"))
     got = load_file(str(resumed.output_dir / "ip_adapter.safetensors"))
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.parametrize(("method", "key"), [("t2i-adapter", "folder"), ("ip-adapter", "reference")])
+def test_a_paired_folder_is_what_the_run_trains_and_samples_with(quick, tmp_path, method, key):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "paired"
+    folder.mkdir()
+    for path in sorted(CAT.glob("*.jpg")):
+        Image.new("RGB", (80, 60), (0, 200, 0)).save(folder / f"{path.stem}.png")
+    result = quick(method=method, steps=1, num_workers=0, conditioning={key: str(folder)})
+    name = "reference.png" if method == "ip-adapter" else "conditioning.png"
+    used = np.asarray(Image.open(result.output_dir / "samples" / name).convert("RGB"))
+    assert used.shape == (64, 64, 3) and (used == [0, 200, 0]).all()
+    assert str(folder) in (result.output_dir / "README.md").read_text()
+
+
+def test_options_for_personalization_only_are_refused(quick):
+    from personalize.errors import UserError
+
+    with pytest.raises(UserError, match="--quantize"):
+        quick(method="controlnet", quantize="nf4")
+    with pytest.raises(UserError, match="--prior-preservation"):
+        quick(method="ip-adapter", prior_preservation=True)
+
+
+@pytest.mark.slow  # two runs
+def test_ema_weights_are_what_is_saved(quick, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(method="ip-adapter", steps=2, num_workers=0, lr=1e-2, ema_decay=0.5)
+    raw = quick(output=str(tmp_path / "raw"), **options)
+    averaged = quick(output=str(tmp_path / "ema"), ema=True, **options)
+    raw_weights = load_file(str(raw.output_dir / "ip_adapter.safetensors"))
+    ema_weights = load_file(str(averaged.output_dir / "ip_adapter.safetensors"))
+    assert raw.metrics["final_loss"] == averaged.metrics["final_loss"]  # the same training run
+    assert not torch.equal(raw_weights["image_proj.proj.weight"], ema_weights["image_proj.proj.weight"])

@@ -80,3 +80,29 @@ def test_conditioning_files_get_the_crop_of_their_image(tmp_path):
     assert annotated.shape == (3, 64, 64) and annotated[0, :, 28:36].sum() > 0  # the vertical edge
     reference = build_paired(dataset, "", "", key="reference")[(0, 0)]
     assert torch.equal(reference["reference"], reference["pixels"].add(1).div(2))
+
+
+def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():
+    """Component labelling equals growing the strong pixels through weak ones until nothing changes."""
+    import torch.nn.functional as F
+
+    from personalize.data.paired import hysteresis
+
+    def grow(strong, weak):
+        edges = strong
+        while True:
+            grown = F.max_pool2d(edges[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & weak
+            if torch.equal(grown, edges):
+                return edges
+            edges = grown
+
+    generator = torch.Generator().manual_seed(0)
+    for size in (17, 64):
+        weak = torch.rand(size, size, generator=generator) < 0.45
+        strong = weak & (torch.rand(size, size, generator=generator) < 0.02)
+        assert torch.equal(hysteresis(strong, weak), grow(strong, weak))
+    spiral = torch.zeros(9, 9, dtype=torch.bool)  # one long chain: only its far end is strong
+    spiral[0, :] = spiral[:, 8] = spiral[8, :] = spiral[2:, 0] = spiral[2, :7] = True
+    strong = torch.zeros_like(spiral)
+    strong[2, 6] = True
+    assert torch.equal(hysteresis(strong, spiral), spiral)

@@ -292,3 +292,35 @@ def test_two_processes_keep_the_token_in_sync(tmp_path, cache_dir, method):
     first, second = (load_file(str(tmp_path / f"out-rows-{rank}.safetensors")) for rank in (0, 1))
     assert torch.equal(first["text_encoder"], second["text_encoder"])
     assert torch.equal(load_file(str(out / "learned_embeds.safetensors"))[TOKEN], first["text_encoder"])
+
+
+def test_bf16_base_trains_fp32_token_rows(quick):
+    """The frozen UNet and text encoder run in bf16 (autocast: the UNet is not wrapped by accelerate here)."""
+    result = _ti(quick, mixed_precision="bf16")
+    rows = load_file(str(result.output_dir / "learned_embeds.safetensors"))[TOKEN]
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
+
+
+def test_cli_trains_a_token_end_to_end(capsys, tmp_path, cache_dir):
+    from personalize.cli import main
+    from personalize.config import build
+    from personalize.trainers.config import TrainConfig
+
+    from .conftest import CAT
+
+    out = tmp_path / "toy"
+    argv = ["train", "--images", str(CAT), "--preset", "tiny", "--method", "textual-inversion", "--steps", "2"]
+    argv += ["--init-word", "toy", "--vectors", "2", "--learnable-property", "style", "--output", str(out)]
+    argv += ["--set", f"data.cache_dir={cache_dir}", "--set", "validation_images=0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "<cat> <cat>_1 (init 'toy')" in printed and "prompt with <cat>" in printed  # token from the folder name
+    assert load_file(str(out / "learned_embeds.safetensors"))["<cat>"].shape == (2, 32)
+    rerun = build(TrainConfig, file=out / "config.yaml")
+    assert (rerun.method, rerun.data.token, rerun.vectors, rerun.learnable_property) == (
+        "textual-inversion",
+        "<cat>",
+        2,
+        "style",
+    )
