@@ -12,7 +12,7 @@ own process, so peak RSS (CPU) or peak allocated CUDA memory is its own. The fir
 not timed (ours: loop time of an N+1-step run minus that of a 1-step run).
 
 Seen on the 2-core CPU dev machine (shared, load ~2-4), `--steps 4 --seq 64 --batch 1 --device cpu`,
-99M parameters, fp32 base for LoRA (no bf16 on CPU), NF4 for QLoRA:
+100M parameters, fp32 base for LoRA (no bf16 on CPU), NF4 for QLoRA:
 
 | mode | trainer | s/step | peak RSS GiB |
 | --- | --- | --- | --- |
