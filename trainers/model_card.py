@@ -28,7 +28,7 @@ def render_model_card(
         except ValueError:
             return str(path)
 
-    usage = _usage(base_model, method, output_dir, files, adapter)
+    usage = _usage(base_model, method, output_dir, files, adapter, prompt)
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     lines = [
         f"# {method} personalization of {base_model}",
@@ -59,7 +59,9 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def _usage(base_model: str, method: str, output_dir: Path, files: list[Path], adapter: dict[str, Any] | None) -> str:
+def _usage(
+    base_model: str, method: str, output_dir: Path, files: list[Path], adapter: dict[str, Any] | None, prompt: str
+) -> str:
     """A Python snippet that loads the result into a stock diffusers pipeline."""
     lines = ["```python", "from personalize.models import load_pipeline", "", f'pipe = load_pipeline("{base_model}")']
     tokens = (adapter or {}).get("tokens")
@@ -102,4 +104,4 @@ def _usage(base_model: str, method: str, output_dir: Path, files: list[Path], ad
                 f'adapters.load_state_dict(pipe.{component}, {{k[len("{component}."):]: v for k, v in state.items() '
                 f'if k.startswith("{component}.")}}, "{name}")',
             ]
-    return "\n".join([*lines, "image = pipe(PROMPT).images[0]", "```", ""])
+    return "\n".join([*lines, f"image = pipe({prompt!r}).images[0]", "```", ""])

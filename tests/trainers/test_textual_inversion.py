@@ -3,6 +3,7 @@ through the saved files into fresh pipelines (ours and stock diffusers), multi-v
 saves and reloads both parts, a known word is refused."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -176,7 +177,8 @@ def test_pivotal_saves_and_reloads_the_token_and_the_lora(quick, tiny_pipelines)
     assert not torch.allclose(got, plain)
 
     snippet = (out / "README.md").read_text().split("```python")[1].split("```")[0]
-    snippet = snippet.replace("pipe(PROMPT)", f'pipe("a {TOKEN}", num_inference_steps=1, height=64, width=64)')
+    call = "pipe(" + f'"a {TOKEN}"' + ", num_inference_steps=1, height=64, width=64).images"
+    snippet = re.sub(r"pipe\((.*)\)\.images", lambda _: call, snippet)
     namespace: dict = {}
     exec(snippet, namespace)  # the model card's own code loads the token and the LoRA
     assert torch.equal(_prompt_embeds(namespace["pipe"], prompt), embeds)

@@ -1,6 +1,7 @@
 """The DreamBooth / adapter recipe end to end on the tiny models: outputs, learning, resume, prior preservation."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,7 +150,8 @@ def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
     result = quick(method="lokr", rank=4, train_text_encoder=True)
     card = (result.output_dir / "README.md").read_text()
     snippet = card.split("```python")[1].split("```")[0]
-    snippet = snippet.replace("pipe(PROMPT)", 'pipe("a photo of sks cat", num_inference_steps=1, height=64, width=64)')
+    call = "pipe(" + '"a photo of sks cat"' + ", num_inference_steps=1, height=64, width=64).images"
+    snippet = re.sub(r"pipe\((.*)\)\.images", lambda _: call, snippet)
     namespace = {}
     exec(snippet, namespace)  # the README's own code: builds the pipeline, injects, loads the trained weights
     assert namespace["image"].size == (64, 64)
