@@ -1,6 +1,7 @@
 """Every test runs offline on tiny models built in code; GPU tests skip without CUDA."""
 
 import os
+import tempfile
 
 # Set before transformers / diffusers / huggingface_hub are imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -12,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
 # spin-wait on each other make every op many times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Latent/text caches of the tests stay out of the user's ~/.cache.
+os.environ["PERSONALIZE_CACHE"] = tempfile.mkdtemp(prefix="personalize-test-cache-")
 
 import pytest  # noqa: E402
 
