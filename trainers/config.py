@@ -186,6 +186,9 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
         raise UserError("no training images given; pass --images DIR (a folder of photos of your subject)")
     if not Path(data.images).expanduser().exists():  # before the (slow) model load
         raise UserError(f"--images {data.images} does not exist; point it at a folder of photos of your subject")
+    from personalize.trainers.optim import check_optimizer
+
+    check_optimizer(config.optimizer)  # also before loading or caching anything
     token, class_word = infer_words(str(Path(data.images).expanduser().resolve()))
     if config.method in TOKEN_METHODS:  # a new word, never one the tokenizer knows
         token = f"<{token or class_word or 'concept'}>"

@@ -10,6 +10,22 @@ import torch
 from personalize.errors import UserError
 
 
+def check_optimizer(name: str) -> None:
+    """Fail before any model loading or caching when the optimizer's package is missing."""
+    needs = {
+        "adamw8bit": ("bitsandbytes", "pip install 'personalize[quant]'"),
+        "prodigy": ("prodigyopt", "pip install prodigyopt"),
+    }
+    if name not in ("adamw", *needs):
+        raise UserError(f"unknown optimizer '{name}'; choose adamw, adamw8bit or prodigy")
+    if name in needs:
+        import importlib.util
+
+        package, install = needs[name]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"--optimizer {name} needs {package}: {install}, or use --optimizer adamw")
+
+
 def build_optimizer(
     name: str,
     groups: Sequence[dict[str, Any]],
