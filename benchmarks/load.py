@@ -1,6 +1,6 @@
 """Seconds to load (and fuse) adapter files into an SD1.5-architecture pipeline: ours vs stock diffusers / LyCORIS.
 
-    python -m benchmarks.pipelines [--rounds 3] [--stack 10] [--threads 2]
+    python -m benchmarks.load [--rounds 3] [--stack 10] [--threads 2]
 
 The pipeline has SD1.5 shapes and random weights (benchmarks/sd15_arch.py). The LoRA files are what
 diffusers' train_dreambooth_lora.py writes: rank 4 (alpha = rank) on the UNet attention projections
