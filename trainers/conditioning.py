@@ -29,10 +29,9 @@ from personalize.trainers.dreambooth import (
     DTYPES,
     UNET_FAMILIES,
     TrainResult,
-    _checkpoint_to_resume,
     _place,
-    _printer,
     _trainable,
+    start_run,
 )
 from personalize.trainers.ema import EMA
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
@@ -72,17 +71,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     for flag, value in unsupported.items():
         if value:
             raise UserError(f"{flag} is for personalization methods; --method {config.method} trains a side network")
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
-    say = _printer(accelerator)
-    for note in notes:
-        say(f"note: {note}")
-    set_seed(config.seed)
-    output = Path(config.output)
-    checkpoint_root = output / "checkpoints"
-    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- frozen base --------------------------------------------------------------------------
     from personalize.models import detect_family, load_pipeline

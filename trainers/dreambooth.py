@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,27 +49,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     removed from it afterwards, and a full fine-tune trains a copy of its UNet.
     """
     config, notes = resolve(config if config is not None else config_from_options(options))
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    # A script may train many subjects in one process with different precisions; accelerate keeps its
-    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
-    )
-    say = _printer(accelerator)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
-    for note in notes:
-        say(f"note: {note}")
-    set_seed(config.seed)
-    output = Path(config.output)
-    checkpoint_root = output / "checkpoints"
-    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
     from personalize.models import detect_family, load_pipeline
@@ -259,6 +239,41 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 def _cpu_only() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+class RunStart(NamedTuple):
+    accelerator: Any
+    say: Any
+    output: Path
+    checkpoint_root: Path
+    resume_from: Path | None
+
+
+def start_run(config: TrainConfig, notes: list[str]) -> RunStart:
+    """What every diffusion recipe does first: a clean accelerator, the notes, the seed, the checkpoint to resume."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    # A script may train many subjects in one process with different precisions; accelerate keeps its
+    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
+    )
+    say = _printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
+    for note in notes:
+        say(f"note: {note}")
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    return RunStart(
+        accelerator, say, output, checkpoint_root, _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    )
 
 
 def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:

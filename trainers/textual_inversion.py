@@ -32,18 +32,16 @@ from personalize.trainers.dreambooth import (
     UNET_FAMILIES,
     TrainResult,
     _card_settings,
-    _checkpoint_to_resume,
-    _cpu_only,
     _datasets,
     _loss_function,
     _nothing,
     _place,
-    _printer,
     _set_attention,
     _stream,
     _summary,
     _trainable,
     _validate,
+    start_run,
 )
 from personalize.trainers.ema import EMA
 from personalize.trainers.loop import LoopSettings, TrainState, load_checkpoint, train_loop
@@ -57,23 +55,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     A given `pipe` is left as it was: its tokenizers and embeddings are put back, adapters removed."""
     config, notes = resolve(config if config is not None else config_from_options(options))
     pivotal = config.method == "pivotal"
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    AcceleratorState._reset_state()  # as in the DreamBooth recipe: each run starts from clean accelerate settings
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=_cpu_only()
-    )
-    say = _printer(accelerator)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
-    for note in notes:
-        say(f"note: {note}")
-    set_seed(config.seed)
-    output = Path(config.output)
-    checkpoint_root = output / "checkpoints"
-    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
     from personalize.models import detect_family, load_pipeline

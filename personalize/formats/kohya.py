@@ -18,33 +18,14 @@ from typing import Any
 import torch
 
 from personalize.adapters import group_by_module
+from personalize.adapters.from_weights import PARAM_NAMES
 from personalize.errors import UserError
 from personalize.formats.canonical import Components, alpha_of, method_of, rank_of
 from personalize.formats.sdxl_names import block_map, to_sgm
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora", "dora": "networks.lora"}
-PARAMS = (
-    "lora_down.weight",
-    "lora_up.weight",
-    "dora_scale",
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "hada_t1",
-    "hada_t2",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2_a",
-    "lokr_w2_b",
-    "lokr_w1",
-    "lokr_w2",
-    "lokr_t2",
-    "on_input",
-    "alpha",
-    "weight",
-)
+PARAMS = PARAM_NAMES  # the adapter parameter names kohya/LyCORIS files use, as the core names them
 CLIP_TOP = ("encoder", "embeddings", "final_layer_norm")
 READ_PREFIXES = ("lora_unet", "lora_transformer", "lora_te1", "lora_te2", "lora_te3", "lora_te", "lycoris")
 
