@@ -81,10 +81,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         instance_data = cache_dataset(instance_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
         if class_data is not None:
             class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
-        if device.type != "cpu":  # frozen encoders are not needed until validation: free the accelerator
-            pipe.vae.to("cpu")
-            for encoder in text_encoders.values() if cache_text else ():
-                encoder.to("cpu")
+        idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original_unet = pipe.unet
@@ -99,7 +96,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         from personalize import adapters
 
         if config.quantize:
-            adapters.quantize(unet, config.quantize, compute_dtype=weight_dtype)
+            quantize_unet(unet, config.quantize, weight_dtype, from_disk=own_pipe)
         _place(unet, device, weight_dtype)
         adapters.inject(unet, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:
@@ -280,6 +277,30 @@ def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn
     """Move to device; cast only when the dtype differs (diffusers warns about every cast)."""
     current = next(module.parameters()).dtype
     return module.to(device) if current == dtype else module.to(device, dtype=dtype)
+
+
+def quantize_unet(unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype, from_disk: bool) -> None:
+    """The frozen UNet in 4 bits: Linear layers and (nf4/fp4) the convolutions -- most of an SD UNet --
+    except conv_in/conv_out, the smallest and most sensitive. `from_disk`: a UNet this run loaded is
+    read from its files one weight at a time, so its full-precision copy is never resident at once."""
+    from personalize import adapters
+    from personalize.models.mapped import tensor_reader
+
+    reader = tensor_reader(unet) if from_disk else None
+    convs = mode != "int8"
+    adapters.quantize(unet, mode, ("conv_in", "conv_out"), compute_dtype, convs=convs, read_weight=reader)
+
+
+def idle_until_validation(modules: list[torch.nn.Module], device: Any, own_pipe: bool) -> None:
+    """Frozen encoders are not needed again until validation: off the accelerator, or on CPU (a pipeline
+    this run loaded) back onto their untouched weight files, so that the pages the cache read leave memory."""
+    from personalize.models.mapped import remap
+
+    for module in modules:
+        if device.type != "cpu":
+            module.to("cpu")
+        elif own_pipe:
+            remap(module)
 
 
 def _printer(accelerator: Any) -> Any:

@@ -41,6 +41,8 @@ from personalize.trainers.dreambooth import (
     _summary,
     _trainable,
     _validate,
+    idle_until_validation,
+    quantize_unet,
     start_run,
 )
 from personalize.trainers.ema import EMA
@@ -86,8 +88,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         instance_data = cache_dataset(instance_data, pipe, cache_dir=cache_dir, cache_text=False)
         if class_data is not None:
             class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=False)
-        if device.type != "cpu":
-            pipe.vae.to("cpu")
+        idle_until_validation([pipe.vae], device, own_pipe)
 
     # --- model: the new token (+ the adapter for pivotal) ----------------------------------------
     init_generator = torch.Generator().manual_seed(config.seed)
@@ -100,7 +101,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         from personalize import adapters
 
         if config.quantize:
-            adapters.quantize(unet, config.quantize)
+            quantize_unet(unet, config.quantize, weight_dtype, from_disk=own_pipe)
         _place(unet, device, weight_dtype)
         adapters.inject(unet, adapter_method, targets=config.targets, name=config.adapter_name, **hyper)
         trained["unet"] = unet

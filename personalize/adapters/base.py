@@ -58,6 +58,14 @@ def layer_kind(layer: nn.Module) -> str:
     raise UserError(f"adapters wrap nn.Linear, nn.Conv2d and nn.Embedding layers, not {type(layer).__name__}")
 
 
+def base_weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """(out, in) of a Linear, (out, in / groups, kh, kw) of a Conv2d -- from the layer's geometry, since a
+    quantized layer's weight tensor holds packed blocks of another shape."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    return (layer.out_features, layer.in_features)
+
+
 def conv_arguments(layer: nn.Conv2d) -> dict:
     """The geometry of a base conv, for a factor that must see the same windows."""
     if layer.groups != 1:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from personalize.adapters import selective
+from personalize.adapters.base import base_weight_shape
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.inject import _layers, _names, _set_module
 from personalize.adapters.layer import AdapterLayer
@@ -61,9 +62,7 @@ def _adapter_for(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module
     elif "hada_w1_a" in tensors:
         adapter = LoHa(base, **LoHa.hyper_from_tensors(tensors))
     elif any(k.startswith("lokr_") for k in tensors):
-        weight_shape = (
-            base.weight.shape if isinstance(base, nn.Conv2d) else torch.Size((base.out_features, base.in_features))
-        )
+        weight_shape = torch.Size(base_weight_shape(base))
         adapter = LoKr(base, **LoKr.hyper_from_tensors(tensors, weight_shape))
     elif "weight" in tensors:
         adapter = IA3(base, **IA3.hyper_from_tensors(tensors))

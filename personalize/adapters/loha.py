@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalize.adapters.base import AdapterModule, check_positive, conv_arguments, layer_kind
+from personalize.adapters.base import AdapterModule, base_weight_shape, check_positive, conv_arguments, layer_kind
 from personalize.errors import UserError
 
 
@@ -60,9 +60,7 @@ class LoHa(AdapterModule):
         self.kind = layer_kind(base_layer)
         if self.kind == "embedding":
             raise UserError("loha wraps Linear and Conv2d layers, not Embedding")
-        weight_shape = (
-            base_layer.weight.shape if self.kind == "conv2d" else (base_layer.out_features, base_layer.in_features)
-        )
+        weight_shape = base_weight_shape(base_layer)
         out_dim, in_dim = weight_shape[0], weight_shape[1]
         kernel = tuple(weight_shape[2:])
         self.weight_shape = torch.Size(weight_shape)

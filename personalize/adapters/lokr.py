@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from personalize.adapters.base import AdapterModule, check_positive, conv_arguments, layer_kind
+from personalize.adapters.base import AdapterModule, base_weight_shape, check_positive, conv_arguments, layer_kind
 from personalize.errors import UserError
 
 
@@ -138,9 +138,7 @@ class LoKr(AdapterModule):
         self.kind = layer_kind(base_layer)
         if self.kind == "embedding":
             raise UserError("lokr wraps Linear and Conv2d layers, not Embedding")
-        weight_shape = (
-            base_layer.weight.shape if self.kind == "conv2d" else (base_layer.out_features, base_layer.in_features)
-        )
+        weight_shape = base_weight_shape(base_layer)
         kernel = tuple(weight_shape[2:])
         self.weight_shape = torch.Size(weight_shape)
         self.geometry = conv_arguments(base_layer) if self.kind == "conv2d" else {}
@@ -221,8 +219,9 @@ class LoKr(AdapterModule):
 def krona(base_layer: nn.Module, a1: int = 64, a2: int = 8) -> LoKr:
     """A KronA / DiffuseKronA adapter: kron(A (a1, a2), B (out/a1, in/a2)), both full, scale 1."""
     check_positive("krona", a1=a1, a2=a2)
-    kind = layer_kind(base_layer)
-    shape = base_layer.weight.shape if kind == "conv2d" else (base_layer.out_features, base_layer.in_features)
+    if layer_kind(base_layer) == "embedding":
+        raise UserError("krona wraps Linear and Conv2d layers, not Embedding")
+    shape = base_weight_shape(base_layer)
     plan = krona_plan(shape[0], shape[1], tuple(shape[2:]), a1, a2)
     adapter = LoKr(base_layer, rank=1, plan=plan, krona_init=True)
     adapter.method = "krona"

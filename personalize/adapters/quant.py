@@ -1,10 +1,11 @@
 """4-bit / 8-bit bases (bitsandbytes): quantize a model in place, read and write quantized weights.
 
 `quantize(model, "nf4" | "fp4" | "int8")` swaps every `nn.Linear` (except `skip`) for a bitsandbytes
-`Linear4bit` / `Linear8bitLt` holding the same weights -- for models built in code; hub models can use
-the loaders' own `BitsAndBytesConfig`. The adapter core reads a quantized weight with
-`dequantized_weight` (merge, DoRA norms, SVD export) and writes one back with `write_weight`, which
-re-quantizes and therefore rounds.
+`Linear4bit` / `Linear8bitLt` holding the same weights, and with `convs=True` every plain Conv2d for a
+4-bit `Conv2d4bit` (quant_conv.py; UNets are mostly convolutions). `read_weight` lets the caller supply
+each full-precision weight (personalize.models.mapped reads them from disk one at a time). The adapter
+core reads a quantized weight with `dequantized_weight` (merge, DoRA norms, SVD export) and writes one
+back with `write_weight`, which re-quantizes and therefore rounds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ def _bnb():
 def quant_mode(layer: nn.Module) -> str | None:
     """'4bit' for bnb Linear4bit, 'int8' for Linear8bitLt, None for a plain layer (no bnb import)."""
     name = type(layer).__name__
-    if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4", "Conv2d4bit"):
         return "4bit"
     if name == "Linear8bitLt":
         return "int8"
@@ -67,7 +68,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     bnb = _bnb()
     if mode == "4bit":
         _unpack_cpu_format(layer.weight)
-        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        flat = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        return flat.view(getattr(layer, "weight_shape", flat.shape))  # a 4-bit conv stores (out, in * kh * kw)
     # int8 row-wise: W = CB * SCB / 127
     return layer.weight.data.float() * _int8_scales(layer).float().unsqueeze(1) / 127.0
 
@@ -86,7 +88,7 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
         _unpack_cpu_format(layer.weight)
         old = layer.weight
         new = bnb.nn.Params4bit(
-            weight.detach().to("cpu", torch.float32),
+            weight.detach().to("cpu", torch.float32).flatten(1),
             requires_grad=False,
             quant_type=old.quant_type,
             blocksize=old.blocksize,
@@ -119,7 +121,7 @@ class QuantizeReport:
     def summary(self) -> str:
         mib = 1024 * 1024
         return (
-            f"quantized {self.layers} Linear layers: {self.bytes_before / mib:.1f} MiB -> "
+            f"quantized {self.layers} layers: {self.bytes_before / mib:.1f} MiB -> "
             f"{self.bytes_after / mib:.1f} MiB of parameters"
         )
 
@@ -130,10 +132,10 @@ def _parameter_bytes(model: nn.Module) -> int:
     )
 
 
-def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, weight: torch.Tensor) -> nn.Module:
     bnb = _bnb()
     device = linear.weight.device
-    weight = linear.weight.detach().to("cpu", torch.float32)
+    weight = weight.detach().to("cpu", torch.float32)
     has_bias = linear.bias is not None
     if mode == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
@@ -148,24 +150,46 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype) 
     return layer.to(device)
 
 
+def _quantized_conv(conv: nn.Conv2d, mode: str, weight: torch.Tensor) -> nn.Module:
+    from personalize.adapters.quant_conv import Conv2d4bit
+
+    return Conv2d4bit(conv, mode, weight).to(conv.weight.device)
+
+
 def quantize(
     model: nn.Module,
     mode: str = "nf4",
     skip: Iterable[str] = ("lm_head",),
     compute_dtype: torch.dtype = torch.float32,
+    convs: bool = False,
+    read_weight: Callable[[str], torch.Tensor] | None = None,
 ) -> QuantizeReport:
-    """Replace every nn.Linear of `model` (except paths matching a `skip` regex or suffix) in place."""
+    """Replace every nn.Linear (and with `convs`, plain Conv2d) of `model` except `skip` paths, in place.
+
+    `skip`: regexes or dotted suffixes. `read_weight(path + ".weight")` supplies the full-precision
+    weight when given (default: the layer's own).
+    """
+    from personalize.adapters.quant_conv import quantizable_conv
+
     if mode not in QUANT_MODES:
         raise UserError(f"unknown quantization '{mode}'; choose one of {', '.join(QUANT_MODES)}")
+    if convs and mode == "int8":
+        raise UserError("int8 quantizes Linear layers only; use nf4 or fp4 to quantize convolutions too")
+    _bnb()
     skip_patterns = [re.compile(f"(.*\\.)?{s}" if re.fullmatch(r"[\w.]+", s) else s) for s in skip]
     before = _parameter_bytes(model)
     targets = [
         (path, module)
         for path, module in model.named_modules()
-        if type(module) is nn.Linear and not any(p.fullmatch(path) for p in skip_patterns)
+        if (type(module) is nn.Linear or (convs and quantizable_conv(module)))
+        and not any(p.fullmatch(path) for p in skip_patterns)
     ]
     for path, module in targets:
+        weight = read_weight(f"{path}.weight") if read_weight is not None else module.weight
+        if isinstance(module, nn.Linear):
+            layer = _quantized_linear(module, mode, compute_dtype, weight)
+        else:
+            layer = _quantized_conv(module, mode, weight)
         parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, _quantized_linear(module, mode, compute_dtype))
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
     return QuantizeReport(len(targets), before, _parameter_bytes(model))

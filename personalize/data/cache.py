@@ -54,7 +54,8 @@ def _hash_module(digest: Any, module: torch.nn.Module) -> None:
     for name, tensor in module.state_dict().items():
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied to bytes
 
 
 def _hash_tokenizer(digest: Any, tokenizer: Any) -> None:

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-LAYERS = ("linear", "conv3x3", "conv1x1", "embedding", "linear4bit", "linear8bit")
+LAYERS = ("linear", "conv3x3", "conv1x1", "embedding", "linear4bit", "linear8bit", "conv4bit")
 
 
 class Holder(nn.Module):
@@ -34,6 +34,11 @@ def build_layer(kind: str) -> nn.Module:
         return nn.Embedding(20, 16)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes as bnb
+
+    if kind == "conv4bit":
+        from personalize.adapters.quant_conv import Conv2d4bit
+
+        return Conv2d4bit(nn.Conv2d(8, 12, 3, padding=1), "nf4")
 
     plain = nn.Linear(64, 64)
     if kind == "linear4bit":

@@ -23,18 +23,18 @@ HYPER = {
 }
 ALLOWED = {
     "lora": LAYERS,
-    "dora": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
-    "loha": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
-    "lokr": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
-    "krona": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
-    "ia3": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit"),
+    "dora": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
+    "loha": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
+    "lokr": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
+    "krona": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
+    "ia3": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
     "loha-tucker": ("conv3x3",),
     "lokr-both": ("linear", "conv3x3"),
     "lora-rsfa": ("linear", "conv3x3", "embedding"),
 }
 CASES = [(method, layer) for method, layers in ALLOWED.items() for layer in layers]
 # 4-bit and 8-bit bases re-quantize on merge: merged outputs only approximate the unmerged ones.
-MERGE_TOLERANCE = {"linear4bit": 0.25, "linear8bit": 0.05}
+MERGE_TOLERANCE = {"linear4bit": 0.25, "linear8bit": 0.05, "conv4bit": 0.25}
 
 
 def _model(method: str, layer: str, name: str = "a", seed: int = 2) -> Holder:

@@ -1,0 +1,81 @@
+"""A 4-bit Conv2d: the weight flattened to (out, in * kh * kw) and stored as bitsandbytes NF4/FP4 blocks.
+
+bitsandbytes quantizes Linear layers only, but 70% of an SD1.x UNet's weights are convolutions (the
+ResNet 3x3 convs and the 1x1 proj_in/proj_out), so a Linear-only 4-bit UNet keeps most of its
+memory. Here the frozen conv weight is dequantized on the fly: y = conv2d(x, dequant(Wq)) + b.
+
+The backward pass dequantizes again instead of keeping the full-precision weight of every layer alive
+between forward and backward (that would bring back the memory quantization saved); only the input
+gradient is computed -- the base is frozen, adapters train beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantizable_conv(conv: nn.Module) -> bool:
+    """Plain zero-padded Conv2d with numeric padding: what the dequantize-and-convolve forward reproduces."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.weight.dtype.is_floating_point
+    )
+
+
+class _DequantizedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: Conv2d4bit) -> torch.Tensor:
+        ctx.layer, ctx.input_shape = layer, x.shape
+        return F.conv2d(x, layer.dequantized(x.dtype), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer = ctx.layer
+        weight = layer.dequantized(grad_out.dtype)  # (out, in / groups, kh, kw), rebuilt rather than kept
+        grad_x = torch.nn.grad.conv2d_input(
+            ctx.input_shape, weight, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
+        return grad_x, None
+
+
+class Conv2d4bit(nn.Conv2d):
+    """A frozen Conv2d whose weight is a bitsandbytes Params4bit of the flattened kernel."""
+
+    def __init__(self, conv: nn.Conv2d, mode: str, weight: torch.Tensor | None = None) -> None:
+        import bitsandbytes as bnb
+
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=conv.dilation,  # type: ignore[arg-type]
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        full = (conv.weight if weight is None else weight).detach().to("cpu", torch.float32)
+        self.weight_shape = tuple(full.shape)  # (out, in / groups, kh, kw)
+        self.weight = bnb.nn.Params4bit(full.reshape(full.shape[0], -1), requires_grad=False, quant_type=mode)
+        self.weight = self.weight.to("cpu")  # quantizes
+        if conv.bias is not None:
+            self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        flat = dequantize_4bit(self.weight.data, self.weight.quant_state)  # (out, in * kh * kw)
+        return flat.to(dtype).view(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantizedConv.apply(x, self)  # (B, out, H', W')
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
