@@ -170,3 +170,42 @@ def test_quantize_and_adapter_on_4bit_llm():
         loss.backward()
         optimizer.step()
     assert loss.item() < first
+
+
+def test_4bit_conv_computes_with_its_dequantized_weight_and_trains_locon():
+    pytest.importorskip("bitsandbytes")
+    from personalize.adapters.quant import dequantized_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(32, 16, 1))
+    original = copy.deepcopy(model)
+    report = adapters.quantize(model, "nf4", convs=True)
+    assert report.layers == 2 and report.bytes_after < report.bytes_before / 4
+    for index in (0, 2):  # the same layer with the dequantized weight, in full precision
+        original[index].weight.data = dequantized_weight(model[index])
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    model(x).square().sum().backward()
+    original(x_ref).square().sum().backward()
+    torch.testing.assert_close(model(x), original(x_ref))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    adapters.inject(model, "lora", targets=["0", "2"], name="locon", rank=4)
+    params = adapters.trainable_parameters(model)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    target = torch.randn(2, 16, 8, 8)
+    losses = []
+    for _ in range(5):
+        loss = (model(x.detach()) - target).square().mean()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0]
+
+
+def test_int8_cannot_quantize_convolutions():
+    pytest.importorskip("bitsandbytes")
+    from personalize.errors import UserError
+
+    with pytest.raises(UserError, match="int8 quantizes Linear layers only"):
+        adapters.quantize(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3)), "int8", convs=True)

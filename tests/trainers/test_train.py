@@ -146,6 +146,20 @@ def test_nf4_quantized_base_trains_on_cpu(quick):
     assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_nf4_from_a_saved_folder_reads_weights_from_disk_and_samples_after_remapping(cache_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from personalize.models import save_tiny
+    from personalize.trainers import train
+
+    folder = save_tiny("tiny-sd15", tmp_path / "sd15")
+    from .conftest import CAT
+
+    options = dict(images=str(CAT), steps=2, resolution=64, cache_dir=str(cache_dir), checkpoint_every=0)
+    result = train(model=str(folder), method="lora", rank=4, quantize="nf4", output=str(tmp_path / "out"), **options)
+    assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
+    assert [path.name for path in result.samples] == ["step-000002.png"]  # the remapped VAE still decodes
+
+
 def test_model_card_snippet_loads_the_adapter_with_text_encoder(quick):
     result = quick(method="lokr", rank=4, train_text_encoder=True)
     card = (result.output_dir / "README.md").read_text()
