@@ -67,6 +67,19 @@ def parse_adapter(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
+def _quantize_denoiser(pipe: Any, mode: str, compute_dtype: Any) -> None:
+    """A UNet in 4 bits with its convolutions (adapters.quantize_unet); a transformer's Linear layers."""
+    from personalize import adapters
+    from personalize.models.mapped import tensor_reader
+    from personalize.pipelines.components import denoiser
+
+    model = denoiser(pipe)
+    if getattr(pipe, "unet", None) is model:
+        adapters.quantize_unet(model, mode, compute_dtype, read_weight=tensor_reader(model))
+    else:
+        adapters.quantize(model, mode, compute_dtype=compute_dtype, read_weight=tensor_reader(model))
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "num_images"):
         if getattr(args, name) < 1:
@@ -155,12 +168,9 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, torch_dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
+    if args.quantize:  # before moving: the full-precision denoiser never reaches the accelerator
+        _quantize_denoiser(pipe, args.quantize, resolve_dtype(args.dtype, device))
     pipe.to(device)
-    if args.quantize:
-        from personalize.adapters import quantize
-        from personalize.pipelines.components import denoiser
-
-        quantize(denoiser(pipe), args.quantize, compute_dtype=resolve_dtype(args.dtype, device))
     adapters = load_adapters(pipe, args.adapter, args.allow_pickle)
     from personalize.pipelines.conditioning import from_flags
 

@@ -20,7 +20,7 @@ from personalize.adapters.inject import (
     unmerge,
 )
 from personalize.adapters.layer import AdapterLayer
-from personalize.adapters.quant import QUANT_MODES, dequantized_weight, quantize
+from personalize.adapters.quant import QUANT_MODES, dequantized_weight, quantize, quantize_unet
 
 __all__ = [
     "METHODS",
@@ -34,6 +34,7 @@ __all__ = [
     "load_state_dict",
     "merge",
     "quantize",
+    "quantize_unet",
     "remove",
     "set_scale",
     "state_dict",

@@ -62,11 +62,11 @@ def test_remap_refuses_a_changed_or_trainable_module(pipe):
 def test_quantizing_from_disk_equals_quantizing_in_memory(pipe):
     pytest.importorskip("bitsandbytes")
     from personalize.adapters.quant import dequantized_weight
-    from personalize.trainers.dreambooth import quantize_unet
+    from personalize.trainers.dreambooth import quantize_base
 
     in_memory = load_pipeline(str(weight_files(pipe.unet)[0].parents[1])).unet
-    quantize_unet(in_memory, "nf4", torch.float32, from_disk=False)
-    quantize_unet(pipe.unet, "nf4", torch.float32, from_disk=True)
+    quantize_base(in_memory, "nf4", torch.float32, from_disk=False)
+    quantize_base(pipe.unet, "nf4", torch.float32, from_disk=True)
     layers = dict(pipe.unet.named_modules())
     quantized = [path for path, module in in_memory.named_modules() if type(module).__name__.endswith("4bit")]
     assert any(type(layers[p]).__name__ == "Conv2d4bit" for p in quantized)  # convolutions too
