@@ -31,11 +31,11 @@ from personalize.trainers.dreambooth import (
     TrainResult,
     _place,
     _trainable,
-    start_run,
 )
 from personalize.trainers.ema import EMA
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.run import start_run
 
 RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
 

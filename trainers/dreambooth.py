@@ -14,11 +14,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -29,6 +29,7 @@ from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from
 from personalize.trainers.ema import EMA
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.run import start_run
 
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -179,7 +180,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if accelerator.is_main_process:
         if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
             validate(state.step)
-        with ema.swap() if ema is not None else _nothing():
+        with ema.swap() if ema is not None else nullcontext():
             components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             files = save_outputs(
                 output,
@@ -233,46 +234,6 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 # --- pieces of the recipe ----------------------------------------------------------------------
 
 
-def _cpu_only() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
-
-
-class RunStart(NamedTuple):
-    accelerator: Any
-    say: Any
-    output: Path
-    checkpoint_root: Path
-    resume_from: Path | None
-
-
-def start_run(config: TrainConfig, notes: list[str]) -> RunStart:
-    """What every diffusion recipe does first: a clean accelerator, the notes, the seed, the checkpoint to resume."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    # A script may train many subjects in one process with different precisions; accelerate keeps its
-    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=_cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
-    )
-    say = _printer(accelerator)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
-    for note in notes:
-        say(f"note: {note}")
-    set_seed(config.seed)
-    output = Path(config.output)
-    checkpoint_root = output / "checkpoints"
-    return RunStart(
-        accelerator, say, output, checkpoint_root, _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
-    )
-
-
 def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
     """Move to device; cast only when the dtype differs (diffusers warns about every cast)."""
     current = next(module.parameters()).dtype
@@ -298,39 +259,6 @@ def idle_until_validation(modules: list[torch.nn.Module], device: Any, own_pipe:
             module.to("cpu")
         elif own_pipe:
             remap(module)
-
-
-def _printer(accelerator: Any) -> Any:
-    def say(message: str) -> None:
-        if accelerator.is_main_process:
-            print(message, flush=True)
-
-    return say
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _checkpoint_to_resume(config: TrainConfig, root: Path, accelerator: Any, say: Any) -> Path | None:
-    from personalize.trainers.checkpoints import latest_checkpoint, list_checkpoints
-
-    if config.resume:
-        latest = latest_checkpoint(root)
-        if latest is None:
-            say(f"--resume: no checkpoint in {root} yet; starting from step 0")
-        return latest
-    old = list_checkpoints(root)
-    if old and accelerator.is_main_process:
-        say(f"starting over: removing {len(old)} old checkpoint(s) in {root} (pass --resume to continue them)")
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return None
 
 
 def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[Any, Any]:
@@ -536,7 +464,7 @@ def _validate(
         if type(module).__name__ == "Linear4bit":
             module.train()
     autocast = accelerator.autocast() if config.mixed_precision != "no" else None
-    with ema.swap() if ema is not None else _nothing():
+    with ema.swap() if ema is not None else nullcontext():
         path = sample_grid(
             pipe,
             prompts,

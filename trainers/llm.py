@@ -32,6 +32,7 @@ from personalize.errors import UserError
 from personalize.trainers.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
 from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.run import start_run
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
@@ -48,23 +49,7 @@ class LLMResult:
 def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     """Run the recipe; `options` are LLMTrainConfig keys."""
     config = resolve(config if config is not None else config_from_options(options))
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-
-    from personalize.trainers.dreambooth import _checkpoint_to_resume, _cpu_only, _printer
-
-    AcceleratorState._reset_state()  # a clean accelerate singleton per run, as the DreamBooth recipe
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=_cpu_only()
-    )
-    say = _printer(accelerator)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
-    set_seed(config.seed)
-    output = Path(config.output)
-    checkpoint_root = output / "checkpoints"
-    resume_from = _checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    accelerator, say, output, checkpoint_root, resume_from = start_run(config, [])
 
     # --- data + base model --------------------------------------------------------------------
     report = ChatReport()

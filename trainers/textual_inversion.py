@@ -17,6 +17,7 @@ adapter) through personalize.formats, samples, config.yaml and README.md.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from personalize.trainers.dreambooth import (
     _card_settings,
     _datasets,
     _loss_function,
-    _nothing,
     _place,
     _set_attention,
     _stream,
@@ -43,12 +43,12 @@ from personalize.trainers.dreambooth import (
     _validate,
     idle_until_validation,
     quantize_base,
-    start_run,
 )
 from personalize.trainers.ema import EMA
 from personalize.trainers.loop import LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.run import start_run
 
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
@@ -201,7 +201,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if accelerator.is_main_process:
         if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
             validate(state.step)
-        with ema.swap() if ema is not None else _nothing():
+        with ema.swap() if ema is not None else nullcontext():
             adapted = {name: accelerator.unwrap_model(model) for name, model in zip(trained, models)}
             adapted.pop("embeddings")
             files = save_token_outputs(

@@ -1,0 +1,80 @@
+"""The start of every training run: a clean accelerator, the notes, the seed, the checkpoint to resume.
+
+Shared by the diffusion recipes (DreamBooth, Textual Inversion, conditioning) and the LLM/VLM recipe;
+`config` is any of their configs (mixed_precision, grad_accum, seed, output, resume).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from personalize.errors import UserError
+
+
+def cpu_only() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+class RunStart(NamedTuple):
+    accelerator: Any
+    say: Any
+    output: Path
+    checkpoint_root: Path
+    resume_from: Path | None
+
+
+def start_run(config: Any, notes: list[str]) -> RunStart:
+    """What every recipe does first: a clean accelerator, the notes, the seed, the checkpoint to resume."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    # A script may train many subjects in one process with different precisions; accelerate keeps its
+    # settings in a process-wide singleton, so start each run from a clean one (the process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=cpu_only(),  # lets torchrun's gloo ranks form one CPU process group (MULTI_CPU)
+    )
+    say = printer(accelerator)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 or no")
+    for note in notes:
+        say(f"note: {note}")
+    set_seed(config.seed)
+    output = Path(config.output)
+    checkpoint_root = output / "checkpoints"
+    return RunStart(
+        accelerator, say, output, checkpoint_root, checkpoint_to_resume(config, checkpoint_root, accelerator, say)
+    )
+
+
+def printer(accelerator: Any) -> Any:
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    return say
+
+
+def checkpoint_to_resume(config: Any, root: Path, accelerator: Any, say: Any) -> Path | None:
+    from personalize.trainers.checkpoints import latest_checkpoint, list_checkpoints
+
+    if config.resume:
+        latest = latest_checkpoint(root)
+        if latest is None:
+            say(f"--resume: no checkpoint in {root} yet; starting from step 0")
+        return latest
+    old = list_checkpoints(root)
+    if old and accelerator.is_main_process:
+        say(f"starting over: removing {len(old)} old checkpoint(s) in {root} (pass --resume to continue them)")
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return None
