@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,27 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     )
 
     # --- train --------------------------------------------------------------------------------
+    from personalize.trainers.conditioning_samples import write_samples
+
     compute_loss = loss_function(pipe, family, method, models, config, generator, accelerator.autocast)
+    autocast = accelerator.autocast if config.mixed_precision != "no" else None  # a factory: one context per use
+    samples: list[Path] = []
+
+    def validate(step: int) -> None:
+        """A mid-run sample, made like the final one: the side network saved (to a scratch folder) and
+        loaded back into stock pipelines; the final sample comes from the output files below."""
+        if not accelerator.is_main_process or config.validation_images <= 0 or step >= config.steps:
+            return
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        with tempfile.TemporaryDirectory(dir=output) as scratch:
+            with ema.swap() if ema is not None else contextlib.nullcontext():
+                method.save(unwrapped, pipe, family, Path(scratch), config)
+            method.restore(pipe, side)
+            try:
+                samples.append(write_samples(pipe, config, data, output, step, autocast, saved=Path(scratch)))
+            finally:
+                method.reinstall(pipe, side)
+
     settings = LoopSettings(
         steps=config.steps,  # type: ignore[arg-type]
         grad_accum=config.grad_accum,
@@ -154,11 +175,12 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
         checkpoint_root=checkpoint_root,
+        validate_every=config.validate_every,
     )
     started = time.perf_counter()
     for model in models.values():
         model.train()
-    train_loop(accelerator, list(models.values()), compute_loss, state, settings)
+    train_loop(accelerator, list(models.values()), compute_loss, state, settings, on_validate=validate)
     seconds = time.perf_counter() - started
     for model in models.values():
         model.eval()
@@ -172,7 +194,6 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         "seconds": seconds,
         "trainable_params": trainable,
     }
-    samples: list[Path] = []
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
         with ema.swap() if ema is not None else contextlib.nullcontext():
@@ -181,9 +202,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     method.restore(pipe, side)
     if accelerator.is_main_process:
         from personalize.trainers.conditioning_card import render_card
-        from personalize.trainers.conditioning_samples import write_samples
 
-        autocast = accelerator.autocast() if config.mixed_precision != "no" else None
         samples.append(write_samples(pipe, config, data, output, state.step, autocast))
         (output / "README.md").write_text(render_card(config, family, files, output, metrics, samples[-1]))
         files += [output / "README.md", output / "config.yaml"]

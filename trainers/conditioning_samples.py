@@ -7,6 +7,7 @@ from the output dir (not the in-memory modules) checks the saved files on every 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,16 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def write_samples(pipe: Any, config: Any, data: Any, output: Path, step: int, autocast: Any = None) -> Path:
-    """Generate with the saved side network; returns the grid's path."""
+def write_samples(
+    pipe: Any,
+    config: Any,
+    data: Any,
+    output: Path,
+    step: int,
+    autocast: Callable[[], Any] | None = None,
+    saved: Path | None = None,
+) -> Path:
+    """Generate with the side network saved in `saved` (default: the output dir); returns the grid's path."""
     from personalize.pipelines.conditioning import compose
     from personalize.pipelines.generate import GenerationSettings, generate
 
@@ -40,7 +49,8 @@ def write_samples(pipe: Any, config: Any, data: Any, output: Path, step: int, au
     condition = to_image(item[data.key])
     condition_path = save_png(condition, folder / f"{data.key}.png")
     target, image_option = OPTIONS[config.method]
-    source = output / "ip_adapter.safetensors" if config.method == "ip-adapter" else output
+    saved = saved or output
+    source = saved / "ip_adapter.safetensors" if config.method == "ip-adapter" else saved
     sampler, arguments = compose(pipe, **{target: str(source), image_option: str(condition_path)})
     prompts = config.validation_prompts or [item["prompt"]]
     size = config.data.resolution
@@ -56,7 +66,7 @@ def write_samples(pipe: Any, config: Any, data: Any, output: Path, step: int, au
                 height=size,
                 extra=arguments,
             )
-            with torch.no_grad(), autocast if autocast is not None else nullcontext():
+            with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
                 images = generate(sampler, settings)
             rows += [condition.resize(images[0].size), *images]
     finally:

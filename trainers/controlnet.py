@@ -13,6 +13,7 @@ saving. Output: the ControlNetModel folder (config.json + safetensors) at the ru
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def save(models: dict[str, Any], pipe: Any, family: str, output: Path, config: A
     if config.conditioning.controlnet_adapter:
         from personalize import adapters
 
+        controlnet = copy.deepcopy(controlnet)  # folded in a copy, so that training can go on after a sample
         adapters.merge(controlnet, ADAPTER_NAME)
         adapters.remove(controlnet, ADAPTER_NAME)  # merge + remove: plain weights a stock loader reads
     controlnet.save_pretrained(str(output), safe_serialization=True)
@@ -112,3 +114,7 @@ def save(models: dict[str, Any], pipe: Any, family: str, output: Path, config: A
 
 def restore(pipe: Any, side: dict[str, Any]) -> None:
     """The base UNet was never modified (the ControlNet is a copy)."""
+
+
+def reinstall(pipe: Any, side: dict[str, Any]) -> None:
+    """Nothing to put back after a mid-run sample: the ControlNet lives beside the UNet."""

@@ -463,7 +463,7 @@ def _validate(
         # than its block size); training mode keeps the layout the training steps use.
         if type(module).__name__ == "Linear4bit":
             module.train()
-    autocast = accelerator.autocast() if config.mixed_precision != "no" else None
+    autocast = accelerator.autocast if config.mixed_precision != "no" else None  # a factory: one context per use
     with ema.swap() if ema is not None else nullcontext():
         path = sample_grid(
             pipe,

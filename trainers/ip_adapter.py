@@ -204,6 +204,18 @@ def restore(pipe: Any, side: dict[str, Any]) -> None:
     """Put the UNet's attention processors and (absent) image projection back as they were."""
     parts = side["ip_adapter"]
     unet = pipe.unet
-    unet.set_attn_processor(parts.originals)
+    unet.set_attn_processor(dict(parts.originals))  # a copy: diffusers pops the entries it assigns
     unet.encoder_hid_proj = None
     unet.config.encoder_hid_dim_type = None
+
+
+def reinstall(pipe: Any, side: dict[str, Any]) -> None:
+    """After a mid-run sample (restore, sample from the saved file, unload): the trained processors and
+    image projection back into the UNet, so that training goes on with the same modules."""
+    parts = side["ip_adapter"]
+    unet = pipe.unet
+    processors = dict(parts.originals)  # e.g. xformers, as this run set it; unloading reset them to defaults
+    processors.update(zip(parts.names, parts.processors))
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = parts.image_proj
+    unet.config.encoder_hid_dim_type = "ip_image_proj"

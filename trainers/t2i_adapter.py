@@ -99,3 +99,7 @@ def save(models: dict[str, Any], pipe: Any, family: str, output: Path, config: A
 
 def restore(pipe: Any, side: dict[str, Any]) -> None:
     """The base UNet was never modified."""
+
+
+def reinstall(pipe: Any, side: dict[str, Any]) -> None:
+    """Nothing to put back after a mid-run sample: the adapter lives beside the UNet."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def sample_grid(
     images_per_prompt: int = 2,
     steps: int = 25,
     size: int | None = None,
-    autocast: Any = None,
+    autocast: Callable[[], Any] | None = None,
 ) -> Path:
     """Generate `images_per_prompt` images per prompt (image i: seed + i) and save them as one grid.
 
@@ -34,7 +35,7 @@ def sample_grid(
         settings = GenerationSettings(
             prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
         )
-        with torch.no_grad(), autocast if autocast is not None else nullcontext():
+        with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
             images.extend(generate(pipe, settings))
     grid = make_grid(images, columns=images_per_prompt)
     info = {"prompt": " | ".join(prompts), "seed": seed, "steps": steps, "training_step": step}

@@ -269,3 +269,29 @@ def test_ema_weights_are_what_is_saved(quick, tmp_path):
     ema_weights = load_file(str(averaged.output_dir / "ip_adapter.safetensors"))
     assert raw.metrics["final_loss"] == averaged.metrics["final_loss"]  # the same training run
     assert not torch.equal(raw_weights["image_proj.proj.weight"], ema_weights["image_proj.proj.weight"])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("controlnet", {"rank": 2, "conditioning": {"controlnet_adapter": "lora"}}),
+        ("t2i-adapter", {}),
+        ("ip-adapter", {}),
+    ],
+)
+def test_validate_every_samples_mid_run_without_changing_the_training(quick, tmp_path, method, options):
+    """Mid-run samples save the side network to a scratch folder and load it back like the final files
+    (for IP-Adapter: out of the UNet and back in); the trained weights match a run without them."""
+    from safetensors.torch import load_file
+
+    settings = dict(method=method, steps=2, num_workers=0, lr=1e-2, **options)
+    plain = quick(output=str(tmp_path / "plain"), **settings)
+    sampled = quick(output=str(tmp_path / "sampled"), validate_every=1, **settings)
+    names = sorted(path.name for path in (sampled.output_dir / "samples").iterdir())
+    assert [name for name in names if name.startswith("step-")] == ["step-000001.png", "step-000002.png"]
+    assert [path.name for path in sampled.samples] == ["step-000001.png", "step-000002.png"]
+    assert not [path for path in sampled.output_dir.iterdir() if path.name.startswith("tmp")]  # scratch removed
+    weights = "ip_adapter.safetensors" if method == "ip-adapter" else "diffusion_pytorch_model.safetensors"
+    expected = load_file(str(plain.output_dir / weights))
+    got = load_file(str(sampled.output_dir / weights))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)

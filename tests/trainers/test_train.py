@@ -177,6 +177,13 @@ def test_bf16_base_with_gradient_checkpointing_keeps_the_adapter_fp32(quick):
     assert {value.dtype for key, value in tensors.items() if not key.endswith("alpha")} == {torch.float32}
 
 
+def test_bf16_samples_every_step_with_two_prompts(quick):
+    """Each sample opens its own autocast context (a used one cannot be entered again)."""
+    prompts = ["a photo of sks cat", "sks cat on a beach"]
+    result = quick(method="lora", rank=4, mixed_precision="bf16", validation_prompts=prompts, validate_every=1)
+    assert [path.name for path in result.samples] == ["step-000001.png", "step-000002.png"]
+
+
 def test_fp16_on_cpu_is_a_user_error(quick):
     from personalize.errors import UserError
 
