@@ -4,7 +4,8 @@
 
 Factor sizes follow LyCORIS's `factorization(dim, factor)`: factor dividing dim -> (factor, dim/factor),
 factor = -1 -> the most balanced pair (320 -> 16 x 20). w2 is low-rank (w2_a (k, r) @ w2_b (r, n*kh*kw))
-when r < max(k, n) / 2, w1 likewise only with `decompose_both`; s = alpha / r when a factor is
+when r < max(k, n) / 2 (on a conv with `tucker`: a core t2 (r, r, kh, kw) between w2_a (r, k) and
+w2_b (r, n), LyCORIS's use_tucker), w1 likewise only with `decompose_both`; s = alpha / r when a factor is
 low-rank, else 1 (alpha is ignored, as in LyCORIS and ComfyUI). KronA fixes w1 to (a1, a2), keeps both
 factors full (s = 1) and starts w1 ~ N(0, 1/a1) (variance), w2 = 0; it is stored in this LoKr layout
 so that every LoKr reader reads it.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from personalize.adapters.base import AdapterModule, base_weight_shape, check_positive, conv_arguments, layer_kind
+from personalize.adapters.loha import tucker_half
 from personalize.errors import UserError
 
 
@@ -55,6 +57,7 @@ class KronPlan:
     kernel: tuple[int, ...]
     w1_rank: int | None
     w2_rank: int | None
+    tucker: bool = False  # w2 = t2 x1 w2_a x2 w2_b (a conv's low-rank w2 only)
 
     @property
     def full(self) -> bool:
@@ -62,13 +65,21 @@ class KronPlan:
 
 
 def lokr_plan(
-    out_dim: int, in_dim: int, kernel: tuple[int, ...], rank: int, factor: int, decompose_both: bool, full_matrix: bool
+    out_dim: int,
+    in_dim: int,
+    kernel: tuple[int, ...],
+    rank: int,
+    factor: int,
+    decompose_both: bool,
+    full_matrix: bool,
+    tucker: bool = False,
 ) -> KronPlan:
     l, k = factorization(out_dim, factor)  # noqa: E741
     m, n = factorization(in_dim, factor)
     w1_rank = rank if decompose_both and not full_matrix and rank < max(l, m) / 2 else None
     w2_rank = rank if not full_matrix and rank < max(k, n) / 2 else None
-    return KronPlan(l, m, k, n, kernel, w1_rank, w2_rank)
+    tucker = tucker and w2_rank is not None and any(size != 1 for size in kernel)
+    return KronPlan(l, m, k, n, kernel, w1_rank, w2_rank, tucker)
 
 
 def krona_plan(out_dim: int, in_dim: int, kernel: tuple[int, ...], a1: int, a2: int) -> KronPlan:
@@ -128,6 +139,7 @@ class LoKr(AdapterModule):
         factor: int = -1,
         decompose_both: bool = False,
         full_matrix: bool = False,
+        tucker: bool = False,
         plan: KronPlan | None = None,
         krona_init: bool = False,
     ) -> None:
@@ -142,7 +154,7 @@ class LoKr(AdapterModule):
         kernel = tuple(weight_shape[2:])
         self.weight_shape = torch.Size(weight_shape)
         self.geometry = conv_arguments(base_layer) if self.kind == "conv2d" else {}
-        plan = plan or lokr_plan(weight_shape[0], weight_shape[1], kernel, rank, factor, decompose_both, full_matrix)
+        plan = plan or lokr_plan(*weight_shape[:2], kernel, rank, factor, decompose_both, full_matrix, tucker)
         self.plan = plan
         self.rank = plan.w2_rank or plan.w1_rank or rank
         device = base_layer.weight.device
@@ -157,10 +169,14 @@ class LoKr(AdapterModule):
             self.lokr_w1_a, self.lokr_w1_b = param(plan.l, plan.w1_rank), param(plan.w1_rank, plan.m)
         if plan.w2_rank is None:
             self.lokr_w2 = param(plan.k, plan.n, *kernel)
+        elif plan.tucker:  # LyCORIS's layout: both 1-mode factors (r, dim)
+            self.lokr_t2 = param(plan.w2_rank, plan.w2_rank, *kernel)
+            self.lokr_w2_a, self.lokr_w2_b = param(plan.w2_rank, plan.k), param(plan.w2_rank, plan.n)
         else:
             self.lokr_w2_a, self.lokr_w2_b = param(plan.k, plan.w2_rank), param(plan.w2_rank, plan.n * kernel_size)
         with torch.no_grad():
-            for tensor in (getattr(self, n, None) for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a")):
+            names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_t2")
+            for tensor in (getattr(self, n, None) for n in names):
                 if tensor is not None:
                     nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
             nn.init.zeros_(self.lokr_w2 if plan.w2_rank is None else self.lokr_w2_b)
@@ -180,6 +196,8 @@ class LoKr(AdapterModule):
         w1 = self.lokr_w1 if self.plan.w1_rank is None else self.lokr_w1_a @ self.lokr_w1_b
         if self.plan.w2_rank is None:
             w2 = self.lokr_w2
+        elif self.plan.tucker:
+            w2 = tucker_half(self.lokr_t2, self.lokr_w2_b, self.lokr_w2_a)  # (k, n, kh, kw)
         else:
             w2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(self.plan.k, self.plan.n, *self.plan.kernel)
         return w1, w2
@@ -201,16 +219,15 @@ class LoKr(AdapterModule):
 
     @staticmethod
     def hyper_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: torch.Size) -> dict[str, Any]:
-        if "lokr_t2" in tensors:
-            raise UserError("LoKr files with a Tucker core (lokr_t2) are not supported yet; export without tucker")
         w1 = tensors.get("lokr_w1")
         l, m = w1.shape if w1 is not None else (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1])  # noqa: E741
         w1_rank = None if w1 is not None else tensors["lokr_w1_a"].shape[1]
-        w2_rank = None if "lokr_w2" in tensors else tensors["lokr_w2_a"].shape[1]
+        tucker = "lokr_t2" in tensors
+        w2_rank = None if "lokr_w2" in tensors else tensors["lokr_t2" if tucker else "lokr_w2_a"].shape[1]
         out_dim, in_dim, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
         if out_dim % l or in_dim % m:
             raise UserError(f"LoKr factor w1 {tuple((l, m))} does not divide the layer weight {tuple(weight_shape)}")
-        plan = KronPlan(l, m, out_dim // l, in_dim // m, kernel, w1_rank, w2_rank)
+        plan = KronPlan(l, m, out_dim // l, in_dim // m, kernel, w1_rank, w2_rank, tucker)
         rank = w2_rank or w1_rank or 1
         alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
         return {"rank": rank, "alpha": alpha, "plan": plan}

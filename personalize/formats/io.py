@@ -356,6 +356,9 @@ def implied_shape(group: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
         l, m = w1.shape if w1 is not None else (group["lokr_w1_a"].shape[0], group["lokr_w1_b"].shape[1])  # noqa: E741
         if "lokr_w2" in group:
             k, n_flat = group["lokr_w2"].shape[0], group["lokr_w2"][0].numel()
+        elif "lokr_t2" in group:  # Tucker: w2_a (r, k), w2_b (r, n), t2 (r, r, kh, kw)
+            kernel = int(group["lokr_t2"].shape[2:].numel())
+            k, n_flat = group["lokr_w2_a"].shape[1], group["lokr_w2_b"].shape[1] * kernel
         else:
             k, n_flat = group["lokr_w2_a"].shape[0], group["lokr_w2_b"].shape[1]
         return int(l * k), int(m * n_flat)

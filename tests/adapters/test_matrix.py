@@ -19,6 +19,7 @@ HYPER = {
     "ia3": {},
     "loha-tucker": {"rank": 4, "alpha": 2, "tucker": True},
     "lokr-both": {"rank": 1, "alpha": 1, "factor": 4, "decompose_both": True},
+    "lokr-tucker": {"rank": 1, "alpha": 1, "factor": 4, "tucker": True},
     "lora-rsfa": {"rank": 4, "alpha": 2, "rslora": True, "fa": True, "init": "gaussian"},
 }
 ALLOWED = {
@@ -30,6 +31,7 @@ ALLOWED = {
     "ia3": ("linear", "conv3x3", "conv1x1", "linear4bit", "linear8bit", "conv4bit"),
     "loha-tucker": ("conv3x3",),
     "lokr-both": ("linear", "conv3x3"),
+    "lokr-tucker": ("conv3x3", "conv4bit"),
     "lora-rsfa": ("linear", "conv3x3", "embedding"),
 }
 CASES = [(method, layer) for method, layers in ALLOWED.items() for layer in layers]

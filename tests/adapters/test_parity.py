@@ -104,6 +104,28 @@ def test_lokr_equals_peft_and_lycoris(kind):
         torch.testing.assert_close(adapter.delta_weight(base.weight), reference.reshape(base.weight.shape))
 
 
+def test_lokr_tucker_equals_lycoris():
+    """A conv's low-rank w2 through a Tucker core: t2 (r, r, kh, kw) x w2_a (r, k) x w2_b (r, n)."""
+    from lycoris.functional.general import rebuild_tucker
+    from lycoris.functional.lokr import make_kron
+
+    torch.manual_seed(0)
+    base = nn.Conv2d(16, 32, 3, padding=1)
+    ours, _ = _pair(base, "lokr", rank=2, alpha=1, factor=4, tucker=True)
+    adapter = ours.block.layer.adapters["a"]
+    assert adapter.plan.tucker and adapter.lokr_t2.shape == (2, 2, 3, 3)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+        # LokrModule's scale alpha / r (functional.diff_weight would read r off w2_a, which is (r, k) here)
+        w2 = rebuild_tucker(adapter.lokr_t2, adapter.lokr_w2_a, adapter.lokr_w2_b)
+        reference = make_kron(adapter.lokr_w1, w2, 1 / 2)
+        torch.testing.assert_close(adapter.delta_weight(base.weight), reference.reshape(base.weight.shape))
+        x = torch.randn(2, 16, 6, 6)
+        merged = nn.functional.conv2d(x, base.weight + adapter.delta_weight(base.weight), base.bias, padding=1)
+        torch.testing.assert_close(ours(x), merged, rtol=1e-4, atol=1e-4)
+
+
 def test_kron_factored_forward_equals_torch_kron():
     from personalize.adapters.lokr import kron_conv2d, kron_linear, kron_linear_low_rank
 

@@ -22,6 +22,7 @@ lycoris = pytest.importorskip("lycoris")
     [
         ("lokr", {"factor": 4}),
         ("loha", {}),
+        ("lokr", {"factor": 2, "use_tucker": True, "conv_dim": 4, "conv_alpha": 2}),  # lokr_t2 cores on 3x3 convs
         pytest.param("locon", {}, marks=pytest.mark.slow),
         pytest.param("lokr", {"factor": -1, "full_matrix": True}, marks=pytest.mark.slow),
     ],
@@ -43,6 +44,8 @@ def test_lycoris_files_load_with_identical_outputs(tiny_pipelines, tmp_path, alg
     network.save_weights(str(file), torch.float32, {})
     read = read_adapter(file, pipe.unet)
     assert read.layout == "kohya"
+    if options.get("use_tucker"):
+        assert any(key.endswith(".lokr_t2") for key in load_file(str(file)))
     loaded = copy.deepcopy(pipe.unet)
     read.apply(loaded)
     with torch.no_grad():
