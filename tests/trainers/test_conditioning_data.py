@@ -106,3 +106,29 @@ def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():
     strong = torch.zeros_like(spiral)
     strong[2, 6] = True
     assert torch.equal(hysteresis(strong, spiral), spiral)
+
+
+@pytest.mark.parametrize("annotator", ["canny", "tile"])
+def test_annotator_outputs_are_cached_per_image_and_crop(tmp_path, annotator):
+    from personalize.data.paired import annotate
+
+    images = tmp_path / "images"
+    images.mkdir()
+    picture = Image.new("RGB", (96, 64), "black")
+    picture.paste(Image.new("RGB", (48, 64), "white"), (48, 0))
+    picture.save(images / "p0.png")
+    config = DataConfig(images=str(images), resolution=64, bucketing=False, flip=0.5, cache_dir=str(tmp_path / "c"))
+    dataset = build_dataset(config)
+    paired = build_paired(dataset, "", annotator)
+    first = [paired[(epoch, 0)] for epoch in range(4)]
+    transforms = {dataset.plan(0, epoch).tag() for epoch in range(4)}
+    assert len(transforms) == 2  # the seeded coin flips this image in some epochs and not others
+    entries = sorted((tmp_path / "c" / "conditioning" / annotator).iterdir())
+    assert len(entries) == 2  # one entry per image and transform, whatever the epoch
+    for item in first:
+        expected = annotate(annotator, item["pixels"].add(1).div(2))
+        assert torch.equal(item["conditioning"], expected)
+    again = build_paired(build_dataset(config), "", annotator)  # a new run reads the entries back
+    for epoch, item in enumerate(first):
+        assert torch.equal(again[(epoch, 0)]["conditioning"], item["conditioning"])
+    assert sorted((tmp_path / "c" / "conditioning" / annotator).iterdir()) == entries
