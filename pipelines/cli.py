@@ -67,7 +67,7 @@ def parse_adapter(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
-def _quantize_denoiser(pipe: Any, mode: str, compute_dtype: Any) -> None:
+def _quantize_denoiser(pipe: Any, mode: str, compute_dtype: Any, device: Any) -> None:
     """A UNet in 4 bits with its convolutions (adapters.quantize_unet); a transformer's Linear layers."""
     from personalize import adapters
     from personalize.models.mapped import tensor_reader
@@ -75,9 +75,9 @@ def _quantize_denoiser(pipe: Any, mode: str, compute_dtype: Any) -> None:
 
     model = denoiser(pipe)
     if getattr(pipe, "unet", None) is model:
-        adapters.quantize_unet(model, mode, compute_dtype, read_weight=tensor_reader(model))
+        adapters.quantize_unet(model, mode, compute_dtype, read_weight=tensor_reader(model), device=device)
     else:
-        adapters.quantize(model, mode, compute_dtype=compute_dtype, read_weight=tensor_reader(model))
+        adapters.quantize(model, mode, compute_dtype=compute_dtype, read_weight=tensor_reader(model), device=device)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, torch_dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
-    if args.quantize:  # before moving: the full-precision denoiser never reaches the accelerator
-        _quantize_denoiser(pipe, args.quantize, resolve_dtype(args.dtype, device))
+    if args.quantize:  # layer by layer on the device: the full-precision denoiser never sits there whole
+        _quantize_denoiser(pipe, args.quantize, resolve_dtype(args.dtype, device), device)
     pipe.to(device)
     adapters = load_adapters(pipe, args.adapter, args.allow_pickle)
     from personalize.pipelines.conditioning import from_flags

@@ -97,7 +97,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         from personalize import adapters
 
         if config.quantize:
-            quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe)
+            quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe, device=device)
         _place(unet, device, weight_dtype)
         adapters.inject(unet, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:
@@ -240,13 +240,16 @@ def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn
     return module.to(device) if current == dtype else module.to(device, dtype=dtype)
 
 
-def quantize_base(unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype, from_disk: bool) -> None:
-    """adapters.quantize_unet; `from_disk`: a UNet this run loaded is read from its files one weight at
-    a time, so that its full-precision copy is never resident at once."""
+def quantize_base(
+    unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype, from_disk: bool, device: Any = None
+) -> None:
+    """adapters.quantize_unet, each layer quantized on `device`; `from_disk`: a UNet this run loaded is
+    read from its files one weight at a time, so that its full-precision copy is never resident at once."""
     from personalize import adapters
     from personalize.models.mapped import tensor_reader
 
-    adapters.quantize_unet(unet, mode, compute_dtype, read_weight=tensor_reader(unet) if from_disk else None)
+    reader = tensor_reader(unet) if from_disk else None
+    adapters.quantize_unet(unet, mode, compute_dtype, read_weight=reader, device=device)
 
 
 def idle_until_validation(modules: list[torch.nn.Module], device: Any, own_pipe: bool) -> None:

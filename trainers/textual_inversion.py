@@ -101,7 +101,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         from personalize import adapters
 
         if config.quantize:
-            quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe)
+            quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe, device=device)
         _place(unet, device, weight_dtype)
         adapters.inject(unet, adapter_method, targets=config.targets, name=config.adapter_name, **hyper)
         trained["unet"] = unet

@@ -49,7 +49,9 @@ class _DequantizedConv(torch.autograd.Function):
 class Conv2d4bit(nn.Conv2d):
     """A frozen Conv2d whose weight is a bitsandbytes Params4bit of the flattened kernel."""
 
-    def __init__(self, conv: nn.Conv2d, mode: str, weight: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, mode: str, weight: torch.Tensor | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         import bitsandbytes as bnb
 
         super().__init__(
@@ -66,9 +68,9 @@ class Conv2d4bit(nn.Conv2d):
         full = (conv.weight if weight is None else weight).detach().to("cpu", torch.float32)
         self.weight_shape = tuple(full.shape)  # (out, in / groups, kh, kw)
         self.weight = bnb.nn.Params4bit(full.reshape(full.shape[0], -1), requires_grad=False, quant_type=mode)
-        self.weight = self.weight.to("cpu")  # quantizes
+        self.weight = self.weight.to(device)  # bitsandbytes quantizes on the way to the device
         if conv.bias is not None:
-            self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+            self.bias = nn.Parameter(conv.bias.detach().to(device, copy=True), requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
