@@ -190,8 +190,12 @@ def _load(config: LLMTrainConfig, device: Any) -> tuple[Any, Any]:
 
     dtype = DTYPES[config.mixed_precision]
     kwargs: dict[str, Any] = {}
-    hub_quantized = bool(config.quantize) and config.model not in TINY_LANGUAGE
-    if hub_quantized:  # quantize while loading: the full-precision weights never sit in memory at once
+    # On a GPU, transformers' bitsandbytes loader quantizes each weight as it reaches the device. On a CPU it
+    # reads the weights through the checkpoint's memory map, so every page stays resident until loading
+    # ends (the peak holds the full-precision model); there the model loads lazily and each Linear weight
+    # is read from the file into its own buffer and quantized (personalize.models.mapped).
+    hub_quantized = bool(config.quantize) and config.model not in TINY_LANGUAGE and device.type != "cpu"
+    if hub_quantized:
         try:
             from transformers import BitsAndBytesConfig
         except ImportError:
@@ -205,14 +209,29 @@ def _load(config: LLMTrainConfig, device: Any) -> tuple[Any, Any]:
             llm_int8_skip_modules=["lm_head", "vision_tower", "multi_modal_projector"],
         )
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights reach the device
-    model, processor = load_language_model(config.model, torch_dtype=dtype, **kwargs)
+    from_disk = bool(config.quantize) and not hub_quantized and config.model not in TINY_LANGUAGE
+    # From disk: the checkpoint's own dtype keeps every weight a lazy memory map until it is read.
+    load_dtype = "auto" if from_disk else dtype
+    model, processor = load_language_model(config.model, torch_dtype=load_dtype, **kwargs)
     model.requires_grad_(False)
     if config.quantize and not hub_quantized:
         from personalize import adapters
+        from personalize.models.mapped import tensor_reader
 
-        adapters.quantize(model, config.quantize, skip=VLM_UNQUANTIZED, compute_dtype=dtype)
+        reader = tensor_reader(model) if from_disk else None
+        adapters.quantize(model, config.quantize, skip=VLM_UNQUANTIZED, compute_dtype=dtype, read_weight=reader)
         _keep_cpu_4bit_layout(model)
+        _cast_unquantized(model, dtype)
     return model, processor
+
+
+def _cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The parameters quantize() kept (embeddings, norms, lm_head, biases, a VLM's vision tower and
+    projector) in the compute dtype; buffers (rotary frequencies) keep theirs."""
+    for param in model.parameters():
+        quantized = type(param).__name__ in ("Params4bit", "Int8Params")
+        if not quantized and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:

@@ -163,13 +163,13 @@ def quantize(
     skip: Iterable[str] = ("lm_head",),
     compute_dtype: torch.dtype = torch.float32,
     convs: bool = False,
-    read_weight: Callable[[str], torch.Tensor] | None = None,
+    read_weight: Callable[[str], torch.Tensor | None] | None = None,
     device: torch.device | str | None = None,
 ) -> QuantizeReport:
     """Replace every nn.Linear (and with `convs`, plain Conv2d) of `model` except `skip` paths, in place.
 
     `skip`: regexes or dotted suffixes. `read_weight(path + ".weight")` supplies the full-precision
-    weight when given (default: the layer's own). `device`: where the quantized layers go (and where
+    weight when given (None, or no reader: the layer's own). `device`: where the quantized layers go (and where
     bitsandbytes quantizes: a GPU does it in a fraction of the CPU's time); default: each layer's own.
     """
     from personalize.adapters.quant_conv import quantizable_conv
@@ -188,7 +188,8 @@ def quantize(
         and not any(p.fullmatch(path) for p in skip_patterns)
     ]
     for path, module in targets:
-        weight = read_weight(f"{path}.weight") if read_weight is not None else module.weight
+        weight = read_weight(f"{path}.weight") if read_weight is not None else None
+        weight = module.weight if weight is None else weight
         target = torch.device(device) if device is not None else module.weight.device
         if isinstance(module, nn.Linear):
             layer = _quantized_linear(module, mode, compute_dtype, weight, target)
@@ -206,7 +207,7 @@ def quantize_unet(
     unet: nn.Module,
     mode: str = "nf4",
     compute_dtype: torch.dtype = torch.float32,
-    read_weight: Callable[[str], torch.Tensor] | None = None,
+    read_weight: Callable[[str], torch.Tensor | None] | None = None,
     device: torch.device | str | None = None,
 ) -> QuantizeReport:
     """A frozen UNet in 4 bits: its Linear layers and (nf4/fp4) its convolutions -- 70% of an SD1.x

@@ -11,9 +11,9 @@ resident memory only once it is read. Two things follow, both for CPU memory:
   every page read stays resident until the whole file is unmapped (the peak is the fp32 model);
   reading each tensor into its own buffer instead keeps one tensor at a time.
 
-Both apply only to modules loaded from a folder of safetensors files whose keys, shapes and dtypes
-match the module (not models built in code, single-file checkpoints or dtype-converted loads); they
-report False / None otherwise and the caller keeps the module as it is.
+Both apply only to modules loaded from a folder of safetensors files that match the module (not models
+built in code or single-file checkpoints; `remap` also needs the same dtypes); they report False / None
+otherwise and the caller keeps the module as it is.
 """
 
 from __future__ import annotations
@@ -69,16 +69,10 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _matches(module: nn.Module, entries: dict[str, tuple[str, list[int]]]) -> bool:
-    for key, tensor in module.state_dict().items():
-        dtype, shape = entries.get(key, (None, None))
-        if DTYPES.get(dtype or "") != tensor.dtype or list(tensor.shape) != shape:
-            return False
-    return True
-
-
-def tensor_reader(module: nn.Module) -> Callable[[str], torch.Tensor] | None:
-    """name -> a fresh tensor read from the module's files (no memory map), or None when unknown."""
+def tensor_reader(module: nn.Module) -> Callable[[str], torch.Tensor | None] | None:
+    """name -> a fresh tensor read from the module's files (no memory map; the file's dtype), None for a
+    name the files lack (a tied or renamed weight: the caller reads the module's own); None when the
+    module has no files or its files hold another layout (a shape differs)."""
     files = weight_files(module)
     if files is None:
         return None
@@ -87,10 +81,13 @@ def tensor_reader(module: nn.Module) -> Callable[[str], torch.Tensor] | None:
         header, start = _header(path)
         for key, info in header.items():
             where[key] = (path, start, info)
-    if not _matches(module, {key: (info["dtype"], info["shape"]) for key, (_, _, info) in where.items()}):
-        return None
+    for key, tensor in module.state_dict().items():
+        if key in where and list(where[key][2]["shape"]) != list(tensor.shape):
+            return None
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str) -> torch.Tensor | None:
+        if name not in where:
+            return None
         path, start, info = where[name]
         begin, end = info["data_offsets"]
         tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])

@@ -73,3 +73,33 @@ def test_quantizing_from_disk_equals_quantizing_in_memory(pipe):
     assert type(layers["conv_in"]) is torch.nn.Conv2d and type(layers["conv_out"]) is torch.nn.Conv2d
     for path in quantized:
         assert torch.equal(dequantized_weight(layers[path]), dequantized_weight(in_memory.get_submodule(path))), path
+
+
+def test_llm_quantized_from_disk_equals_in_memory_and_trains(tmp_path):
+    """QLoRA on a CPU: a saved causal LM loads lazily and each Linear weight is read from its file."""
+    pytest.importorskip("bitsandbytes")
+    from personalize import adapters
+    from personalize.adapters.quant import dequantized_weight
+    from personalize.models import load_language_model
+    from personalize.trainers.llm import train
+
+    folder = save_tiny("tiny-llama", tmp_path / "llama")
+    from_disk, _ = load_language_model(str(folder))
+    in_memory, _ = load_language_model(str(folder))
+    read = tensor_reader(from_disk)
+    assert read is not None and read("no.such.weight") is None
+    adapters.quantize(from_disk, "nf4", read_weight=read)
+    adapters.quantize(in_memory, "nf4")
+    quantized = [path for path, module in in_memory.named_modules() if type(module).__name__ == "Linear4bit"]
+    assert quantized
+    for path in quantized:
+        assert torch.equal(
+            dequantized_weight(from_disk.get_submodule(path)), dequantized_weight(in_memory.get_submodule(path))
+        )
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "hello"}\n' * 4)
+    options = dict(data=str(data), steps=2, lr=1e-2, checkpoint_every=0, sample_prompts=["hi"], max_new_tokens=1)
+    for precision in ("no", "bf16"):  # bf16: what stays unquantized is cast from the checkpoint's fp32
+        out = str(tmp_path / precision)
+        result = train(model=str(folder), quantize="nf4", mixed_precision=precision, output=out, **options)
+        assert result.metrics["final_loss"] == result.metrics["final_loss"]  # not NaN
