@@ -28,8 +28,13 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, gap: in
 
 
 def a1111_parameters(settings: Mapping[str, Any]) -> str:
-    """The `parameters` text chunk that A1111/ComfyUI-style tools show and parse."""
-    lines = [str(settings.get("prompt", ""))]
+    """The `parameters` text chunk that A1111/ComfyUI-style tools show and parse.
+
+    Adapters become A1111 prompt tags `<lora:NAME:SCALE>`, NAME being the file A1111 would load: a file's
+    stem, or for a run's output folder its name (the folder's A1111 file is `<folder name>.safetensors`).
+    """
+    tags = [f"<lora:{_a1111_name(adapter['path'])}:{adapter['scale']:g}>" for adapter in settings.get("adapters", [])]
+    lines = [" ".join([str(settings.get("prompt", "")), *tags])]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = {
@@ -42,6 +47,11 @@ def a1111_parameters(settings: Mapping[str, Any]) -> str:
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def _a1111_name(path: str | Path) -> str:
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
 
 
 def save_png(image: Image.Image, path: str | Path, settings: Mapping[str, Any] | None = None) -> Path:

@@ -78,6 +78,8 @@ def test_generate_with_two_adapters_reproduces_and_records_them(tmp_path, capsys
         {"path": str(second), "scale": 1.0, "name": "style"},
     ]
     assert recorded["seed"] == 3 and "adapters" not in read_png_settings(tmp_path / "base.png")
+    parameters = Image.open(tmp_path / "one.png").text["parameters"]  # what A1111 shows and re-applies
+    assert parameters.splitlines()[0] == "a photo of a cat <lora:cat:0.5> <lora:style:1>"
     assert capsys.readouterr().out.split()[0].endswith("one.png")
 
 
