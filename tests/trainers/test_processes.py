@@ -80,3 +80,24 @@ def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir
     final = load_file(str(out / "pytorch_lora_weights.safetensors"))
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_llm_run_writes_one_peft_adapter(tmp_path, cache_dir):
+    """The LLM recipe under two gloo ranks: each trains on its share of the batches, one writes."""
+    torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    data = tmp_path / "qa.jsonl"
+    rows = [f'{{"prompt": "what is {n} plus one?", "completion": "{n + 1}"}}' for n in range(8)]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "llm"
+    args = ["train", "--model", "tiny-llama", "--data", str(data), "--steps", "3", "--output", str(out)]
+    args += ["--checkpoint-every", "3", "--set", "max_new_tokens=1"]
+    command = [torchrun, "--nproc_per_node", "2", "-m", "personalize", *args]
+    done = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done in") == 1
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    step = out / "checkpoints" / "step-000003"
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {path.name for path in step.iterdir()}
