@@ -96,7 +96,12 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     from personalize.data import build_dataset, build_loader
 
     images = build_dataset(dataclasses.replace(config.data, class_dir="", num_class_images=0), seed=config.seed)
-    data = method.pair(images, config.conditioning)
+    data = method.pair(images, config.conditioning)  # pairing errors come before any encoding
+    if config.cache_latents:  # the frozen VAE and text encoders then run once per image and prompt, not per step
+        from personalize.data import cache_dataset
+
+        cached = cache_dataset(images, pipe, cache_dir=config.data.cache_dir or None, cache_text=True)
+        data = method.pair(cached, config.conditioning)
     side = method.build(pipe, family, config)  # name -> module; what trains requires grad
     for module in side.values():
         module.to(device)
@@ -235,9 +240,15 @@ def loss_function(
     dropout = config.conditioning.prompt_dropout
 
     def compute_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            latents = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
-            embeds = encode_text(pipe, batch["prompt"])
+        with torch.no_grad():  # from the latent cache, else encoded here
+            if "latents" in batch:
+                latents = batch["latents"].float()  # (B, C, h, w)
+            else:
+                latents = encode_images(pipe.vae, batch["pixels"]).float()
+            if "prompt_embeds" in batch:
+                embeds = {key: batch[key].to(device) for key in diffusion.TEXT_KEYS if key in batch}
+            else:
+                embeds = encode_text(pipe, batch["prompt"])
         size = latents.shape[0]
         drop = torch.rand(size, generator=generator) < dropout  # (B,)
         embeds = {key: drop_rows(value, empty[key], drop) for key, value in embeds.items()}

@@ -117,7 +117,8 @@ class CacheStats:
 
 
 class CachedDataset(Dataset):
-    """Items: latents (C, h, w), the encode_text outputs (each without batch dim) and the plan fields."""
+    """Items: latents (C, h, w), the prompt, its encode_text outputs (each without batch dim; unless the
+    text is not cached) and the plan fields."""
 
     cached = True
 
@@ -129,7 +130,10 @@ class CachedDataset(Dataset):
         stats: CacheStats | None = None,
     ):
         self.stats = stats or CacheStats()
+        self.source = source  # pixels on demand (personalize.data.paired: an annotator's cache miss)
         self.source_records = source.records
+        self.records = source.records
+        self.background = source.background
         self.rows = source.rows
         self.buckets = source.buckets
         self.config = source.config
@@ -156,17 +160,24 @@ class CachedDataset(Dataset):
             self._text[path] = {name: value[0] for name, value in entry.items()}  # drop the batch dim
         return self._text[path]
 
+    def plan(self, index: int, epoch: int = 0) -> Plan:
+        """The transform whose latents item `index` reads in `epoch` (epoch 0's crop, this epoch's flip)."""
+        record = self.source_records[self.rows[index]]
+        flip = decide_flip(record.flip, self.seed, epoch, index) and True in self.latent_paths[index]
+        return self._plans[index][flip]
+
+    def item_key(self, index: int, plan: Plan) -> str:
+        return self.source.item_key(index, plan)
+
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = index if isinstance(index, tuple) else (0, index)
         record = self.source_records[self.rows[index]]
-        flip = decide_flip(record.flip, self.seed, epoch, index) and True in self.latent_paths[index]
-        plan: Plan = self._plans[index][flip]
+        plan = self.plan(index, epoch)
+        flip = plan.flip
         entry = load_file(str(self.latent_paths[index][flip]))
-        item: dict[str, Any] = {"latents": entry["latents"]}
+        item: dict[str, Any] = {"latents": entry["latents"], "prompt": self.prompts[index]}
         text_path = self.text_paths[index]
-        if text_path is None:
-            item["prompt"] = self.prompts[index]
-        else:
+        if text_path is not None:
             item.update(self._text_of(text_path))
         item.update(
             is_class=record.is_class,

@@ -157,7 +157,8 @@ def annotate(name: str, image: torch.Tensor) -> torch.Tensor:
 
 
 class PairedDataset:
-    """Wraps an ImageDataset: items gain `key` (3, H, W) in [0, 1], from a matched file or an annotator.
+    """Wraps an ImageDataset or its latent cache (CachedDataset): items gain `key` (3, H, W) in [0, 1],
+    from a matched file or an annotator, transformed with the plan of the item's pixels or latents.
 
     With neither (`files=None, annotator=""`) the item's own pixels are the paired image (IP-Adapter).
     Keeps `buckets` and `config`, so `build_loader` batches it like the image dataset.
@@ -194,23 +195,29 @@ class PairedDataset:
         epoch, index = index if isinstance(index, tuple) else (0, index)
         item = self.base[(epoch, index)]
         record = self.base.records[self.base.rows[index]]
+        plan = self.base.plan(index, epoch)
         if self.files is not None:
-            plan = self.base.plan(index, epoch)
             item[self.key] = self._from_file(self.files[record.path], record.size, plan)
+        elif self.annotator:
+            item[self.key] = self._annotated(index, plan, item)
         else:
-            pixels = item["pixels"].add(1).div(2)  # (3, H, W) in [0, 1]
-            item[self.key] = self._annotated(index, epoch, pixels) if self.annotator else pixels
+            item[self.key] = self._pixels(index, plan, item)
         return item
 
-    def _annotated(self, index: int, epoch: int, pixels: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, index: int, plan: Any, item: dict[str, Any]) -> torch.Tensor:
+        """The item's image (3, H, W) in [0, 1]; an item of the latent cache has none, so it is rendered."""
+        pixels = item["pixels"] if "pixels" in item else self.base.source.render(index, plan)["pixels"]
+        return pixels.add(1).div(2)
+
+    def _annotated(self, index: int, plan: Any, item: dict[str, Any]) -> torch.Tensor:
         """annotate(pixels), read from / written to the on-disk cache."""
         from personalize.data.cache import cache_root, has_entry, write_entry
 
-        key = f"{self.annotator}-v{ANNOTATE_VERSION}-{self.base.item_key(index, self.base.plan(index, epoch))}"
+        key = f"{self.annotator}-v{ANNOTATE_VERSION}-{self.base.item_key(index, plan)}"
         path = cache_root(self.config.cache_dir or None) / "conditioning" / self.annotator / f"{key}.safetensors"
         if has_entry(path, key):
             return load_file(str(path))["image"]
-        image = annotate(self.annotator, pixels)  # (3, H, W)
+        image = annotate(self.annotator, self._pixels(index, plan, item))  # (3, H, W)
         write_entry(path, key, {"image": image})
         return image
 

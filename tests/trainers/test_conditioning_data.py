@@ -132,3 +132,22 @@ def test_annotator_outputs_are_cached_per_image_and_crop(tmp_path, annotator):
     for epoch, item in enumerate(first):
         assert torch.equal(again[(epoch, 0)]["conditioning"], item["conditioning"])
     assert sorted((tmp_path / "c" / "conditioning" / annotator).iterdir()) == entries
+
+
+def test_pairs_over_the_latent_cache_match_the_pixels_the_latents_came_from(tmp_path, tiny_pipelines):
+    """The conditioning recipe trains from the latent cache: each item's conditioning (an annotator's, or
+    the reference pixels of IP-Adapter) gets the crop and flip of the latents it is paired with."""
+    from personalize.data import cache_dataset
+
+    from .conftest import CAT
+
+    config = DataConfig(images=str(CAT), resolution=64, bucketing=False, flip=0.5, cache_dir=str(tmp_path / "c"))
+    dataset = build_dataset(config)
+    cached = cache_dataset(dataset, tiny_pipelines("tiny-sd15"))
+    for annotator, key in (("canny", "conditioning"), ("", "reference")):
+        over_cache = build_paired(cached, "", annotator, key=key)
+        over_pixels = build_paired(dataset, "", annotator, key=key)
+        for epoch in range(3):
+            item, reference = over_cache[(epoch, 1)], over_pixels[(epoch, 1)]
+            assert "latents" in item and "pixels" not in item and item["prompt"] == reference["prompt"]
+            assert torch.equal(item[key], reference[key])
