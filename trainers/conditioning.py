@@ -208,8 +208,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if accelerator.is_main_process:
         from personalize.trainers.conditioning_card import render_card
 
-        samples.append(write_samples(pipe, config, data, output, state.step, autocast))
-        (output / "README.md").write_text(render_card(config, family, files, output, metrics, samples[-1]))
+        if config.validation_images > 0:
+            samples.append(write_samples(pipe, config, data, output, state.step, autocast))
+        card = render_card(config, family, files, output, metrics, samples[-1] if samples else None)
+        (output / "README.md").write_text(card)
         files += [output / "README.md", output / "config.yaml"]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples:

@@ -295,3 +295,9 @@ def test_validate_every_samples_mid_run_without_changing_the_training(quick, tmp
     expected = load_file(str(plain.output_dir / weights))
     got = load_file(str(sampled.output_dir / weights))
     assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_no_validation_images_writes_no_samples_and_a_card(quick):
+    result = quick(method="t2i-adapter", steps=1, num_workers=0, validation_images=0)
+    assert result.samples == [] and (result.output_dir / "README.md").is_file()
+    assert "![samples]" not in (result.output_dir / "README.md").read_text()
