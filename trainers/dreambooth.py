@@ -152,6 +152,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
+                idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
     started = time.perf_counter()
     settings = LoopSettings(

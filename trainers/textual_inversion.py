@@ -174,6 +174,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            if config.cache_latents and step < config.steps:  # training goes on: the VAE idles again
+                idle_until_validation([pipe.vae], device, own_pipe)
 
     started = time.perf_counter()
     settings = LoopSettings(
