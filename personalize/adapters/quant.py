@@ -88,7 +88,7 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
         _unpack_cpu_format(layer.weight)
         old = layer.weight
         new = bnb.nn.Params4bit(
-            weight.detach().to("cpu", torch.float32).flatten(1),
+            weight.detach().to("cpu", old.quant_state.dtype).flatten(1),  # dequantizes to the same dtype
             requires_grad=False,
             quant_type=old.quant_type,
             blocksize=old.blocksize,
@@ -136,7 +136,7 @@ def _quantized_linear(
     linear: nn.Linear, mode: str, compute_dtype: torch.dtype, weight: torch.Tensor, device: torch.device
 ) -> nn.Module:
     bnb = _bnb()
-    weight = weight.detach().to("cpu", torch.float32)
+    weight = weight.detach().to("cpu", _storage_dtype(compute_dtype))
     has_bias = linear.bias is not None
     if mode == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
@@ -151,10 +151,18 @@ def _quantized_linear(
     return layer.to(device)
 
 
-def _quantized_conv(conv: nn.Conv2d, mode: str, weight: torch.Tensor, device: torch.device) -> nn.Module:
+def _quantized_conv(
+    conv: nn.Conv2d, mode: str, weight: torch.Tensor, device: torch.device, compute_dtype: torch.dtype
+) -> nn.Module:
     from personalize.adapters.quant_conv import Conv2d4bit
 
-    return Conv2d4bit(conv, mode, weight, device).to(device)
+    return Conv2d4bit(conv, mode, weight.to(_storage_dtype(compute_dtype)), device).to(device)
+
+
+def _storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """A 4-bit weight dequantizes to the dtype it was quantized from: quantizing from the half-precision
+    compute dtype saves a cast of every dequantized weight, in every forward and backward."""
+    return compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def quantize(
@@ -194,7 +202,7 @@ def quantize(
         if isinstance(module, nn.Linear):
             layer = _quantized_linear(module, mode, compute_dtype, weight, target)
         else:
-            layer = _quantized_conv(module, mode, weight, target)
+            layer = _quantized_conv(module, mode, weight, target, compute_dtype)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
     return QuantizeReport(len(targets), before, _parameter_bytes(model))

@@ -65,7 +65,8 @@ class Conv2d4bit(nn.Conv2d):
             bias=conv.bias is not None,
             device="meta",
         )
-        full = (conv.weight if weight is None else weight).detach().to("cpu", torch.float32)
+        full = (conv.weight if weight is None else weight).detach().to("cpu")
+        full = full if full.dtype in (torch.float16, torch.bfloat16) else full.float()  # dequantizes to this dtype
         self.weight_shape = tuple(full.shape)  # (out, in / groups, kh, kw)
         self.weight = bnb.nn.Params4bit(full.reshape(full.shape[0], -1), requires_grad=False, quant_type=mode)
         self.weight = self.weight.to(device)  # bitsandbytes quantizes on the way to the device
