@@ -12,23 +12,26 @@ own from-disk quantization on a CPU). Each run is its own process, so peak RSS (
 CUDA memory is its own. The first step is warm-up and not timed (ours: the loop time of an N+1-step
 run minus that of a 1-step run, in two processes).
 
-Seen on the 2-core CPU dev machine (quiet), `--steps 4 --seq 64 --batch 1 --device cpu --dtype bf16`,
+Seen on the 2-core CPU dev machine (quiet), `--steps 8 --seq 64 --batch 1 --device cpu --dtype bf16`,
 100M parameters, bf16 base for LoRA, NF4 + bf16 compute for QLoRA; "above imports" is the peak RSS
 minus the RSS once torch, transformers, peft, bitsandbytes and personalize are imported (the CPU
-analogue of peak allocated CUDA memory); s/step varies about 10% between runs:
+analogue of peak allocated CUDA memory); s/step varies about 10% between runs, "above imports" for
+QLoRA 0.35-0.50 GiB (ours) and 0.50-0.60 GiB (peft):
 
 | mode | trainer | s/step | peak RSS GiB | above imports GiB |
 | --- | --- | --- | --- | --- |
-| lora | peft | 0.218 | 0.95 | 0.57 |
-| lora | ours | 0.229 | 0.95 | 0.57 |
-| qlora | peft | 0.314 | 0.88 | 0.50 |
-| qlora | ours | 0.355 | 0.74 | 0.35 |
+| lora | peft | 0.220 | 0.95 | 0.57 |
+| lora | ours | 0.227 | 0.95 | 0.57 |
+| qlora | peft | 0.303 | 0.91 | 0.53 |
+| qlora | ours | 0.223 | 0.86 | 0.48 |
 
 Our QLoRA run reads each Linear weight from the checkpoint into its own buffer before quantizing it
 (transformers' CPU path reads them through the memory map, whose pages stay resident until loading
-ends). QLoRA / bf16 LoRA above imports: 0.61x here -- at 100M parameters the optimizer, LoRA factors,
-dequantization buffers and allocator overhead (~0.2 GiB) weigh as much as the weights; the 0.5x
-target is for `--device cuda` (peak allocated memory) and bigger models, not measured here.
+ends) and quantizes from bf16, so that each layer dequantizes straight into the compute dtype (from
+fp32 it cost a cast per layer and pass: 0.37 s/step). QLoRA / bf16 LoRA above imports: 0.61x-0.88x
+over runs -- at 100M parameters the optimizer, LoRA factors, dequantization buffers and allocator
+overhead weigh as much as the weights; the 0.5x target is for `--device cuda` (peak allocated memory)
+and bigger models, not measured here.
 """
 
 from __future__ import annotations
