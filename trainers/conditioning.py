@@ -27,13 +27,11 @@ from personalize.errors import UserError
 from personalize.trainers import diffusion, losses
 from personalize.trainers.config import TrainConfig, config_from_options, resolve
 from personalize.trainers.dreambooth import (
-    DTYPES,
-    UNET_FAMILIES,
     TrainResult,
-    _place,
     _trainable,
 )
 from personalize.trainers.ema import EMA
+from personalize.trainers.frozen_base import load_frozen_base, place
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.run import start_run
@@ -75,22 +73,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- frozen base --------------------------------------------------------------------------
-    from personalize.models import detect_family, load_pipeline
-
-    own_pipe = pipe is None
-    if own_pipe:
-        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
-    family = detect_family(pipe)
-    if family not in UNET_FAMILIES:
-        raise UserError(f"--method {config.method} supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
-    device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
-    text_encoders = [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)]
-    for module in (pipe.unet, pipe.vae, *text_encoders):
-        module.requires_grad_(False)
-    _place(pipe.vae, device, torch.float32)
-    for encoder in text_encoders:
-        _place(encoder, device, weight_dtype)
-    _place(pipe.unet, device, weight_dtype)
+    base = load_frozen_base(config, accelerator, pipe)
+    pipe, family, device, weight_dtype = base.pipe, base.family, base.device, base.weight_dtype
+    place(pipe.unet, device, weight_dtype)
 
     # --- paired data and the side network -----------------------------------------------------
     from personalize.data import build_dataset, build_loader

@@ -27,12 +27,10 @@ from personalize.errors import UserError
 from personalize.trainers import diffusion, losses
 from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
 from personalize.trainers.ema import EMA
+from personalize.trainers.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.run import start_run
-
-UNET_FAMILIES = ("sd1", "sd2", "sdxl")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -53,24 +51,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
-    from personalize.models import detect_family, load_pipeline
-
-    own_pipe = pipe is None
-    if own_pipe:
-        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
-    family = detect_family(pipe)
-    if family not in UNET_FAMILIES:
-        raise UserError(f"personalize train supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
-    weight_dtype = DTYPES[config.mixed_precision]
-    device = accelerator.device
-    text_encoders = {
-        name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)
-    }
-    for module in (pipe.unet, pipe.vae, *text_encoders.values()):
-        module.requires_grad_(False)
-    _place(pipe.vae, device, torch.float32)  # fp32 VAE: fp16 latents of the SD VAE overflow to NaN
-    for encoder in text_encoders.values():
-        _place(encoder, device, weight_dtype)
+    base = load_frozen_base(config, accelerator, pipe)
+    pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
+    weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
 
     # --- data ---------------------------------------------------------------------------------
     instance_data, class_data = _datasets(config, pipe, output, say)
@@ -92,13 +75,13 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     hyper = _hyperparameters(config)
     trained = {"unet": unet}
     if config.method == "full":
-        _place(unet, device, torch.float32).requires_grad_(True)
+        place(unet, device, torch.float32).requires_grad_(True)
     else:
         from personalize import adapters
 
         if config.quantize:
             quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe, device=device)
-        _place(unet, device, weight_dtype)
+        place(unet, device, weight_dtype)
         adapters.inject(unet, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:
             for name, encoder in text_encoders.items():
@@ -234,36 +217,6 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 # --- pieces of the recipe ----------------------------------------------------------------------
-
-
-def _place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to device; cast only when the dtype differs (diffusers warns about every cast)."""
-    current = next(module.parameters()).dtype
-    return module.to(device) if current == dtype else module.to(device, dtype=dtype)
-
-
-def quantize_base(
-    unet: torch.nn.Module, mode: str, compute_dtype: torch.dtype, from_disk: bool, device: Any = None
-) -> None:
-    """adapters.quantize_unet, each layer quantized on `device`; `from_disk`: a UNet this run loaded is
-    read from its files one weight at a time, so that its full-precision copy is never resident at once."""
-    from personalize import adapters
-    from personalize.models.mapped import tensor_reader
-
-    reader = tensor_reader(unet) if from_disk else None
-    adapters.quantize_unet(unet, mode, compute_dtype, read_weight=reader, device=device)
-
-
-def idle_until_validation(modules: list[torch.nn.Module], device: Any, own_pipe: bool) -> None:
-    """Frozen encoders are not needed again until validation: off the accelerator, or on CPU (a pipeline
-    this run loaded) back onto their untouched weight files, so that the pages the cache read leave memory."""
-    from personalize.models.mapped import remap
-
-    for module in modules:
-        if device.type != "cpu":
-            module.to("cpu")
-        elif own_pipe:
-            remap(module)
 
 
 def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[Any, Any]:

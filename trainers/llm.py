@@ -32,9 +32,8 @@ from personalize.errors import UserError
 from personalize.trainers.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
 from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
-from personalize.trainers.run import start_run
+from personalize.trainers.run import DTYPES, start_run
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
 

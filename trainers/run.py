@@ -14,6 +14,8 @@ import torch
 
 from personalize.errors import UserError
 
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> compute dtype
+
 
 def cpu_only() -> bool:
     mps = getattr(torch.backends, "mps", None)

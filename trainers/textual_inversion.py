@@ -29,22 +29,18 @@ from personalize.errors import UserError
 from personalize.trainers import diffusion
 from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
 from personalize.trainers.dreambooth import (
-    DTYPES,
-    UNET_FAMILIES,
     TrainResult,
     _card_settings,
     _datasets,
     _loss_function,
-    _place,
     _set_attention,
     _stream,
     _summary,
     _trainable,
     _validate,
-    idle_until_validation,
-    quantize_base,
 )
 from personalize.trainers.ema import EMA
+from personalize.trainers.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
 from personalize.trainers.loop import LoopSettings, TrainState, load_checkpoint, train_loop
 from personalize.trainers.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
@@ -60,24 +56,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
-    from personalize.models import detect_family, load_pipeline
-
-    own_pipe = pipe is None
-    if own_pipe:
-        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
-    family = detect_family(pipe)
-    if family not in UNET_FAMILIES:
-        raise UserError(f"--method {config.method} supports SD1.x, SD2.x and SDXL models; {config.model} is {family}")
-    weight_dtype = DTYPES[config.mixed_precision]
-    device = accelerator.device
-    text_encoders = {
-        name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)
-    }
-    for module in (pipe.unet, pipe.vae, *text_encoders.values()):
-        module.requires_grad_(False)
-    _place(pipe.vae, device, torch.float32)
-    for encoder in text_encoders.values():
-        _place(encoder, device, weight_dtype)
+    base = load_frozen_base(config, accelerator, pipe)
+    pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
+    weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
 
     # --- data: latents cached, prompts encoded each step (the token is what trains) --------------
     instance_data, class_data = _datasets(config, pipe, output, say)
@@ -102,7 +83,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         if config.quantize:
             quantize_base(unet, config.quantize, weight_dtype, from_disk=own_pipe, device=device)
-        _place(unet, device, weight_dtype)
+        place(unet, device, weight_dtype)
         adapters.inject(unet, adapter_method, targets=config.targets, name=config.adapter_name, **hyper)
         trained["unet"] = unet
         if config.train_text_encoder:
@@ -110,7 +91,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 adapters.inject(encoder, adapter_method, targets="text", name=config.adapter_name, **hyper)
                 trained[name] = encoder
     else:
-        _place(unet, device, weight_dtype)
+        place(unet, device, weight_dtype)
     trained["embeddings"] = tokens.rows
     named = _trainable(trained)
     for param in named.values():

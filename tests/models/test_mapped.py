@@ -62,7 +62,7 @@ def test_remap_refuses_a_changed_or_trainable_module(pipe):
 def test_quantizing_from_disk_equals_quantizing_in_memory(pipe):
     pytest.importorskip("bitsandbytes")
     from personalize.adapters.quant import dequantized_weight
-    from personalize.trainers.dreambooth import quantize_base
+    from personalize.trainers.frozen_base import quantize_base
 
     in_memory = load_pipeline(str(weight_files(pipe.unet)[0].parents[1])).unet
     quantize_base(in_memory, "nf4", torch.float32, from_disk=False)
