@@ -158,15 +158,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             finally:
                 method.reinstall(pipe, side)
 
-    settings = LoopSettings(
-        steps=config.steps,  # type: ignore[arg-type]
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        checkpoint_root=checkpoint_root,
-        validate_every=config.validate_every,
-    )
+    settings = LoopSettings.from_config(config, checkpoint_root)
     started = time.perf_counter()
     for model in models.values():
         model.train()

@@ -139,16 +139,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
     started = time.perf_counter()
-    settings = LoopSettings(
-        steps=config.steps,  # type: ignore[arg-type]
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        checkpoint_root=checkpoint_root,
-        validate_every=config.validate_every,
-        average_gradients=unwrapped_sync,
-    )
+    settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync)
     for model in models:
         model.train()
     train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)

@@ -122,14 +122,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         return model(**batch, use_cache=False).loss, {}
 
     started = time.perf_counter()
-    settings = LoopSettings(
-        steps=config.steps,  # type: ignore[arg-type]
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        checkpoint_root=checkpoint_root,
-    )
+    settings = LoopSettings.from_config(config, checkpoint_root)
     model.train()
     train_loop(accelerator, [model], compute_loss, state, settings)
     seconds = time.perf_counter() - started

@@ -70,6 +70,20 @@ class LoopSettings:
     progress: bool = True
     average_gradients: list[torch.nn.Parameter] = field(default_factory=list)  # trained outside DDP
 
+    @classmethod
+    def from_config(cls, config: Any, checkpoint_root: Path, **more: Any) -> LoopSettings:
+        """The loop keys every recipe config has (an LLM config has no validate_every: 0)."""
+        return cls(
+            steps=config.steps,
+            grad_accum=config.grad_accum,
+            max_grad_norm=config.max_grad_norm,
+            checkpoint_every=config.checkpoint_every,
+            keep_checkpoints=config.keep_checkpoints,
+            checkpoint_root=checkpoint_root,
+            validate_every=getattr(config, "validate_every", 0),
+            **more,
+        )
+
 
 @dataclass
 class TrainState:

@@ -58,27 +58,9 @@ def save_outputs(
             module.save_pretrained(str(output_dir / component), safe_serialization=True)  # type: ignore[operator]
             paths.append(output_dir / component)
         return paths
-    from personalize import adapters
-
-    states = {
-        component: {key: value.detach().to("cpu") for key, value in adapters.state_dict(module, adapter_name).items()}
-        for component, module in components.items()
-    }
     if method in SHARED_FORMAT_METHODS:
-        from personalize.formats import save_adapter
-
-        unet = components.get("unet")
-        return save_adapter(
-            output_dir,
-            states,
-            method=method,
-            family=family,
-            hyper=hyper or {},
-            base_model=base_model,
-            resolution=resolution,
-            output_name=output_name,
-            unet_config=getattr(unet, "config", None) if family == "sdxl" else None,
-        )
+        return _save_shared(output_dir, components, adapter_name, method, family, base_model, hyper, resolution)
+    states = _adapter_states(components, adapter_name)
     tensors = {
         f"{component}.{key}": value.contiguous() for component, sd in states.items() for key, value in sd.items()
     }
@@ -106,27 +88,47 @@ def save_token_outputs(
     and, for pivotal, the adapter in the layouts personalize.formats writes for its method (diffusers
     pytorch_lora_weights.safetensors and/or kohya), all in one folder that
     `personalize.pipelines.load_adapter(pipe, output_dir)` loads together."""
-    from personalize import adapters
-    from personalize.formats import save_adapter
-
     output_dir = Path(output_dir)
-    output_name = output_dir.name or "adapter"
-    _clear_previous(output_dir, output_name)
-    states = {
+    _clear_previous(output_dir, output_dir.name or "adapter")
+    args = (output_dir, components, adapter_name, method, family, base_model, hyper, resolution)
+    files = _save_shared(*args, embeddings=embeddings)
+    return sorted(files, key=lambda path: (path.parent != output_dir, path.name))
+
+
+def _adapter_states(components: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: canonical adapter state dict on the CPU}."""
+    from personalize import adapters
+
+    return {
         component: {key: value.detach().to("cpu") for key, value in adapters.state_dict(module, adapter_name).items()}
         for component, module in components.items()
     }
+
+
+def _save_shared(
+    output_dir: Path,
+    components: dict[str, torch.nn.Module],
+    adapter_name: str,
+    method: str,
+    family: str,
+    base_model: str,
+    hyper: dict[str, Any] | None,
+    resolution: int | None,
+    embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> list[Path]:
+    """The adapter in the layouts personalize.formats writes for its method (+ embeddings, for pivotal)."""
+    from personalize.formats import save_adapter
+
     unet = components.get("unet")
-    files = save_adapter(
+    return save_adapter(
         output_dir,
-        states,
+        _adapter_states(components, adapter_name),
         method=method,
         family=family,
         hyper=hyper or {},
         base_model=base_model,
         embeddings=embeddings,
         resolution=resolution,
-        output_name=output_name,
+        output_name=output_dir.name or "adapter",
         unet_config=getattr(unet, "config", None) if family == "sdxl" else None,
     )
-    return sorted(files, key=lambda path: (path.parent != Path(output_dir), path.name))
