@@ -99,6 +99,19 @@ def has_entry(path: Path, key: str) -> bool:
         return False
 
 
+def read_entry(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of the entry written for `key` at `path`, or None (missing, stale or torn): one open."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def write_entry(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from personalize.data.decode import BadImage, decode, read_bytes
 from personalize.data.sources import SIDECAR_SUFFIXES
@@ -211,12 +210,13 @@ class PairedDataset:
 
     def _annotated(self, index: int, plan: Any, item: dict[str, Any]) -> torch.Tensor:
         """annotate(pixels), read from / written to the on-disk cache."""
-        from personalize.data.cache import cache_root, has_entry, write_entry
+        from personalize.data.cache import cache_root, read_entry, write_entry
 
         key = f"{self.annotator}-v{ANNOTATE_VERSION}-{self.base.item_key(index, plan)}"
         path = cache_root(self.config.cache_dir or None) / "conditioning" / self.annotator / f"{key}.safetensors"
-        if has_entry(path, key):
-            return load_file(str(path))["image"]
+        entry = read_entry(path, key)  # every item of every epoch comes here: one open of the file
+        if entry is not None:
+            return entry["image"]
         image = annotate(self.annotator, self._pixels(index, plan, item))  # (3, H, W)
         write_entry(path, key, {"image": image})
         return image
