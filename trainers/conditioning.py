@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from personalize.config import save_yaml
 from personalize.errors import UserError
 from personalize.trainers import diffusion, losses
 from personalize.trainers.config import TrainConfig, config_from_options, resolve
@@ -32,9 +31,9 @@ from personalize.trainers.dreambooth import (
 )
 from personalize.trainers.ema import EMA
 from personalize.trainers.frozen_base import load_frozen_base, place
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.run import start_run
+from personalize.trainers.run import begin_training, run_metrics, start_run
 
 RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
 
@@ -122,12 +121,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     stream = BatchStream(make_loader, accelerator.process_index, accelerator.num_processes)
     ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
     state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
-    if resume_from is not None:
-        load_checkpoint(accelerator, state, resume_from)
-        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
-    output.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    begin_training(accelerator, state, resume_from, config, output, say)
     trainable = sum(param.numel() for param in named.values())
     say(
         f"model       {config.model} ({family})\nmethod      {config.method}, {trainable:,} trainable parameters\n"
@@ -170,12 +164,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     # --- outputs ------------------------------------------------------------------------------
     files: list[Path] = []
     accelerator.wait_for_everyone()
-    metrics = {
-        "final_loss": state.losses[-1] if state.losses else float("nan"),
-        "steps": state.step,
-        "seconds": seconds,
-        "trainable_params": trainable,
-    }
+    metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
         with ema.swap() if ema is not None else contextlib.nullcontext():

@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 
-from personalize.config import save_yaml
 from personalize.errors import UserError
 from personalize.trainers import diffusion, losses
 from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
 from personalize.trainers.ema import EMA
 from personalize.trainers.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.run import start_run
+from personalize.trainers.run import begin_training, run_metrics, start_run
 
 
 @dataclass
@@ -117,13 +116,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     stream = _stream(instance_data, class_data, config, accelerator)
     ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
     state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
-    if resume_from is not None:
-        load_checkpoint(accelerator, state, resume_from)
-        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
-
-    output.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    begin_training(accelerator, state, resume_from, config, output, say)
     _summary(say, config, family, instance_data, class_data, named)
 
     # --- train --------------------------------------------------------------------------------
@@ -168,12 +161,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 hyper=hyper,
                 resolution=config.data.resolution,
             )
-    metrics = {
-        "final_loss": state.losses[-1] if state.losses else float("nan"),
-        "steps": state.step,
-        "seconds": seconds,
-        "trainable_params": sum(param.numel() for param in named.values()),
-    }
+    metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
         card = render_model_card(
             base_model=config.model,

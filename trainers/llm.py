@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
-from personalize.config import save_yaml
 from personalize.errors import UserError
 from personalize.trainers.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
 from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
-from personalize.trainers.run import DTYPES, start_run
+from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.run import DTYPES, begin_training, run_metrics, start_run
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -105,12 +104,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         accelerator.num_processes,
     )
     state = TrainState(named, optimizer, lr_scheduler, stream, generator)
-    if resume_from is not None:
-        load_checkpoint(accelerator, state, resume_from)
-        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
-    output.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+    begin_training(accelerator, state, resume_from, config, output, say)
     trainable = sum(param.numel() for param in named.values())
     say(f"{config.method} on {config.model} ({family}): {trainable:,} trainable parameters, {config.steps} steps")
 
@@ -130,13 +124,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
     # --- outputs ------------------------------------------------------------------------------
     base = accelerator.unwrap_model(model)
-    metrics = {
-        "final_loss": state.losses[-1] if state.losses else float("nan"),
-        "steps": state.step,
-        "seconds": seconds,
-        "trainable_params": trainable,
-        "data": report.summary(),
-    }
+    metrics = {**run_metrics(state, seconds), "data": report.summary()}
     files: list[Path] = []
     samples: dict[str, str] = {}
     accelerator.wait_for_everyone()

@@ -80,3 +80,26 @@ def checkpoint_to_resume(config: Any, root: Path, accelerator: Any, say: Any) ->
             shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return None
+
+
+def begin_training(accelerator: Any, state: Any, resume_from: Path | None, config: Any, output: Path, say: Any) -> None:
+    """Restore the checkpoint to resume (if any) into `state`, and write OUT/config.yaml, which reruns the run."""
+    from personalize.config import save_yaml
+    from personalize.trainers.loop import load_checkpoint
+
+    if resume_from is not None:
+        load_checkpoint(accelerator, state, resume_from)
+        say(f"resuming from {resume_from} (step {state.step} of {config.steps})")
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_yaml(config, output / "config.yaml", header="# personalize train --config config.yaml")
+
+
+def run_metrics(state: Any, seconds: float) -> dict[str, Any]:
+    """What every recipe reports (and metrics.json holds): final loss, steps, loop seconds, trainable count."""
+    return {
+        "final_loss": state.losses[-1] if state.losses else float("nan"),
+        "steps": state.step,
+        "seconds": seconds,
+        "trainable_params": sum(param.numel() for param in state.named_params.values()),
+    }
