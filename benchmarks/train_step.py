@@ -8,7 +8,8 @@ Peak memory: the child's max RSS (CPU) or torch.cuda.max_memory_allocated (GPU),
 its two runs. Runs are interleaved (ours, theirs, ours, theirs) so that load drifts hit both.
 
     python -m benchmarks.train_step --peer-script PATH/train_dreambooth_lora.py [--peer-python PY]
-        [--steps 8] [--warmup 2] [--quantize nf4] [--device cpu|cuda] [--workdir benchmarks/.cache/train]
+        [--steps 8] [--warmup 2] [--quantize nf4] [--workdir benchmarks/.cache/train]
+        [--ours-set release_memory=never --ours-set cpu_conv=onednn ...]   (our step-memory choices, one by one)
 
 diffusers' script comes from a fetched diffusers repository (examples/dreambooth/); it imports
 torchvision, so on a CPU-only torch 2.13 machine run it from its own venv (--peer-python).
@@ -65,6 +66,8 @@ def ours_argv(model: Path, out: Path, steps: int, args: argparse.Namespace, quan
     argv += ["--set", f"data.cache_dir={args.workdir / 'cache'}", "--set", "data.num_workers=0"]
     if quantize:
         argv += ["--quantize", quantize]
+    for setting in args.ours_set:
+        argv += ["--set", setting]
     return argv
 
 
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--quantize", default="", help="also measure ours with a quantized base (nf4, ...)")
+    parser.add_argument("--ours-set", action="append", default=[], help="an extra --set KEY=VALUE for our side")
     parser.add_argument("--threads", type=int, default=0, help="OMP/torch threads (0: leave as is)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from personalize.trainers.frozen_base import load_frozen_base, place
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.run import begin_training, run_metrics, start_run
+from personalize.trainers.step_memory import step_memory_settings
 
 RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
 
@@ -152,7 +153,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             finally:
                 method.reinstall(pipe, side)
 
-    settings = LoopSettings.from_config(config, checkpoint_root)
+    memory = step_memory_settings(config, device, weight_dtype, frozen=[pipe.unet])
+    settings = LoopSettings.from_config(config, checkpoint_root, **memory)
     started = time.perf_counter()
     for model in models.values():
         model.train()

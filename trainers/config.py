@@ -131,6 +131,15 @@ class TrainConfig:
     attention: Literal["sdpa", "xformers"] = option(
         "sdpa", "attention kernel: PyTorch SDPA, or xformers (CUDA + extra)"
     )
+    lean_convs: bool = option(True, "frozen convolutions keep no input for backward: less memory, same gradients")
+    cpu_conv: Literal["auto", "native", "onednn"] = option(
+        "auto", "CPU convolution kernels; auto: PyTorch's native ones for fp32 (oneDNN copies each weight per call)"
+    )
+    cpu_allocator: Literal["auto", "lean", "default"] = option(
+        "auto",
+        "CPU runs: 'lean' gives the forward pass's large tensors their own pages and hands freed memory back "
+        "to the OS after it (lower peak memory); auto: lean on a CPU with glibc",
+    )
     cache_latents: bool = option(True, "encode images and prompts once, then free the VAE and text encoders")
     allow_pickle: bool = option(False, "allow loading a pickle (.ckpt) base model; only for files you trust")
     adapter_name: str = option("default", "name of the injected adapter (several can stack on one model)")

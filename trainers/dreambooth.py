@@ -30,6 +30,7 @@ from personalize.trainers.frozen_base import idle_until_validation, load_frozen_
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.run import begin_training, run_metrics, start_run
+from personalize.trainers.step_memory import step_memory_settings
 
 
 @dataclass
@@ -132,7 +133,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
     started = time.perf_counter()
-    settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync)
+    memory = step_memory_settings(config, device, weight_dtype, frozen=[unet])
+    settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync, **memory)
     for model in models:
         model.train()
     train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)

@@ -19,6 +19,7 @@ import torch
 from personalize.errors import UserError
 from personalize.trainers import checkpoints
 from personalize.trainers.ema import EMA
+from personalize.trainers.step_memory import lean_forward_allocations, lean_frozen_convs, native_cpu_convolutions
 
 
 class BatchStream:
@@ -69,6 +70,11 @@ class LoopSettings:
     validate_every: int = 0
     progress: bool = True
     average_gradients: list[torch.nn.Parameter] = field(default_factory=list)  # trained outside DDP
+    # step_memory.py: frozen convs of these models keep no input; fp32 CPU convs skip oneDNN; the forward
+    # pass runs under the lean glibc allocator policy
+    lean_models: list[torch.nn.Module] = field(default_factory=list)
+    native_cpu_conv: bool = False
+    lean_cpu_allocator: bool = False
 
     @classmethod
     def from_config(cls, config: Any, checkpoint_root: Path, **more: Any) -> LoopSettings:
@@ -157,7 +163,6 @@ def train_loop(
     """Run optimizer steps from state.step to settings.steps; returns the state (losses per step)."""
     from tqdm.auto import tqdm
 
-    params = list(state.named_params.values())
     bar = tqdm(
         total=settings.steps,
         initial=state.step,
@@ -166,12 +171,30 @@ def train_loop(
         dynamic_ncols=True,
     )
     batches = iter(state.stream)
+    with lean_frozen_convs(*settings.lean_models), native_cpu_convolutions(settings.native_cpu_conv):
+        _steps(accelerator, models, compute_loss, state, settings, batches, bar, on_validate)
+    bar.close()
+    return state
+
+
+def _steps(
+    accelerator: Any,
+    models: list[torch.nn.Module],
+    compute_loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    state: TrainState,
+    settings: LoopSettings,
+    batches: Iterator[Any],
+    bar: Any,
+    on_validate: Callable[[int], None] | None,
+) -> None:
+    params = list(state.named_params.values())
     while state.step < settings.steps:
         step_loss = 0.0
         for _ in range(settings.grad_accum):
             batch = next(batches)
             with accelerator.accumulate(*models):
-                loss, _parts = compute_loss(batch)
+                with lean_forward_allocations(settings.lean_cpu_allocator):
+                    loss, _parts = compute_loss(batch)
                 if not torch.isfinite(loss.detach()):
                     _stop_on_nan(float(loss.detach()), state.step, settings.checkpoint_root)
                 accelerator.backward(loss)
@@ -193,8 +216,6 @@ def train_loop(
             save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
         if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
             on_validate(state.step)
-    bar.close()
-    return state
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:

@@ -44,6 +44,7 @@ from personalize.trainers.loop import LoopSettings, TrainState, train_loop
 from personalize.trainers.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
 from personalize.trainers.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.run import begin_training, run_metrics, start_run
+from personalize.trainers.step_memory import step_memory_settings
 
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
@@ -152,7 +153,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 idle_until_validation([pipe.vae], device, own_pipe)
 
     started = time.perf_counter()
-    settings = LoopSettings.from_config(config, checkpoint_root)
+    memory = step_memory_settings(config, device, weight_dtype, frozen=[unet])
+    settings = LoopSettings.from_config(config, checkpoint_root, **memory)
     for model in models:
         model.train()
     train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)
