@@ -171,51 +171,38 @@ def train_loop(
         dynamic_ncols=True,
     )
     batches = iter(state.stream)
+    params = list(state.named_params.values())
     with lean_frozen_convs(*settings.lean_models), native_cpu_convolutions(settings.native_cpu_conv):
-        _steps(accelerator, models, compute_loss, state, settings, batches, bar, on_validate)
+        while state.step < settings.steps:
+            step_loss = 0.0
+            for _ in range(settings.grad_accum):
+                batch = next(batches)
+                with accelerator.accumulate(*models):
+                    with lean_forward_allocations(settings.lean_cpu_allocator):
+                        loss, _parts = compute_loss(batch)
+                    if not torch.isfinite(loss.detach()):
+                        _stop_on_nan(float(loss.detach()), state.step, settings.checkpoint_root)
+                    accelerator.backward(loss)
+                    step_loss += float(loss.detach()) / settings.grad_accum
+            if accelerator.num_processes > 1 and settings.average_gradients:
+                average_gradients(settings.average_gradients, accelerator.num_processes)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            state.optimizer.step()
+            state.lr_scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            if state.ema is not None:
+                state.ema.update()
+            state.step += 1
+            state.losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
+            if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and settings.checkpoint_root:
+                save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
+            if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
+                on_validate(state.step)
     bar.close()
     return state
-
-
-def _steps(
-    accelerator: Any,
-    models: list[torch.nn.Module],
-    compute_loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
-    state: TrainState,
-    settings: LoopSettings,
-    batches: Iterator[Any],
-    bar: Any,
-    on_validate: Callable[[int], None] | None,
-) -> None:
-    params = list(state.named_params.values())
-    while state.step < settings.steps:
-        step_loss = 0.0
-        for _ in range(settings.grad_accum):
-            batch = next(batches)
-            with accelerator.accumulate(*models):
-                with lean_forward_allocations(settings.lean_cpu_allocator):
-                    loss, _parts = compute_loss(batch)
-                if not torch.isfinite(loss.detach()):
-                    _stop_on_nan(float(loss.detach()), state.step, settings.checkpoint_root)
-                accelerator.backward(loss)
-                step_loss += float(loss.detach()) / settings.grad_accum
-        if accelerator.num_processes > 1 and settings.average_gradients:
-            average_gradients(settings.average_gradients, accelerator.num_processes)
-        if settings.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        state.optimizer.step()
-        state.lr_scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        if state.ema is not None:
-            state.ema.update()
-        state.step += 1
-        state.losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
-        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and settings.checkpoint_root:
-            save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
-        if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
-            on_validate(state.step)
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
