@@ -1,6 +1,7 @@
 """Our LLM trainer vs a plain peft + transformers loop: seconds per step and peak memory, LoRA and QLoRA.
 
     python -m benchmarks.llm [--steps 6] [--seq 256] [--batch 2] [--device cpu|cuda] [--threads 2]
+        [--ours-set cpu_allocator=default ...]   (a string option of our trainer, e.g. to turn a choice off)
 
 The model is a Llama-architecture causal LM of ~100M parameters with random weights (hidden 768,
 12 layers, MLP 2048, vocabulary 16000), saved once to a temporary folder with a chat-template
@@ -102,6 +103,7 @@ def run_ours(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> d
     options.update(max_length=args.seq * 2, checkpoint_every=0, sample_prompts=["hi"], max_new_tokens=1)
     options.update(lr_scheduler="constant", max_grad_norm=0.0, quantize="nf4" if mode == "qlora" else "")
     options.update(mixed_precision="bf16" if args.dtype == "bf16" else "no")
+    options.update(setting.split("=", 1) for setting in args.ours_set)
     result = train(steps=args.ours_steps, output=str(out / "run"), **options)
     return {"seconds": result.metrics["seconds"]}
 
@@ -181,6 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--modes", default="lora,qlora")
+    parser.add_argument("--ours-set", action="append", default=[], help="an extra KEY=VALUE option for our side")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -224,6 +227,7 @@ def child_run(impl: str, mode: str, steps: int, folder: Path, data: Path, args: 
     command += ["--ours-steps", str(steps), "--folder", str(folder), "--data", str(data), "--steps", str(args.steps)]
     command += ["--seq", str(args.seq), "--batch", str(args.batch), "--device", args.device]
     command += ["--threads", str(args.threads), "--dtype", args.dtype]
+    command += [f"--ours-set={setting}" for setting in args.ours_set]
     done = subprocess.run(command, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:

@@ -63,9 +63,11 @@ def quantize_base(
     read from its files one weight at a time, so that its full-precision copy is never resident at once."""
     from personalize import adapters
     from personalize.models.mapped import tensor_reader
+    from personalize.trainers.step_memory import return_freed_memory
 
     reader = tensor_reader(unet) if from_disk else None
     adapters.quantize_unet(unet, mode, compute_dtype, read_weight=reader, device=device)
+    return_freed_memory()  # one read buffer per weight was freed
 
 
 def idle_until_validation(modules: list[torch.nn.Module], device: Any, own_pipe: bool) -> None:

@@ -32,6 +32,7 @@ from personalize.trainers.chat_data import ChatReport, Example, collate, pack, r
 from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
 from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.step_memory import return_freed_memory
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -53,6 +54,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     report = ChatReport()
     conversations = read_conversations(config.data, report)
     model, processor = _load(config, accelerator.device)
+    return_freed_memory()  # quantizing from disk freed one read buffer per weight
     family = "vlm" if hasattr(processor, "image_processor") else "llm"
     tokenizer = getattr(processor, "tokenizer", processor)
     if family == "vlm":

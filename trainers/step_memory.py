@@ -150,3 +150,11 @@ def lean_forward_allocations(enabled: bool) -> Iterator[None]:
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc; elsewhere nothing), e.g. after loading a model
+    weight by weight, whose freed read buffers would otherwise stay resident for the whole run."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
