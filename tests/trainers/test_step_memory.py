@@ -161,3 +161,21 @@ def test_a_run_with_every_step_memory_choice_off_trains_the_same_adapter(quick, 
     assert ours.keys() == reference.keys() and any("conv" in key for key in ours)
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_lean_frozen_convs_on_cuda_give_the_same_gradients_under_autocast():
+    from personalize.models import build_tiny
+
+    unet = build_tiny("tiny-sd15").unet.requires_grad_(False).to("cuda")
+    adapters.inject(unet, "lora", targets="attention", name="a", rank=2, alpha=2)
+    sample = torch.randn(2, 4, 16, 16, device="cuda")
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda")
+    grads = []
+    for lean in (False, True):
+        unet.zero_grad(set_to_none=True)
+        with lean_frozen_convs(unet) if lean else torch.enable_grad(), torch.autocast("cuda", torch.bfloat16):
+            unet(sample, 10, context).sample.float().square().mean().backward()
+        grads.append([param.grad.float().clone() for param in adapters.trainable_parameters(unet)])
+    for plain, lean in zip(*grads, strict=True):
+        torch.testing.assert_close(lean, plain, rtol=2e-2, atol=1e-4)
