@@ -11,7 +11,7 @@ attention, fp32, 2-core CPU; the figures are in the closing note of the trainer 
 - fp32 convolutions on a CPU use PyTorch's native im2col + GEMM kernels instead of oneDNN
   (`native_cpu_convolutions`): oneDNN re-lays out every weight into its blocked format on each call,
   a 56-112 MB scratch copy per 1280-channel 3x3 conv, forward and backward -- at 256 px that costs
-  more time than the blocked kernel saves (-25% step time, -170 MB peak). Not for bf16/fp16, whose
+  more time than the blocked kernel saves (17-25% less step time, 170 MB less peak). Not for bf16/fp16, whose
   native CPU path is many times slower, and not on accelerators.
 - On a CPU with glibc, the forward pass allocates its large tensors outside the shared heap and the
   heap's free pages go back to the OS after it (`lean_forward_allocations`). glibc keeps freed heap
