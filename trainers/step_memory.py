@@ -32,23 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class _InputFreeConv(torch.autograd.Function):
-    """y = conv2d(x, W, b) with W, b frozen; backward returns dL/dx = conv_transpose(dL/dy, W) only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        ctx.conv, ctx.input_shape, ctx.input_dtype = conv, x.shape, x.dtype  # not the tensor itself
-        return conv._conv_forward(x, conv.weight, conv.bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        conv = ctx.conv
-        weight = conv.weight.to(grad_out.dtype)  # (C_out, C_in / groups, kh, kw); a copy only under autocast
-        grad_x = torch.nn.grad.conv2d_input(
-            ctx.input_shape, weight, grad_out, conv.stride, conv.padding, conv.dilation, conv.groups
-        )  # (B, C_in, H, W)
-        return grad_x.to(ctx.input_dtype), None
+from personalize.adapters.frozen_conv import frozen_conv2d, plain_conv
 
 
 class LeanFrozenConv2d(nn.Conv2d):
@@ -58,15 +42,10 @@ class LeanFrozenConv2d(nn.Conv2d):
         trains = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
         if trains or not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
-        return _InputFreeConv.apply(x, self)
+        return frozen_conv2d(x, self)
 
-
-def _leanable(module: nn.Module) -> bool:
-    return (
-        type(module) is nn.Conv2d
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)  # conv2d_input needs numeric padding
-    )
+    def frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)  # a copy only under autocast
 
 
 @contextlib.contextmanager
@@ -77,7 +56,7 @@ def lean_frozen_convs(*models: nn.Module) -> Iterator[int]:
     is changed back on exit, so a caller's model is left as it was. A conv whose weight trains
     (full fine-tune, a ControlNet) takes the ordinary path.
     """
-    convs = [module for model in models for module in model.modules() if _leanable(module)]
+    convs = [module for model in models for module in model.modules() if plain_conv(module)]
     for conv in convs:
         conv.__class__ = LeanFrozenConv2d
     try:

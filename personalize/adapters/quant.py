@@ -180,7 +180,7 @@ def quantize(
     weight when given (None, or no reader: the layer's own). `device`: where the quantized layers go (and where
     bitsandbytes quantizes: a GPU does it in a fraction of the CPU's time); default: each layer's own.
     """
-    from personalize.adapters.quant_conv import quantizable_conv
+    from personalize.adapters.frozen_conv import plain_conv
 
     if mode not in QUANT_MODES:
         raise UserError(f"unknown quantization '{mode}'; choose one of {', '.join(QUANT_MODES)}")
@@ -192,7 +192,7 @@ def quantize(
     targets = [
         (path, module)
         for path, module in model.named_modules()
-        if (type(module) is nn.Linear or (convs and quantizable_conv(module)))
+        if (type(module) is nn.Linear or (convs and plain_conv(module)))
         and not any(p.fullmatch(path) for p in skip_patterns)
     ]
     for path, module in targets:

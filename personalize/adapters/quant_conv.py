@@ -11,39 +11,10 @@ gradient is computed -- the base is frozen, adapters train beside it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def quantizable_conv(conv: nn.Module) -> bool:
-    """Plain zero-padded Conv2d with numeric padding: what the dequantize-and-convolve forward reproduces."""
-    return (
-        type(conv) is nn.Conv2d
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and conv.weight.dtype.is_floating_point
-    )
-
-
-class _DequantizedConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: Conv2d4bit) -> torch.Tensor:
-        ctx.layer, ctx.input_shape = layer, x.shape
-        return F.conv2d(x, layer.dequantized(x.dtype), None, layer.stride, layer.padding, layer.dilation, layer.groups)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        layer = ctx.layer
-        weight = layer.dequantized(grad_out.dtype)  # (out, in / groups, kh, kw), rebuilt rather than kept
-        grad_x = torch.nn.grad.conv2d_input(
-            ctx.input_shape, weight, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
-        return grad_x, None
+from personalize.adapters.frozen_conv import frozen_conv2d
 
 
 class Conv2d4bit(nn.Conv2d):
@@ -79,6 +50,7 @@ class Conv2d4bit(nn.Conv2d):
         flat = dequantize_4bit(self.weight.data, self.weight.quant_state)  # (out, in * kh * kw)
         return flat.to(dtype).view(self.weight_shape)
 
+    frozen_weight = dequantized  # what frozen_conv2d rebuilds in forward and again in backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantizedConv.apply(x, self)  # (B, out, H', W')
-        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return frozen_conv2d(x, self)  # (B, out, H', W')
