@@ -21,6 +21,17 @@ def _env(cache_dir):
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PERSONALIZE_CACHE": str(cache_dir)}
 
 
+def _two_ranks(cache_dir, *args):
+    """`torchrun --nproc_per_node 2 -m personalize ARGS` to completion; skipped where torchrun is missing."""
+    torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    command = [torchrun, "--nproc_per_node", "2", "-m", "personalize", *args]
+    done = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done in") == 1  # only the main process reports and writes
+
+
 def _train_args(out, steps, *more):
     return ["train", "--images", str(CAT), "--preset", "tiny", "--steps", str(steps), "--output", str(out)] + [
         "--set",
@@ -33,14 +44,8 @@ def _train_args(out, steps, *more):
 
 @pytest.mark.slow
 def test_two_process_torchrun_on_cpu_writes_one_output(tmp_path, cache_dir):
-    torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
     out = tmp_path / "ddp"
-    command = [torchrun, "--nproc_per_node", "2", "-m", "personalize", *_train_args(out, 4, "--checkpoint-every", "2")]
-    done = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("done in") == 1  # only the main process reports and writes
+    _two_ranks(cache_dir, *_train_args(out, 4, "--checkpoint-every", "2"))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     step = out / "checkpoints" / "step-000004"
     assert {path.name for path in step.iterdir()} == {
@@ -85,19 +90,13 @@ def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir
 @pytest.mark.slow
 def test_two_process_torchrun_llm_run_writes_one_peft_adapter(tmp_path, cache_dir):
     """The LLM recipe under two gloo ranks: each trains on its share of the batches, one writes."""
-    torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
     data = tmp_path / "qa.jsonl"
     rows = [f'{{"prompt": "what is {n} plus one?", "completion": "{n + 1}"}}' for n in range(8)]
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "llm"
     args = ["train", "--model", "tiny-llama", "--data", str(data), "--steps", "3", "--output", str(out)]
     args += ["--checkpoint-every", "3", "--set", "max_new_tokens=1"]
-    command = [torchrun, "--nproc_per_node", "2", "-m", "personalize", *args]
-    done = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("done in") == 1
+    _two_ranks(cache_dir, *args)
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     step = out / "checkpoints" / "step-000003"
     assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {path.name for path in step.iterdir()}
