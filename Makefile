@@ -5,27 +5,34 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.personalize-installed
-# The CPU build of torch for machines without CUDA (never the multi-GB CUDA build there).
-TORCH_CPU_VERSION ?= 2.13.0
+# Every install uses the versions CI tested (constraints.txt); README says how to move them.
+CONSTRAINTS ?= constraints.txt
+# The torch version of constraints.txt; on a machine without CUDA its CPU build (never the multi-GB CUDA build).
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint clean constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if nvidia-smi -L >/dev/null 2>&1; then \
-		echo "CUDA found: installing the default (CUDA) torch build"; \
-		$(BIN)/python -m pip install -q torch; \
+		echo "CUDA found: installing the CUDA torch build $(TORCH_VERSION)"; \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "no CUDA: installing the CPU torch build $(TORCH_CPU_VERSION)"; \
-		$(BIN)/python -m pip install -q --no-deps --no-index "torch==$(TORCH_CPU_VERSION)" 2>/dev/null \
-		|| $(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		echo "no CUDA: installing the CPU torch build $(TORCH_VERSION)"; \
+		$(BIN)/python -m pip install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[test,dev,quant]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,dev,quant]"
 	@touch $(STAMP)
+
+# After testing newer dependencies in .venv (README: "Moving to newer dependencies"): record them.
+constraints:
+	@{ grep '^#' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
+	@mv $(CONSTRAINTS).new $(CONSTRAINTS) && echo "wrote $(CONSTRAINTS)"
 
 demo: $(STAMP)
 	@# One OpenMP thread: the tiny model gains nothing from more, and on a busy 2-core machine

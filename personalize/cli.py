@@ -23,6 +23,16 @@ from personalize import __version__
 from personalize.errors import UserError
 
 COMMAND_GROUP = "personalize.commands"
+LIBRARY_LOGGERS = (
+    "transformers",
+    "diffusers",
+    "bitsandbytes",
+    "accelerate",
+    "huggingface_hub",
+    "kernels",
+    "peft",
+    "torch",
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,7 +46,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="personalize",
         description="Personalize diffusion models, LLMs and VLMs from a handful of examples.",
-        epilog="Add --debug anywhere to see the full traceback of an unexpected failure.",
+        epilog="Add --verbose anywhere to see what the libraries log, --debug for the full traceback of a failure.",
     )
     parser.add_argument("--version", action="version", version=f"personalize {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -46,15 +56,21 @@ def build_parser() -> ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Keep the terminal for our own progress and errors: libraries log only real errors."""
+    """Keep the terminal for our own progress and errors: libraries log only real errors.
+
+    Runs before any subcommand module is imported, so that what dependencies log while they load
+    (bitsandbytes' backend probes, transformers' advisories) stays out of a one-line user error.
+    `--verbose` or `--debug` leaves every library's logging and warnings as they are.
+    """
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # Read by transformers and diffusers when they configure their loggers (at first import).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("transformers", "diffusers", "bitsandbytes", "accelerate", "huggingface_hub"):
+    for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # Warnings raised inside other packages are theirs to fix; ours still show.
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module="personalize")
 
 
 def _describe(error: BaseException) -> str:
@@ -65,7 +81,10 @@ def _describe(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list or os.environ.get("PERSONALIZE_DEBUG") == "1"
-    args_list = [arg for arg in args_list if arg != "--debug"]
+    verbose = debug or "--verbose" in args_list
+    args_list = [arg for arg in args_list if arg not in ("--debug", "--verbose")]
+    if not verbose:
+        quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)
@@ -74,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if not debug:
-        quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except UserError as error:

@@ -83,3 +83,34 @@ def test_console_script_runs_as_a_process():
     result = run_cli("generate", "--model", "not-a-model", "--prompt", "x")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+# Runs the CLI after planting what bitsandbytes 0.50 and kernels print when diffusers imports them on
+# a CPU with AVX512-BF16 and no network: log records and a warning, raised while our command runs.
+CHATTY_DEPENDENCIES = """
+import importlib.abc, logging, sys, warnings
+
+class Chatter(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "diffusers":
+            logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'x/y'")
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+            warnings.warn("a dependency's own warning", UserWarning)
+        return None
+
+sys.meta_path.insert(0, Chatter())
+from personalize.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_user_error_is_one_line_whatever_the_dependencies_log():
+    argv = ["generate", "--model", "not-a-model", "--prompt", "x"]
+    run = subprocess.run([sys.executable, "-c", CHATTY_DEPENDENCIES, *argv], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    verbose = subprocess.run(
+        [sys.executable, "-c", CHATTY_DEPENDENCIES, *argv, "--verbose"], capture_output=True, text=True
+    )
+    assert verbose.returncode == 2
+    assert "Skipping publisher trust check" in verbose.stderr and "a dependency's own warning" in verbose.stderr

@@ -66,7 +66,15 @@ def test_saved_pipeline_reloads_with_stock_from_pretrained(tiny_pipelines, tmp_p
     reloaded = DiffusionPipeline.from_pretrained(folder)
     reloaded.set_progress_bar_config(disable=True)
     assert type(reloaded) is type(tiny_pipelines(name))
-    assert torch.equal(_one_step(reloaded, name), _one_step(tiny_pipelines(name), name))
+    original = tiny_pipelines(name)
+    for component, module in original.components.items():
+        if isinstance(module, torch.nn.Module):  # the saved weights come back bit for bit
+            reloaded_state = getattr(reloaded, component).state_dict()
+            for key, value in module.state_dict().items():
+                assert torch.equal(value, reloaded_state[key]), f"{component}.{key}"
+    # The image agrees to float32 rounding: CPU GEMM kernels may round differently for the
+    # freshly allocated and the file-backed copy of the same weights (alignment-dependent paths).
+    torch.testing.assert_close(_one_step(reloaded, name), _one_step(original, name), rtol=0, atol=1e-5)
     # load_pipeline reads the same folder
     assert detect_family(load_pipeline(str(folder))) == EXPECTED_FAMILY[name]
 
