@@ -96,7 +96,7 @@ def peak_memory(device: str) -> float:
 def run_ours(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> dict:
     """One run of `args.ours_steps` steps (the parent runs 1 and steps + 1, each in its own process, so that
     the peak memory is one run's and the difference of their loop times is the steps after the first)."""
-    from personalize.trainers.llm import train
+    from personalize.trainers.llm.sft import train
 
     out = Path(tempfile.mkdtemp())
     options = dict(model=str(folder), data=str(data), rank=RANK, alpha=ALPHA, lr=LR, batch_size=args.batch)
@@ -112,7 +112,7 @@ def run_peft(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> d
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from personalize.trainers.chat_data import collate, read_conversations, tokenize
+    from personalize.trainers.llm.chat_data import collate, read_conversations, tokenize
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     kwargs: dict = {"dtype": dtype}
@@ -164,7 +164,7 @@ def child(args: argparse.Namespace) -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import personalize.trainers.llm  # noqa: F401
+    import personalize.trainers.llm.sft  # noqa: F401
 
     baseline = current_rss_gib() if args.device == "cpu" else 0.0
     runner = run_ours if args.impl == "ours" else run_peft

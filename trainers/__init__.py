@@ -8,18 +8,18 @@ from typing import Any
 
 
 def train(config: Any = None, **options: Any) -> Any:
-    """See personalize.trainers.dreambooth.train, .textual_inversion.train (--method textual-inversion or
+    """See personalize.trainers.diffusion.dreambooth.train, .textual_inversion.train (--method textual-inversion or
     pivotal) and .conditioning.train (controlnet, t2i-adapter, ip-adapter); imported lazily:
     `import personalize.trainers` stays cheap."""
-    from personalize.trainers.conditioning_config import CONDITIONING_METHODS
+    from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
     method = getattr(config, "method", None) or options.get("method")
     if method in ("textual-inversion", "pivotal"):
-        from personalize.trainers.textual_inversion import train as run
+        from personalize.trainers.diffusion.textual_inversion import train as run
     elif method in CONDITIONING_METHODS:
-        from personalize.trainers.conditioning import train as run
+        from personalize.trainers.conditioning.recipe import train as run
     else:
-        from personalize.trainers.dreambooth import train as run
+        from personalize.trainers.diffusion.dreambooth import train as run
 
     return run(config, **options)
 

@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")
-    # language models (routed to trainers/llm.py when --data is a JSONL file or the model is an LLM/VLM)
+    # language models (routed to trainers/llm/sft.py when --data is a JSONL file or the model is an LLM/VLM)
     add("--data", metavar="FILE", help="LLM/VLM: JSONL conversations (messages, or prompt + completion)")
     add("--max-length", type=int, metavar="N", help="LLM/VLM: tokens per conversation (default 1024)")
     add("--packing", action="store_const", const=True, help="LLM: pack conversations into max-length rows")
@@ -109,12 +109,12 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from personalize.config import build
-    from personalize.trainers.llm_cli import is_language_run, run_language
+    from personalize.trainers.llm.cli import is_language_run, run_language
 
     if is_language_run(args):
         return run_language(args, flags_to_config(args))
     from personalize.trainers import train
-    from personalize.trainers.config import TrainConfig
+    from personalize.trainers.diffusion.config import TrainConfig
 
     config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
     train(config)

@@ -4,7 +4,7 @@ Autograd's convolution saves its input even when the weight needs no gradient, b
 dL/dx = conv_transpose(dL/dy, W) needs only W and the *shape* of x. The layer hands over its weight
 through `frozen_weight(dtype)` in forward and again in backward, so a 4-bit layer (quant_conv.py) can
 dequantize it twice instead of keeping the full-precision copy alive between the two, and a plain
-frozen Conv2d (trainers/step_memory.py) keeps neither that copy nor the input.
+frozen Conv2d (trainers/common/step_memory.py) keeps neither that copy nor the input.
 """
 
 from __future__ import annotations

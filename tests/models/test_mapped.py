@@ -62,7 +62,7 @@ def test_remap_refuses_a_changed_or_trainable_module(pipe):
 def test_quantizing_from_disk_equals_quantizing_in_memory(pipe):
     pytest.importorskip("bitsandbytes")
     from personalize.adapters.quant import dequantized_weight
-    from personalize.trainers.frozen_base import quantize_base
+    from personalize.trainers.common.frozen_base import quantize_base
 
     in_memory = load_pipeline(str(weight_files(pipe.unet)[0].parents[1])).unet
     quantize_base(in_memory, "nf4", torch.float32, from_disk=False)
@@ -81,7 +81,7 @@ def test_llm_quantized_from_disk_equals_in_memory_and_trains(tmp_path):
     from personalize import adapters
     from personalize.adapters.quant import dequantized_weight
     from personalize.models import load_language_model
-    from personalize.trainers.llm import train
+    from personalize.trainers.llm.sft import train
 
     folder = save_tiny("tiny-llama", tmp_path / "llama")
     from_disk, _ = load_language_model(str(folder))

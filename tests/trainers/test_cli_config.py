@@ -6,7 +6,7 @@ import pytest
 
 from personalize.cli import main
 from personalize.config import build, list_presets
-from personalize.trainers.config import TrainConfig, config_from_options, infer_words, resolve
+from personalize.trainers.diffusion.config import TrainConfig, config_from_options, infer_words, resolve
 
 from .conftest import CAT
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from personalize.cli import main
-from personalize.trainers.config import config_from_options, resolve
+from personalize.trainers.diffusion.config import config_from_options, resolve
 
 from .conftest import CAT
 
@@ -35,7 +35,7 @@ def _fixed_batch(method_module, config):
 @pytest.mark.parametrize("method", METHODS)
 def test_training_lowers_the_loss_on_a_fixed_batch(tiny_pipelines, method, model):
     """Same batch, noise, timesteps and dropout every step (the generator is reseeded): the loss must fall."""
-    from personalize.trainers.conditioning import loss_function, recipe
+    from personalize.trainers.conditioning.recipe import loss_function, recipe
 
     pipe = copy.deepcopy(tiny_pipelines(model))
     family = "sdxl" if model == "tiny-sdxl" else "sd1"
@@ -61,7 +61,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tiny_pipelines, method, model
 
 @pytest.mark.parametrize("model", MODELS)
 def test_zero_initialized_controlnet_leaves_the_base_unchanged(tiny_pipelines, model):
-    from personalize.trainers import controlnet
+    from personalize.trainers.conditioning import controlnet
 
     pipe = tiny_pipelines(model)
     family = "sdxl" if model == "tiny-sdxl" else "sd1"
@@ -161,7 +161,7 @@ def test_controlnet_with_a_core_adapter_saves_merged_plain_weights(quick):
 
 def test_t2i_layouts_of_the_real_unets():
     from personalize.errors import UserError
-    from personalize.trainers.t2i_adapter import adapter_layout, feature_levels
+    from personalize.trainers.conditioning.t2i_adapter import adapter_layout, feature_levels
 
     sd15 = SimpleNamespace(
         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], block_out_channels=[320, 640, 1280, 1280]
@@ -188,7 +188,7 @@ def test_t2i_layouts_of_the_real_unets():
 
 
 def test_cubic_timesteps_favour_the_noisy_end():
-    from personalize.trainers.conditioning import cubic_timesteps
+    from personalize.trainers.conditioning.recipe import cubic_timesteps
 
     t = cubic_timesteps(20_000, 1000, torch.Generator().manual_seed(0))
     assert t.min() >= 0 and t.max() <= 999
@@ -213,7 +213,7 @@ def test_cli_mismatched_conditioning_folder_is_one_line_exit_2(tmp_path, capsys)
 @pytest.mark.parametrize("name", ["sd15-controlnet-canny", "sdxl-t2i-adapter-canny", "sd15-ip-adapter"])
 def test_conditioning_presets_load(name):
     from personalize.config import build
-    from personalize.trainers.config import TrainConfig
+    from personalize.trainers.diffusion.config import TrainConfig
 
     config, _ = resolve(build(TrainConfig, preset=name, flags={"data": {"images": str(CAT)}}))
     assert config.method in METHODS and config.lr and config.steps

@@ -2,8 +2,8 @@
 
 import torch
 
-from personalize.trainers import checkpoints
-from personalize.trainers.ema import EMA, ema_update_, warmup_decay
+from personalize.trainers.common import checkpoints
+from personalize.trainers.common.ema import EMA, ema_update_, warmup_decay
 
 
 def test_ema_update_and_swap():

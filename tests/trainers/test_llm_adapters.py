@@ -9,7 +9,7 @@ import torch
 from personalize import adapters
 from personalize.models import build_tiny
 from personalize.pipelines.text import attach_adapter
-from personalize.trainers.llm_outputs import save_adapter
+from personalize.trainers.llm.outputs import save_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -7,7 +7,7 @@ import torch
 
 from personalize.errors import UserError
 from personalize.models import build_tiny
-from personalize.trainers import chat_data
+from personalize.trainers.llm import chat_data
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},
@@ -129,7 +129,7 @@ def test_packing_keeps_conversations_whole_and_apart(tokenizer):
 @pytest.mark.parametrize("preset", ["llama-lora", "llama-qlora", "qwen-qlora", "llava-lora", "tiny-llama"])
 def test_presets_build_a_valid_config(preset, tmp_path):
     from personalize.config import build
-    from personalize.trainers.llm_config import LLMTrainConfig, resolve
+    from personalize.trainers.llm.config import LLMTrainConfig, resolve
 
     data = _write(tmp_path / "chat.jsonl", [{"prompt": "hi", "completion": "hello"}])
     config = resolve(build(LLMTrainConfig, preset=preset, flags={"data": str(data)}), rows=100)

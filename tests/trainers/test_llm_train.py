@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from personalize.cli import main
 from personalize.models import build_tiny
 from personalize.pipelines.text import generate_text, load_text_model
-from personalize.trainers.llm import train
+from personalize.trainers.llm.sft import train
 
 QA = [
     ("what is one", "one is a number"),

@@ -4,9 +4,9 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 
-from personalize.trainers import checkpoints
-from personalize.trainers.ema import EMA
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
+from personalize.trainers.common import checkpoints
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, load_checkpoint, train_loop
 
 
 def _loader(epoch):

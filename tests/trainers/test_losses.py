@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from personalize.trainers import losses
+from personalize.trainers.diffusion import losses
 
 
 @pytest.fixture

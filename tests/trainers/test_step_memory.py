@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from personalize import adapters
-from personalize.trainers.config import TrainConfig
-from personalize.trainers.step_memory import (
+from personalize.trainers.common.step_memory import (
     LeanFrozenConv2d,
     _glibc,
     lean_frozen_convs,
     native_cpu_convolutions,
     step_memory_settings,
 )
+from personalize.trainers.diffusion.config import TrainConfig
 
 
 def _convs() -> nn.Module:
@@ -120,7 +120,7 @@ def test_step_memory_settings_follow_device_and_dtype():
 
 MAPPED_BLOCKS = r"""
 import ctypes, torch
-from personalize.trainers.step_memory import _glibc, lean_forward_allocations
+from personalize.trainers.common.step_memory import _glibc, lean_forward_allocations
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from personalize.errors import UserError
 from personalize.models.encode import encode_text
-from personalize.trainers.new_tokens import (
+from personalize.trainers.diffusion.new_tokens import (
     OBJECT_TEMPLATES,
     add_new_tokens,
     expand_prompt,
@@ -195,7 +195,7 @@ def test_pivotal_freezes_the_token_after_its_fraction_of_the_steps(quick, tiny_p
 
 
 def test_token_options_are_checked_and_resolved(tmp_path):
-    from personalize.trainers.config import config_from_options, resolve
+    from personalize.trainers.diffusion.config import config_from_options, resolve
 
     from .conftest import CAT
 
@@ -218,7 +218,7 @@ def test_cli_flags_reach_the_config():
     from personalize.cli import build_parser
     from personalize.config import build
     from personalize.trainers.cli import flags_to_config
-    from personalize.trainers.config import TrainConfig
+    from personalize.trainers.diffusion.config import TrainConfig
 
     from .conftest import CAT
 
@@ -231,7 +231,7 @@ def test_cli_flags_reach_the_config():
 
 
 def test_interrupted_textual_inversion_resumes_to_the_same_token(quick, monkeypatch, tmp_path):
-    from personalize.trainers import loop
+    from personalize.trainers.common import loop
 
     settings = dict(steps=4, checkpoint_every=2, init_word="", vectors=2)  # random init and templates: seeded
     uninterrupted = _ti(quick, output=str(tmp_path / "a"), **settings).output_dir
@@ -258,7 +258,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 from personalize.models import build_tiny
-from personalize.trainers import new_tokens, train
+from personalize.trainers import train
+from personalize.trainers.diffusion import new_tokens
 torch.set_num_threads(1)
 out, method, rank = sys.argv[1], sys.argv[2], int(__import__("os").environ["RANK"])
 restore = new_tokens.NewTokens.restore
@@ -307,7 +308,7 @@ def test_bf16_base_trains_fp32_token_rows(quick):
 def test_cli_trains_a_token_end_to_end(capsys, tmp_path, cache_dir):
     from personalize.cli import main
     from personalize.config import build
-    from personalize.trainers.config import TrainConfig
+    from personalize.trainers.diffusion.config import TrainConfig
 
     from .conftest import CAT
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from personalize.trainers import loop
+from personalize.trainers.common import loop
 
 METHOD_OPTIONS = {"krona": {"a1": 4, "a2": 4}}  # the paper's a1=64 does not divide the tiny UNet's 32 channels
 
@@ -44,7 +44,7 @@ def _fixed_batch_loss(pipe, unet):
     """Mean denoising loss of the five cat images at fixed noise and timesteps."""
     from personalize.data import DataConfig, build_dataset, collate
     from personalize.models.encode import encode_images, encode_text
-    from personalize.trainers import diffusion, losses
+    from personalize.trainers.diffusion import losses, unet_step
 
     from .conftest import CAT
 
@@ -56,7 +56,7 @@ def _fixed_batch_loss(pipe, unet):
         embeds = encode_text(pipe, batch["prompt"])["prompt_embeds"]
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.linspace(100, 900, len(latents)).long()
-        schedule = diffusion.noise_schedule(pipe.scheduler.config)
+        schedule = unet_step.noise_schedule(pipe.scheduler.config)
         noisy = losses.add_noise(schedule.alphas_cumprod, latents, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=embeds).sample
         return float(losses.per_sample_mse(prediction, noise).mean())
@@ -100,7 +100,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_pat
 
 
 def test_prior_preservation_doubles_the_batch_with_class_images(quick, monkeypatch, tmp_path):
-    from personalize.trainers import losses
+    from personalize.trainers.diffusion import losses
 
     seen = []
     combine = losses.combine

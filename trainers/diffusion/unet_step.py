@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from personalize.trainers import losses
+from personalize.trainers.diffusion import losses
 
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 

@@ -66,7 +66,7 @@ def printer(accelerator: Any) -> Any:
 
 
 def checkpoint_to_resume(config: Any, root: Path, accelerator: Any, say: Any) -> Path | None:
-    from personalize.trainers.checkpoints import latest_checkpoint, list_checkpoints
+    from personalize.trainers.common.checkpoints import latest_checkpoint, list_checkpoints
 
     if config.resume:
         latest = latest_checkpoint(root)
@@ -85,7 +85,7 @@ def checkpoint_to_resume(config: Any, root: Path, accelerator: Any, say: Any) ->
 def begin_training(accelerator: Any, state: Any, resume_from: Path | None, config: Any, output: Path, say: Any) -> None:
     """Restore the checkpoint to resume (if any) into `state`, and write OUT/config.yaml, which reruns the run."""
     from personalize.config import save_yaml
-    from personalize.trainers.loop import load_checkpoint
+    from personalize.trainers.common.loop import load_checkpoint
 
     if resume_from is not None:
         load_checkpoint(accelerator, state, resume_from)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers.run import DTYPES
+from personalize.trainers.common.run import DTYPES
 
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -63,7 +63,7 @@ def quantize_base(
     read from its files one weight at a time, so that its full-precision copy is never resident at once."""
     from personalize import adapters
     from personalize.models.mapped import tensor_reader
-    from personalize.trainers.step_memory import return_freed_memory
+    from personalize.trainers.common.step_memory import return_freed_memory
 
     reader = tensor_reader(unet) if from_disk else None
     adapters.quantize_unet(unet, mode, compute_dtype, read_weight=reader, device=device)

@@ -15,10 +15,10 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
-from personalize.trainers.conditioning_config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
+from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
 METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
-TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/textual_inversion.py
+TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -195,7 +195,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
         raise UserError("no training images given; pass --images DIR (a folder of photos of your subject)")
     if not Path(data.images).expanduser().exists():  # before the (slow) model load
         raise UserError(f"--images {data.images} does not exist; point it at a folder of photos of your subject")
-    from personalize.trainers.optim import check_optimizer
+    from personalize.trainers.common.optim import check_optimizer
 
     check_optimizer(config.optimizer)  # also before loading or caching anything
     token, class_word = infer_words(str(Path(data.images).expanduser().resolve()))

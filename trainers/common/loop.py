@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers import checkpoints
-from personalize.trainers.ema import EMA
-from personalize.trainers.step_memory import lean_forward_allocations, lean_frozen_convs, native_cpu_convolutions
+from personalize.trainers.common import checkpoints
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.step_memory import lean_forward_allocations, lean_frozen_convs, native_cpu_convolutions
 
 
 class BatchStream:

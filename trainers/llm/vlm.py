@@ -8,7 +8,7 @@ the number of image tokens the processor uses, so the labels line up with the mo
 image and user tokens are -100, assistant tokens are trained.
 
 Adapters go on the language model by default (`targets: language`); `train_projector` and
-`train_vision_tower` widen that. The recipe itself is `personalize.trainers.llm.train`.
+`train_vision_tower` widen that. The recipe itself is `personalize.trainers.llm.sft.train`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers.chat_data import ChatReport, Conversation, Example, collate, tokenize
+from personalize.trainers.llm.chat_data import ChatReport, Conversation, Example, collate, tokenize
 
 IMAGE = "<image>"
 

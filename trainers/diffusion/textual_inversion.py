@@ -25,9 +25,15 @@ import torch
 
 from personalize.data.sources import instance_prompt
 from personalize.errors import UserError
-from personalize.trainers import diffusion
-from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
-from personalize.trainers.dreambooth import (
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
+from personalize.trainers.common.loop import LoopSettings, TrainState, train_loop
+from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.step_memory import step_memory_settings
+from personalize.trainers.diffusion import unet_step
+from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
+from personalize.trainers.diffusion.dreambooth import (
     TrainResult,
     _card_settings,
     _datasets,
@@ -38,13 +44,7 @@ from personalize.trainers.dreambooth import (
     _trainable,
     _validate,
 )
-from personalize.trainers.ema import EMA
-from personalize.trainers.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.loop import LoopSettings, TrainState, train_loop
-from personalize.trainers.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
-from personalize.trainers.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.run import begin_training, run_metrics, start_run
-from personalize.trainers.step_memory import step_memory_settings
+from personalize.trainers.diffusion.new_tokens import NewTokens, add_new_tokens, expand_prompt, template_prompt
 
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
@@ -123,7 +123,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     say(f"token       {' '.join(tokens.names)} (init '{config.init_word or 'random'}'), trained for {stop_step} steps")
 
     # --- train --------------------------------------------------------------------------------
-    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    schedule = unet_step.noise_schedule(pipe.scheduler.config)
     unet_model = models[0] if pivotal else unet
     denoising_loss = _loss_function(pipe, family, unet_model, schedule, generator, config)
     rewrite = _prompt_rewriter(config, tokens, generator)
@@ -163,8 +163,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.eval()
 
     # --- outputs ------------------------------------------------------------------------------
-    from personalize.trainers.model_card import render_model_card
-    from personalize.trainers.outputs import save_token_outputs
+    from personalize.trainers.common.model_card import render_model_card
+    from personalize.trainers.common.outputs import save_token_outputs
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
@@ -263,7 +263,7 @@ def _prompt_rewriter(config: TrainConfig, tokens: NewTokens, generator: torch.Ge
 
 
 def _default_prompt(config: TrainConfig, tokens: NewTokens, dataset: Any) -> str:
-    from personalize.trainers.dreambooth import instance_data_prompt
+    from personalize.trainers.diffusion.dreambooth import instance_data_prompt
 
     if config.method == "textual-inversion":
         return template_prompt(config.learnable_property, tokens.token)

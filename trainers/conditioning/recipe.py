@@ -1,7 +1,7 @@
 """The recipe shared by the conditioning adapters (ControlNet, T2I-Adapter, IP-Adapter).
 
 Reads top to bottom: resolve the config, load the frozen base, pair the images with their
-conditioning (or reference) images, build the side network of the method (trainers/controlnet.py,
+conditioning (or reference) images, build the side network of the method (trainers/conditioning/controlnet.py,
 t2i_adapter.py, ip_adapter.py: each gives `pair`, `build`, `predict`, `save`, `restore`), run the
 shared loop, then write what stock diffusers loads plus config.yaml and README.md.
 
@@ -23,18 +23,18 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers import diffusion, losses
-from personalize.trainers.config import TrainConfig, config_from_options, resolve
-from personalize.trainers.dreambooth import (
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.frozen_base import load_frozen_base, place
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.step_memory import step_memory_settings
+from personalize.trainers.diffusion import losses, unet_step
+from personalize.trainers.diffusion.config import TrainConfig, config_from_options, resolve
+from personalize.trainers.diffusion.dreambooth import (
     TrainResult,
     _trainable,
 )
-from personalize.trainers.ema import EMA
-from personalize.trainers.frozen_base import load_frozen_base, place
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
-from personalize.trainers.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.run import begin_training, run_metrics, start_run
-from personalize.trainers.step_memory import step_memory_settings
 
 RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
 
@@ -53,7 +53,7 @@ def drop_rows(values: torch.Tensor, replacement: torch.Tensor, drop: torch.Tenso
 
 def recipe(method: str) -> Any:
     """The module of a conditioning method (its pair/build/predict/save/restore functions)."""
-    return importlib.import_module(f"personalize.trainers.{RECIPES[method]}")
+    return importlib.import_module(f"personalize.trainers.conditioning.{RECIPES[method]}")
 
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
@@ -132,7 +132,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     )
 
     # --- train --------------------------------------------------------------------------------
-    from personalize.trainers.conditioning_samples import write_samples
+    from personalize.trainers.conditioning.samples import write_samples
 
     compute_loss = loss_function(pipe, family, method, models, config, generator, accelerator.autocast)
     autocast = accelerator.autocast if config.mixed_precision != "no" else None  # a factory: one context per use
@@ -174,7 +174,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     accelerator.wait_for_everyone()
     method.restore(pipe, side)
     if accelerator.is_main_process:
-        from personalize.trainers.conditioning_card import render_card
+        from personalize.trainers.conditioning.card import render_card
 
         if config.validation_images > 0:
             samples.append(write_samples(pipe, config, data, output, state.step, autocast))
@@ -204,7 +204,7 @@ def loss_function(
 
     unet = pipe.unet
     device = next(unet.parameters()).device
-    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    schedule = unet_step.noise_schedule(pipe.scheduler.config)
     with torch.no_grad():
         empty = encode_text(pipe, [""])  # the "unconditional" prompt of classifier-free guidance
     dropout = config.conditioning.prompt_dropout
@@ -216,13 +216,13 @@ def loss_function(
             else:
                 latents = encode_images(pipe.vae, batch["pixels"]).float()
             if "prompt_embeds" in batch:
-                embeds = {key: batch[key].to(device) for key in diffusion.TEXT_KEYS if key in batch}
+                embeds = {key: batch[key].to(device) for key in unet_step.TEXT_KEYS if key in batch}
             else:
                 embeds = encode_text(pipe, batch["prompt"])
         size = latents.shape[0]
         drop = torch.rand(size, generator=generator) < dropout  # (B,)
         embeds = {key: drop_rows(value, empty[key], drop) for key, value in embeds.items()}
-        kwargs = diffusion.unet_conditioning(family, embeds, batch, device)
+        kwargs = unet_step.unet_conditioning(family, embeds, batch, device)
         noise = losses.sample_noise(latents, config.noise_offset, generator).to(device)  # (B, C, h, w)
         if getattr(method, "TIMESTEPS", "uniform") == "cubic":
             timesteps = cubic_timesteps(size, schedule.num_train_timesteps, generator)

@@ -5,7 +5,7 @@ chat template (loss on assistant tokens only; optional packing), inject the adap
 accelerate loop (checkpoints, resume, progress bar), then write the adapter in the peft layout,
 sample answers, config.yaml and README.md.
 
-    from personalize.trainers.llm import train
+    from personalize.trainers.llm.sft import train
     result = train(model="tiny-llama", data="chat.jsonl", method="lora", steps=100)
 
 QLoRA (`quantize: nf4`, arXiv 2305.14314): every Linear of the language model except lm_head is
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
-from personalize.trainers.llm_config import RANKED, LLMTrainConfig, config_from_options, resolve
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
-from personalize.trainers.run import DTYPES, begin_training, run_metrics, start_run
-from personalize.trainers.step_memory import return_freed_memory
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.common.step_memory import return_freed_memory
+from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
+from personalize.trainers.llm.config import RANKED, LLMTrainConfig, config_from_options, resolve
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -58,7 +58,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     family = "vlm" if hasattr(processor, "image_processor") else "llm"
     tokenizer = getattr(processor, "tokenizer", processor)
     if family == "vlm":
-        from personalize.trainers import vlm
+        from personalize.trainers.llm import vlm
 
         if config.method in ("prompt-tuning", "prefix-tuning") or config.packing:
             raise UserError(f"VLMs train with lora, dora, loha, lokr or ia3 and no --packing (got {config.method})")
@@ -86,7 +86,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         model.config.use_cache = False
 
     # --- optimizer, schedule, loop state ------------------------------------------------------
-    from personalize.trainers.optim import build_lr_scheduler, build_optimizer
+    from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
 
     optimizer = build_optimizer(
         config.optimizer,
@@ -133,7 +133,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     if accelerator.is_main_process:
         files = save_adapter(output, base, config, family)
         samples = _samples(base, processor, config, conversations, output)
-        from personalize.trainers.llm_card import render_llm_card
+        from personalize.trainers.llm.card import render_llm_card
 
         (output / "README.md").write_text(render_llm_card(config, family, files, metrics, samples))
         files += [output / "samples.txt", output / "README.md", output / "config.yaml"]
@@ -243,7 +243,7 @@ def _targets(config: LLMTrainConfig, family: str) -> str | None:
     if config.targets:
         return config.targets
     if family == "vlm":
-        from personalize.trainers.vlm import vlm_targets
+        from personalize.trainers.llm.vlm import vlm_targets
 
         return vlm_targets(config.train_projector, config.train_vision_tower)
     return "all-linear"
@@ -252,7 +252,7 @@ def _targets(config: LLMTrainConfig, family: str) -> str | None:
 def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) -> list[Path]:
     """THE place that writes the trained adapter (peft layout; switch to personalize.formats here)."""
     from personalize import adapters
-    from personalize.trainers.llm_outputs import save_adapter as write_peft
+    from personalize.trainers.llm.outputs import save_adapter as write_peft
 
     sd = adapters.state_dict(model, config.adapter_name)
     hyper = _hyperparameters(config)

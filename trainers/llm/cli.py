@@ -27,8 +27,8 @@ def is_language_run(args: argparse.Namespace) -> bool:
 
 def run_language(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from personalize.config import build
-    from personalize.trainers.llm import train
-    from personalize.trainers.llm_config import LLMTrainConfig
+    from personalize.trainers.llm.config import LLMTrainConfig
+    from personalize.trainers.llm.sft import train
 
     train(build(LLMTrainConfig, preset=args.preset, file=args.config, flags=flags, overrides=args.set))
     return 0

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers import diffusion, losses
-from personalize.trainers.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
-from personalize.trainers.ema import EMA
-from personalize.trainers.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.loop import BatchStream, LoopSettings, TrainState, train_loop
-from personalize.trainers.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.run import begin_training, run_metrics, start_run
-from personalize.trainers.step_memory import step_memory_settings
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.step_memory import step_memory_settings
+from personalize.trainers.diffusion import losses, unet_step
+from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
 
 
 @dataclass
@@ -121,7 +121,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     _summary(say, config, family, instance_data, class_data, named)
 
     # --- train --------------------------------------------------------------------------------
-    schedule = diffusion.noise_schedule(pipe.scheduler.config)
+    schedule = unet_step.noise_schedule(pipe.scheduler.config)
     compute_loss = _loss_function(pipe, family, models[0], schedule, generator, config)
     prompts = config.validation_prompts or [instance_data_prompt(instance_data)]
     samples: list[Path] = []
@@ -143,8 +143,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.eval()
 
     # --- outputs ------------------------------------------------------------------------------
-    from personalize.trainers.model_card import render_model_card
-    from personalize.trainers.outputs import save_outputs
+    from personalize.trainers.common.model_card import render_model_card
+    from personalize.trainers.common.outputs import save_outputs
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
@@ -328,7 +328,7 @@ def _loss_function(
     pipe: Any,
     family: str,
     unet: torch.nn.Module,
-    schedule: diffusion.NoiseSchedule,
+    schedule: unet_step.NoiseSchedule,
     generator: torch.Generator,
     config: TrainConfig,
 ) -> Any:
@@ -350,10 +350,10 @@ def _loss_function(
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
         per_sample, weights, is_class = [], [], []
-        for group in diffusion.concat_batches([_tensors_only(item) for item in batches]):
+        for group in unet_step.concat_batches([_tensors_only(item) for item in batches]):
             latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w)
-            conditioning = diffusion.unet_conditioning(family, group, group, device)
-            values, snr_weights = diffusion.per_sample_loss(
+            conditioning = unet_step.unet_conditioning(family, group, group, device)
+            values, snr_weights = unet_step.per_sample_loss(
                 unet,
                 latents,
                 conditioning,
@@ -374,7 +374,7 @@ def _loss_function(
 
 
 def _tensors_only(batch: dict[str, Any]) -> dict[str, Any]:
-    keep = ("latents", "is_class", "mask", "original_size", "crop_top_left", "target_size", *diffusion.TEXT_KEYS)
+    keep = ("latents", "is_class", "mask", "original_size", "crop_top_left", "target_size", *unet_step.TEXT_KEYS)
     return {key: batch[key] for key in keep if key in batch}
 
 
@@ -389,7 +389,7 @@ def _validate(
     ema: EMA | None,
     accelerator: Any,
 ) -> Path:
-    from personalize.trainers.validation import sample_grid
+    from personalize.trainers.common.validation import sample_grid
 
     device = accelerator.device
     pipe.vae.to(device)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.trainers.controlnet import vae_scale_factor
+from personalize.trainers.conditioning.controlnet import vae_scale_factor
 
 TIMESTEPS = "cubic"
 

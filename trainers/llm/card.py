@@ -9,7 +9,7 @@ from typing import Any
 def render_llm_card(
     config: Any, family: str, files: list[Path], metrics: dict[str, Any], samples: dict[str, str]
 ) -> str:
-    from personalize.trainers.llm import options_summary
+    from personalize.trainers.llm.sft import options_summary
 
     auto = "AutoModelForImageTextToText" if family == "vlm" else "AutoModelForCausalLM"
     base = config.model
