@@ -11,7 +11,9 @@ from typing import Any
 
 from personalize.errors import UserError
 
-TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd", "lora")  # "lora": short for lora-svd
+# "lora": short for lora-svd; "lycoris": kohya keys with every LoKr/KronA module in a layout LyCORIS's own
+# loader rebuilds (formats/lycoris_compat.py: exact, no approximation).
+TARGET_LAYOUTS = ("diffusers", "kohya", "lycoris", "peft", "lora-svd", "lora")
 
 
 def register_convert(subparsers: Any) -> None:
@@ -19,7 +21,9 @@ def register_convert(subparsers: Any) -> None:
         "convert",
         help="convert an adapter between diffusers, kohya/LyCORIS and peft layouts",
         description="Read an adapter in any supported layout and write it in another. LoHa/LoKr/KronA/IA3 have "
-        "no diffusers layout: --to lora-svd approximates them (or DoRA) by a LoRA of --rank R and reports the error.",
+        "no diffusers layout: --to lora-svd approximates them (or DoRA) by a LoRA of --rank R and reports the error. "
+        "--to lycoris rewrites LoKr/KronA factors that LyCORIS's loader cannot rebuild (e.g. KronA a1=64, a2=8) "
+        "into an exactly equal layout it can.",
     )
     parser.add_argument("input", help="adapter file or folder (diffusers, kohya/LyCORIS, peft, embeddings)")
     parser.add_argument("output", help="a folder, or a .safetensors file for --to diffusers/kohya")
@@ -90,6 +94,7 @@ def _unet_config(model: Any) -> Any:
 def run_convert(args: argparse.Namespace) -> int:
     from personalize.formats import diffusers, kohya, peft
     from personalize.formats.io import _write_all, embeddings_files, model_components, read_adapter
+    from personalize.formats.lycoris_compat import to_lycoris_readable
     from personalize.formats.svd import adapter_to_lora
 
     args.to = "lora-svd" if args.to == "lora" else args.to
@@ -123,13 +128,13 @@ def run_convert(args: argparse.Namespace) -> int:
     if components and layout == "diffusers":
         tensors, metadata = diffusers.to_diffusers(components)
         files[output.name if single_file else diffusers.DIFFUSERS_FILE] = (tensors, {**metadata, **ours})
-    elif components and layout == "kohya":
+    elif components and layout in ("kohya", "lycoris"):
         ss = kohya.kohya_metadata(components, method=method, family=family, hyper={}, output_name=output.stem)
-        config = _unet_config(model)
-        files[output.name if single_file else f"{output.name}.safetensors"] = (
-            kohya.to_kohya(components, family, config),
-            {**ss, **ours},
-        )
+        tensors = kohya.to_kohya(components, family, _unet_config(model))
+        if layout == "lycoris":
+            tensors, rewritten = to_lycoris_readable(tensors)
+            print(f"{len(rewritten)} LoKr/KronA module(s) rewritten for LyCORIS's loader (exact: factor 1)")
+        files[output.name if single_file else f"{output.name}.safetensors"] = (tensors, {**ss, **ours})
     elif components:
         for component, sd in components.items():
             prefix = "" if len(components) == 1 else f"{component}/"
