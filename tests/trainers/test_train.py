@@ -1,5 +1,6 @@
 """The DreamBooth / adapter recipe end to end on the tiny models: outputs, learning, resume, prior preservation."""
 
+import copy
 import json
 import re
 
@@ -210,3 +211,30 @@ def test_stock_diffusers_load_lora_weights_reads_the_output(quick, tiny_pipeline
         outputs = [pipe.unet(sample, 500, encoder_hidden_states=text).sample for pipe in (base, ours, theirs)]
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)  # the adapter changes the UNet
     torch.testing.assert_close(outputs[2], outputs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_caller_pipeline_records_its_real_source(tiny_pipelines, tmp_path, cache_dir, capsys):
+    """train(pipe=...) without model= records where the pipeline came from, never the default hub id."""
+    import yaml
+
+    from personalize.cli import main
+    from personalize.models import load_pipeline, save_tiny
+    from personalize.trainers import train
+
+    from .conftest import CAT
+
+    settings = dict(images=str(CAT), steps=1, resolution=64, cache_dir=str(cache_dir), validation_images=0)
+    folder = save_tiny("tiny-sd15", tmp_path / "base")
+    result = train(pipe=load_pipeline(str(folder)), output=str(tmp_path / "from-folder"), **settings)
+    recorded = yaml.safe_load((result.output_dir / "config.yaml").read_text())["model"]
+    assert recorded == str(folder)
+    assert str(folder) in (result.output_dir / "README.md").read_text()
+
+    result = train(pipe=copy.deepcopy(tiny_pipelines("tiny-sd15")), output=str(tmp_path / "built"), **settings)
+    recorded = yaml.safe_load((result.output_dir / "config.yaml").read_text())["model"]
+    assert recorded.startswith("in-memory pipeline") and "stable-diffusion-v1-5" not in recorded
+    capsys.readouterr()
+    assert main(["train", "--config", str(result.output_dir / "config.yaml"), "--output", str(tmp_path / "rerun")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rerun").exists()
