@@ -238,3 +238,31 @@ def test_a_caller_pipeline_records_its_real_source(tiny_pipelines, tmp_path, cac
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rerun").exists()
+
+
+def test_cli_extracts_a_lora_from_a_full_fine_tune(quick, tiny_pipelines, tmp_path, capsys):
+    """`personalize convert OUT --to lora-svd` on a --method full run: diffusers + kohya files, per-layer errors."""
+    from diffusers import UNet2DConditionModel
+
+    from personalize.cli import main
+
+    result = quick(method="full", steps=2, lr=1e-3)
+    capsys.readouterr()
+    extracted = tmp_path / "extracted"
+    assert main(["convert", str(result.output_dir), str(extracted), "--to", "lora-svd", "--rank", "32"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"unet\.down_blocks\.\S+: \d\.\d\de[-+]\d\d", out)
+    assert "overall relative error" in out
+    assert (extracted / "pytorch_lora_weights.safetensors").is_file() and (extracted / "extracted.safetensors").is_file()
+
+    pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
+    tuned = UNet2DConditionModel.from_pretrained(result.output_dir / "unet")
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=generator)
+    with torch.no_grad():
+        base_out = pipe.unet(sample, 500, context).sample
+        tuned_out = tuned(sample, 500, context).sample
+        pipe.load_lora_weights(extracted)  # stock diffusers
+        lora_out = pipe.unet(sample, 500, context).sample
+    assert (lora_out - tuned_out).norm() < 0.5 * (base_out - tuned_out).norm()
