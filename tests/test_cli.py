@@ -2,8 +2,8 @@
 
 import subprocess
 import sys
-from pathlib import Path
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 

@@ -253,7 +253,8 @@ def test_cli_extracts_a_lora_from_a_full_fine_tune(quick, tiny_pipelines, tmp_pa
     out = capsys.readouterr().out
     assert re.search(r"unet\.down_blocks\.\S+: \d\.\d\de[-+]\d\d", out)
     assert "overall relative error" in out
-    assert (extracted / "pytorch_lora_weights.safetensors").is_file() and (extracted / "extracted.safetensors").is_file()
+    assert (extracted / "pytorch_lora_weights.safetensors").is_file()
+    assert (extracted / "extracted.safetensors").is_file()
 
     pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
     tuned = UNet2DConditionModel.from_pretrained(result.output_dir / "unet")
