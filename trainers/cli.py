@@ -71,6 +71,7 @@ def register(subparsers: Any) -> None:
     add("--validate-every", type=int, metavar="N", help="sample every N steps (default: only at the end)")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 250)")
     add("--resume", action="store_const", const=True, help="continue from the newest checkpoint in --output")
+    add("--overwrite", action="store_const", const=True, help="replace a finished or interrupted run in --output")
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")

@@ -8,6 +8,7 @@ alone and identical in every worker process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ class Record:
     flip: float
     repeats: int
     bucket: Size  # (H, W)
+
+
+DEFAULT_RESOLUTION = 512  # for callers of personalize.data without a model; the trainers use the model's
+
+
+def _sized(config: DataConfig) -> DataConfig:
+    return config if config.resolution else dataclasses.replace(config, resolution=DEFAULT_RESOLUTION)
 
 
 def _check(config: DataConfig) -> None:
@@ -111,6 +119,7 @@ def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Rec
 
 def scan(config: DataConfig) -> tuple[list[Record], DataReport]:
     """Decode every candidate file once: usable ones become records, the rest are reported."""
+    config = _sized(config)
     _check(config)
     report = DataReport()
     records: list[Record] = []
@@ -193,6 +202,7 @@ class ImageDataset(Dataset):
 
 def build_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
     """Scan the configured images; UserError when none is usable. Skips and warnings are logged once."""
+    config = _sized(config)
     records, report = scan(config)
     if not any(not record.is_class for record in records):
         where = config.images
