@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from personalize.data.buckets import Size, choose_bucket
 from personalize.data.config import DataConfig
 from personalize.data.decode import MAX_PIXELS, BadImage, decode, parse_color, read_bytes
-from personalize.data.sources import Candidate, subsets_of
+from personalize.data.sources import Candidate, orphan_sidecars, subsets_of
 from personalize.data.sources import candidates as list_candidates
 from personalize.data.transforms import Plan, apply_plan, decide_flip, make_plan, mask_tensor, to_tensor
 from personalize.errors import UserError
@@ -132,6 +132,8 @@ def scan(config: DataConfig) -> tuple[list[Record], DataReport]:
             if record is not None:
                 records.append(record)
                 taken += 1
+        for orphan in orphan_sidecars(subset):
+            report.skipped.append((orphan, f"not an image, and no image named {orphan.stem}.* for it to caption"))
         if subset.limit and taken < subset.limit:
             report.warnings.append(
                 f"{subset.folder} has {taken} usable images, {subset.limit} were asked for "
