@@ -155,7 +155,8 @@ class TrainConfig:
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
     # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
     weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
-        "", "flow matching: timestep density / loss weighting (SD3 paper); '' = the family's (SD3 logit_normal, Flux none)"
+        "",
+        "flow matching: timestep density / loss weighting; '' = the family's (SD3: logit_normal, Flux: none)",
     )
     logit_mean: float = option(0.0, "flow matching, logit_normal: mean of u before the sigmoid")
     logit_std: float = option(1.0, "flow matching, logit_normal: standard deviation of u")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.models.families import FamilyDescription
+from personalize.models.families import FamilyDescription, transformer_config
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import idle_until_validation, place
 from personalize.trainers.common.loop import LoopSettings, TrainState, train_loop
@@ -56,6 +56,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     family = _family(config, pipe)
     config, notes = resolve(with_family_defaults(config, family))
     _check_method(config, family)
+    caveat = _check_distilled(
+        config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
+    )
+    if caveat:
+        notes.append(caveat.split(";")[0])
     if config.vram:
         from personalize.plan import apply_vram
 
@@ -229,21 +234,27 @@ def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
         )
 
 
+def _check_distilled(config: TrainConfig, family: FamilyDescription, transformer_config: Any) -> str | None:
+    """A distilled model (FLUX.1-schnell) trains only with consent (before anything is loaded when the
+    config can be read without the weights)."""
+    caveat = family.distilled(dict(transformer_config)) if transformer_config is not None else None
+    if caveat and not config.allow_distilled:
+        raise UserError(caveat)
+    return caveat
+
+
 def _check_model(config: TrainConfig, family: FamilyDescription, pipe: Any, say: Any) -> TrainConfig:
     """What the model itself rules out: a distilled model without consent, a resolution it cannot take."""
     transformer_config = dict(pipe.transformer.config)
-    caveat = family.distilled(transformer_config)
-    if caveat and not config.allow_distilled:
-        raise UserError(caveat)
-    if caveat:
-        say(f"note: {caveat.split(';')[0]}")
+    _check_distilled(config, family, transformer_config)
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     multiple = vae_factor * family.latent_multiple(transformer_config)
     data = config.data
     if data.resolution % multiple:
+        nearest = max(multiple, round(data.resolution / multiple) * multiple)
         raise UserError(
             f"--resolution {data.resolution} is not a multiple of {multiple} (VAE x{vae_factor} times the "
-            f"transformer's patch of {multiple // vae_factor}); use {max(multiple, data.resolution // multiple * multiple)}"
+            f"transformer's patch of {multiple // vae_factor}); use e.g. {nearest}"
         )
     if data.bucketing and data.bucket_step % multiple:
         raise UserError(f"data.bucket_step {data.bucket_step} must be a multiple of {multiple} for this model")

@@ -3,10 +3,10 @@
 Rectified flow (Esser et al. 2024, arXiv 2403.03206, the SD3 paper), as diffusers'
 train_dreambooth_lora_sd3.py / _flux.py compute it:
 
-    u ~ density(weighting_scheme)            logit_normal: sigmoid(N(mean, std)); mode: 1 - u - s (cos^2(pi u / 2) - 1 + u);
-                                             otherwise U(0, 1)
-    i = floor(u * N); t = timesteps[i]; sigma = sigmas[i]   the tables of the model's FlowMatchEulerDiscreteScheduler
-                                             (its `shift` applied there; none when it shifts dynamically, as Flux's)
+    u ~ density(weighting_scheme): logit_normal sigmoid(N(mean, std)); mode 1 - u - s (cos^2(pi u / 2) - 1 + u);
+                                   otherwise U(0, 1)
+    i = floor(u * N); t = timesteps[i]; sigma = sigmas[i]: the tables of the model's FlowMatchEulerDiscreteScheduler
+                                   (its `shift` applied there; none when it shifts dynamically, as Flux's)
     x_t = (1 - sigma) x0 + sigma eps;  target = eps - x0
     preconditioned (SD3's default): x0_hat = -sigma * prediction + x_t, compared with x0
     weight(sigma): sigma_sqrt 1 / sigma^2; cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2)); otherwise 1

@@ -48,17 +48,18 @@ def described_family(model: str, pipe: Any = None) -> FamilyDescription | None:
     for description in FLOW_FAMILIES.values():
         if model in description.tiny_names:
             return description
-    known = published_config(model)
-    if known is not None:
-        return known[0]
-    config = _transformer_config(model)
+    config = transformer_config(model)
     return family_of_config(config) if config is not None else None
 
 
-def _transformer_config(model: str) -> dict[str, Any] | None:
+def transformer_config(model: str) -> dict[str, Any] | None:
+    """The transformer config of a published id, a diffusers folder, a single file or a hub id (no weights)."""
     import json
     from pathlib import Path
 
+    known = published_config(model)
+    if known is not None:
+        return known[1]
     path = Path(model).expanduser()
     if path.is_dir():
         file = path / "transformer" / "config.json"
@@ -77,4 +78,12 @@ def _transformer_config(model: str) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "described_family","FLOW_FAMILIES", "FamilyDescription", "describe", "family_of_config", "family_of_module", "published_config"]
+    "described_family",
+    "FLOW_FAMILIES",
+    "FamilyDescription",
+    "describe",
+    "family_of_config",
+    "family_of_module",
+    "published_config",
+    "transformer_config",
+]

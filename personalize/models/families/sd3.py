@@ -24,7 +24,9 @@ ALL_LINEAR = [r"transformer_blocks\.\d+\..*"]
 
 def encode_prompt(pipe: Any, prompts: list[str]) -> Embeds:
     device = next(pipe.text_encoder.parameters()).device
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, prompts, prompts, device=device, do_classifier_free_guidance=False
+    )
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 77 + T5 len, D), (B, P1 + P2)
 
 
