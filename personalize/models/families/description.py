@@ -12,6 +12,7 @@ branches on a family's name. What differs per family:
   (B, C, h, w) with timesteps in [0, 1000]; the family packs latents, builds position ids, scales the
   timestep and passes guidance as its transformer expects, and returns the prediction as (B, C, h, w);
 - `latent_multiple(config)`: latent height/width must divide by it (packing / patch size);
+  `latent_channels(config)`: the VAE latent channels the transformer takes;
 - objective defaults from the family's reference training script: `weighting_scheme`,
   `precondition_outputs`, `guidance_scale` (None: no guidance input);
 - `full_precision`: layers `--quantize` leaves unquantized (regexes); `tiny_names`: its offline models;
@@ -43,6 +44,7 @@ class FamilyDescription:
     encode_prompt: Callable[[Any, list[str]], Embeds]
     predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Embeds, float | None], torch.Tensor]
     latent_multiple: Callable[[Mapping[str, Any]], int]
+    latent_channels: Callable[[Mapping[str, Any]], int]  # VAE latent channels, from the transformer config
     weighting_scheme: str
     precondition_outputs: bool
     guidance_scale: float | None

@@ -106,6 +106,7 @@ FLUX = FamilyDescription(
     encode_prompt=encode_prompt,
     predict=predict,
     latent_multiple=lambda config: 2,
+    latent_channels=lambda config: int(config.get("in_channels", 64)) // 4,  # in_channels counts packed 2x2 patches
     weighting_scheme="none",
     precondition_outputs=False,
     guidance_scale=3.5,

@@ -76,6 +76,7 @@ SD3 = FamilyDescription(
     encode_prompt=encode_prompt,
     predict=predict,
     latent_multiple=lambda config: int(config.get("patch_size", 2)),
+    latent_channels=lambda config: int(config.get("in_channels", 16)),
     weighting_scheme="logit_normal",
     precondition_outputs=True,
     guidance_scale=None,
