@@ -95,13 +95,26 @@ def parse_size(text: str) -> float:
     return value * (1024**2 if (match.group(2) or "g").lower() == "m" else GB)
 
 
+@functools.lru_cache(maxsize=4)
+def _tiny(model: str) -> Any:
+    from personalize.models import build_tiny
+
+    return build_tiny(model)
+
+
+def vae_factor(model: str) -> int:
+    """How much the VAE downsamples: 2^(blocks - 1) from its config (8 for every published SD3/Flux VAE)."""
+    if model.startswith("tiny-"):
+        blocks = len(_tiny(model).vae.config.block_out_channels)
+    else:
+        file = Path(model).expanduser() / "vae" / "config.json"
+        blocks = len(json.loads(file.read_text())["block_out_channels"]) if file.is_file() else 4
+    return 2 ** (blocks - 1)
+
+
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
     """(family, transformer config) of what --model names, read without weights."""
-    config = transformer_config(model)
-    if model.startswith("tiny-"):
-        from personalize.models import build_tiny
-
-        config = dict(build_tiny(model).transformer.config)
+    config = dict(_tiny(model).transformer.config) if model.startswith("tiny-") else transformer_config(model)
     family = family_of_config(config) if config is not None else None
     if family is None or config is None:
         raise UserError(
@@ -126,7 +139,15 @@ class Trace:
 
 @functools.lru_cache(maxsize=16)
 def _trace(
-    family_name: str, config_json: str, method: str, hyper: tuple, targets: str, resolution: int, batch: int, half: bool
+    family_name: str,
+    config_json: str,
+    method: str,
+    hyper: tuple,
+    targets: str,
+    resolution: int,
+    batch: int,
+    half: bool,
+    downsample: int,
 ) -> Trace:
     """One training forward of the transformer on the meta device (no memory, no weights)."""
     from diffusers import models as diffusers_models
@@ -162,7 +183,8 @@ def _trace(
         if param.requires_grad:  # what trains is fp32, as in the recipe
             param.data = param.data.float()
             trainable += param.numel()
-    saved = _activations(transformer, family, config, resolution, batch, torch.bfloat16 if half else torch.float32)
+    latent = resolution // downsample
+    saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
     return Trace(quantizable, rows, other, trainable, *saved)
 
 
@@ -170,12 +192,12 @@ def _activations(
     transformer: torch.nn.Module,
     family: FamilyDescription,
     config: Mapping[str, Any],
-    resolution: int,
+    size: int,
     batch: int,
     dtype: torch.dtype,
 ) -> tuple[float, float, float]:
-    """Saved-for-backward bytes of one forward on meta tensors: (in total, with checkpointing, workspace)."""
-    size = resolution // 8  # the VAE's 8x; the families pack / patch from there
+    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
+    (in total, with checkpointing, workspace)."""
     latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
     text = torch.zeros(batch, family.text_tokens(config), int(config["joint_attention_dim"]), device="meta")
     pooled = torch.zeros(batch, int(config["pooled_projection_dim"]), device="meta")
@@ -232,16 +254,20 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     hyper = {**dict(settings.method_options)}
     if settings.method in ("lora", "dora", "loha", "lokr"):
         hyper.update(rank=settings.rank, alpha=settings.rank)
-    trace = _trace(
-        family.name,
-        json.dumps(config, sort_keys=True),
-        settings.method,
-        tuple(sorted(hyper.items())),
-        settings.targets,
-        settings.resolution,
-        settings.batch_size,
-        half,
-    )
+    try:
+        trace = _trace(
+            family.name,
+            json.dumps(config, sort_keys=True),
+            settings.method,
+            tuple(sorted(hyper.items())),
+            settings.targets,
+            settings.resolution,
+            settings.batch_size,
+            half,
+            vae_factor(model),
+        )
+    except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
+        raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
     estimate = Estimate(family.name, settings, device=device)
     compute = 2 if half and settings.method != "full" else 4
     if settings.method == "full":
@@ -276,6 +302,10 @@ def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) ->
     """Text encoders in the compute dtype + the fp32 VAE, from the folder's file headers or the published sizes."""
     folder = Path(model).expanduser()
     compute = DTYPE_BYTES[settings.mixed_precision]
+    if model.startswith("tiny-"):
+        pipe = _tiny(model)
+        modules = [getattr(pipe, name) for name in (*family.text_encoders, "vae")]
+        return sum(sum(p.numel() for p in module.parameters()) * compute for module in modules)
     if folder.is_dir():
         total = 0.0
         for name in (*family.text_encoders, "vae"):

@@ -69,12 +69,20 @@ def transformer_config(model: str) -> dict[str, Any] | None:
 
         described = describe(single_file_family(path))
         return dict(next(iter(described.published.values()))) if described is not None else None
-    try:  # a hub id: its transformer config, from the local cache or the Hub
-        from huggingface_hub import hf_hub_download
+    from personalize.models.load import HUB_ID
 
-        return json.loads(Path(hf_hub_download(model, "transformer/config.json")).read_text())
-    except Exception:  # offline, unknown, gated or not a diffusers repository: the caller decides
+    if not HUB_ID.match(model):
         return None
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False):  # the local cache first: no request for a model seen before
+        try:
+            return json.loads(
+                Path(hf_hub_download(model, "transformer/config.json", local_files_only=local_only)).read_text()
+            )
+        except Exception:  # not cached / offline, unknown, gated or not a diffusers repository: the caller decides
+            continue
+    return None
 
 
 __all__ = [
