@@ -157,6 +157,20 @@ class TrainConfig:
         "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
     )
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
+    # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
+    weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
+        "",
+        "flow matching: timestep density / loss weighting; '' = the family's (SD3: logit_normal, Flux: none)",
+    )
+    logit_mean: float = option(0.0, "flow matching, logit_normal: mean of u before the sigmoid")
+    logit_std: float = option(1.0, "flow matching, logit_normal: standard deviation of u")
+    mode_scale: float = option(1.29, "flow matching, mode: the scale s of the mode density")
+    guidance_scale: float | None = option(None, "Flux.1-dev: the distilled guidance input while training; None: 3.5")
+    precondition_outputs: bool | None = option(
+        None, "flow matching: compare x0 = x_t - sigma * prediction with x0 (SD3's default); None: the family's"
+    )
+    allow_distilled: bool = option(False, "train a timestep-distilled model (FLUX.1-schnell) anyway")
+    vram: str = option("", "fit this GPU memory (e.g. 16GB): the planner (personalize.plan) picks the settings")
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
