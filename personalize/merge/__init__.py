@@ -4,7 +4,7 @@
     result = merge_adapters(["a.safetensors:0.7", "out/b"], method="svd", rank=32, output="merged")
     result.files, result.errors["overall"]
 
-Layers stream one at a time (see inputs.py); the per-layer arithmetic is `personalize.adapters.merge`.
+Layers stream one at a time (see inputs.py); the per-layer arithmetic is `personalize.adapters.merge_ops`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from personalize.adapters.merge import METHODS
+from personalize.adapters.merge_ops import METHODS
 from personalize.errors import UserError
 from personalize.merge.inputs import LayerReader, MergeInput, StagedInput, parse_input, stage
 from personalize.merge.layers import Merged, Term, merge_layer, overall_error, term_of

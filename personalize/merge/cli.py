@@ -8,7 +8,7 @@ from typing import Any
 
 from personalize.errors import UserError
 
-# = personalize.adapters.merge.METHODS, spelled out so that `personalize --help` does not import torch.
+# = personalize.adapters.merge_ops.METHODS, spelled out so that `personalize --help` does not import torch.
 METHODS = ("linear", "cat", "svd", "ties", "dare", "dare-ties", "fusion")
 
 

@@ -3,7 +3,7 @@
 For each subject i, its adapter (and tokens) is loaded onto the base and the pipeline runs its prompts
 for a few denoising steps; a hook on every merged layer accumulates that subject's input Gram matrix
 G_i = X_i X_i^T (in x in; convolutions: of the unfolded input patches), so nothing grows with the number
-of tokens. Each layer is then fused in closed form (`personalize.adapters.merge.fusion_delta`):
+of tokens. Each layer is then fused in closed form (`personalize.adapters.merge_ops.fusion_delta`):
 
     W* - W0 = (sum_i w_i dW_i G_i)(sum_i G_i + lam I)^-1
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalize.adapters import merge as ops
+from personalize.adapters import merge_ops as ops
 from personalize.errors import UserError
 from personalize.merge.inputs import StagedInput
 from personalize.merge.layers import Merged, Term, exact_delta, merge_layer

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from personalize.adapters import merge as ops
+from personalize.adapters import merge_ops as ops
 from personalize.errors import UserError
 from personalize.formats.canonical import alpha_of, method_of
 
 
 @dataclass
 class Term:
-    """One input at one layer: factors (down, up) with coefficient w * s, or a full flat delta with weight w."""
+    """One input at one layer: LoRA factors (down, up) with scale s = alpha / r, or a full flat delta; weight w."""
 
     weight: float
+    scale: float = 1.0
     down: torch.Tensor | None = None  # (r, in[, kh, kw])
     up: torch.Tensor | None = None  # (out, r[, 1, 1])
     delta: torch.Tensor | None = None  # (out, in*kh*kw), scale included
@@ -37,10 +38,15 @@ class Term:
     def rank(self) -> int:
         return int(self.down.shape[0]) if self.down is not None else 0
 
+    @property
+    def coefficient(self) -> float:
+        """w * s: what multiplies B A in the weighted sum."""
+        return self.weight * self.scale
+
     def flat(self) -> torch.Tensor:
-        """weight-free delta (out, in*kh*kw) at scale: s B A or the stored delta."""
+        """The input's own delta dW (out, in*kh*kw), unweighted: s B A or the stored delta."""
         if self.down is not None and self.up is not None:
-            return ops.flat_delta(self.down, self.up)
+            return ops.flat_delta(self.down, self.up) * self.scale
         assert self.delta is not None
         return self.delta
 
@@ -60,7 +66,7 @@ def term_of(group: Mapping[str, torch.Tensor], weight: float, base_layer: nn.Mod
     if method == "lora":
         down, up = group["lora_down.weight"].float(), group["lora_up.weight"].float()
         scale = (alpha_of(group) or down.shape[0]) / down.shape[0]
-        return Term(weight * scale, down=down, up=up)
+        return Term(weight, scale, down=down, up=up)
     if base_layer is None:
         raise UserError(
             f"{where} is {method}, whose weight delta depends on the layer's shape or weights; "
@@ -77,7 +83,7 @@ def term_of(group: Mapping[str, torch.Tensor], weight: float, base_layer: nn.Mod
 def _exact_factors(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
     """(left (out, K), right (K, in)) with left @ right = sum_i w_i dW_i (LoRA terms only)."""
     left = torch.cat([t.up.flatten(1) for t in terms], dim=1)  # type: ignore[union-attr]
-    right = torch.cat([t.down.flatten(1) * t.weight for t in terms], dim=0)  # type: ignore[union-attr]
+    right = torch.cat([t.down.flatten(1) * t.coefficient for t in terms], dim=0)  # type: ignore[union-attr]
     return left, right
 
 
@@ -134,15 +140,19 @@ def _merge(
         return Merged(None, None, delta, ops.relative_error(delta, exact_delta(terms)))
     if method == "cat":
         if loras:
-            down, up = ops.cat_factors([t.down for t in terms], [t.up for t in terms], [t.weight for t in terms])  # type: ignore[misc]
+            down, up = ops.cat_factors([t.down for t in terms], [t.up for t in terms], [t.coefficient for t in terms])  # type: ignore[misc]
             return Merged(down, up, None, 0.0)
         downs, ups = [], []
         for t in terms:  # a full delta joins at its numerical rank, exactly
+            if t.down is not None and t.up is not None:
+                downs.append(t.down * t.coefficient)
+                ups.append(t.up)
+                continue
             d, u, s = ops.svd_of_delta(t.flat() * t.weight, rank=10**9)
             keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
             d, u = _shape_factors(d[:keep], u[:, :keep], like)
-            downs.append(d if t.down is None else t.down * t.weight)
-            ups.append(u if t.up is None else t.up)
+            downs.append(d)
+            ups.append(u)
         down, up = torch.cat(downs, 0), torch.cat(ups, 1)
         return Merged(down, up, None, ops.relative_error(ops.flat_delta(down, up), exact_delta(terms)))
     target = rank or max((t.rank for t in terms), default=0)
@@ -163,7 +173,7 @@ def _merge(
             down, up = ops.combine_factors(
                 [t.down for t in terms],  # type: ignore[misc]
                 [t.up for t in terms],  # type: ignore[misc]
-                [t.weight for t in terms],
+                [t.coefficient for t in terms],
                 method,
                 density,
                 generator,
