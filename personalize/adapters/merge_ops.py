@@ -176,15 +176,15 @@ def product_norm(left: torch.Tensor, right: torch.Tensor) -> float:
     return math.sqrt(max(value, 0.0))
 
 
-def relative_error_factored(
-    approx: tuple[torch.Tensor, torch.Tensor], exact: tuple[torch.Tensor, torch.Tensor]
-) -> float:
-    """||B A - B' A'||_F / ||B' A'||_F with approx = (A, B) and exact = (A', B') as flat factors."""
-    (down, up), (exact_down, exact_up) = approx, exact
-    left = torch.cat([up.flatten(1), -exact_up.flatten(1)], dim=1)  # (out, r + r')
-    right = torch.cat([down.flatten(1), exact_down.flatten(1)], dim=0)  # (r + r', in)
-    norm = product_norm(exact_up.flatten(1), exact_down.flatten(1))
-    return product_norm(left, right) / norm if norm > 0 else 0.0
+def factored_distance(down: torch.Tensor, up: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    """||B A - L R||_F from small Gram matrices: ||BA||^2 - 2 <BA, LR> + ||LR||^2, never forming a product.
+
+    down A (r, in...), up B (out, r...), left L (out, K), right R (K, in)."""
+    a, b = down.flatten(1), up.flatten(1)
+    ours = float(((b.T @ b) * (a @ a.T)).sum())
+    cross = float(((b.T @ left) * (a @ right.T)).sum())
+    theirs = float(((left.T @ left) * (right @ right.T)).sum())
+    return math.sqrt(max(ours - 2 * cross + theirs, 0.0))
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

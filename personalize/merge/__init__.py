@@ -111,17 +111,21 @@ def merge_adapters(
     caller_owns_base = model is base  # a base the caller passed in comes back unchanged
     with tempfile.TemporaryDirectory(prefix="personalize-merge-") as scratch:
         staged = stage(items, model, Path(scratch), allow_pickle=allow_pickle)
-        grams = None
-        if method == "fusion":
-            from personalize.merge.fusion import collect_grams, subject_prompts
-
-            texts = [list(p) for p in prompts] if prompts is not None else [subject_prompts(s) for s in staged]
-            grams = collect_grams(model, staged, texts, steps=fusion_steps, seed=seed)
         sink = BaseSink(targets, restore=caller_owns_base) if into_base else LoraSink(_dtype(staged))  # type: ignore[arg-type]
-        try:
-            errors, norms = _merge_all(
-                staged, method, rank, density, seed, targets, into_base, grams, regularization, sink
+
+        def merge_all(modules: list[str] | None, grams: Any, to: Callable[[str, Merged], None]) -> tuple[dict, dict]:
+            return _merge_all(
+                staged, method, rank, density, seed, targets, into_base, grams, regularization, to, modules
             )
+
+        try:
+            if method == "fusion":
+                from personalize.merge.fusion import fuse_all, subject_prompts
+
+                texts = [list(p) for p in prompts] if prompts is not None else [subject_prompts(s) for s in staged]
+                errors, norms = fuse_all(model, staged, texts, merge_all, sink, fusion_steps, seed)
+            else:
+                errors, norms = merge_all(None, None, sink)
         except BaseException:
             if isinstance(sink, BaseSink):
                 sink.restore_weights()
@@ -185,12 +189,13 @@ def _merge_all(
     grams: Mapping[str, list[torch.Tensor | None]] | None,
     regularization: float,
     sink: Callable[[str, Merged], None],
+    modules: list[str] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Merge every layer, one at a time, and hand each result to `sink`; returns (errors, norms)."""
+    """Merge every layer (or `modules`), one at a time, and hand each result to `sink`; returns (errors, norms)."""
     errors: dict[str, float] = {}
     norms: dict[str, float] = {}
     with LayerReader(staged) as reader:
-        for module in reader:
+        for module in modules if modules is not None else reader:
             base_layer = base_layer_of(targets, module)
             every: list[Term | None] = [
                 None if group is None else term_of(group, item.source.weight, base_layer, module)

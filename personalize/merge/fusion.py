@@ -14,7 +14,7 @@ UNet layers: the denoising of its prompts), and the result is then compressed to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +92,37 @@ def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect_grams(
-    pipe: Any, staged: list[StagedInput], prompts: list[list[str]], steps: int = DEFAULT_STEPS, seed: int = 0
+    pipe: Any,
+    staged: list[StagedInput],
+    prompts: list[list[str]],
+    modules: list[str],
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    text_only: bool = False,
 ) -> dict[str, list[torch.Tensor | None]]:
-    """{"<component>.<path>": [G_subject_0, G_subject_1, ...]} over the union of the inputs' layers."""
+    """{"<component>.<path>": [G_subject_0, G_subject_1, ...]} for `modules`, each subject's adapter loaded.
+
+    `text_only` encodes the prompts (text encoder layers); otherwise the pipeline denoises them, with the
+    subjects' own text-encoder adapters switched off (a fused text encoder, loaded by the caller, stands
+    in for them, as in Mix-of-Show's second stage)."""
+    from personalize import adapters
     from personalize.formats.io import model_components
     from personalize.pipelines import load_adapter, unload_adapter
 
-    if isinstance(pipe, nn.Module) or not hasattr(pipe, "components"):
-        raise UserError("--method fusion runs a diffusion pipeline; for language models use svd, ties or dare")
-    if len(prompts) != len(staged):
-        raise UserError(f"fusion got prompts for {len(prompts)} subjects but {len(staged)} inputs")
-    modules = list(dict.fromkeys(m for s in staged for m in s.modules))
     targets = model_components(pipe)
     grams: dict[str, list[torch.Tensor | None]] = {m: [] for m in modules}
     for index, (item, texts) in enumerate(zip(staged, prompts)):
-        if not texts:
-            raise UserError(f"no prompts for {item.source.path}; fusion needs at least one")
         name = f"fusion-subject-{index}"
         load_adapter(pipe, item.source.path, scale=item.source.weight, name=name)
         try:
+            if not text_only:
+                for component, module in targets.items():
+                    if component.startswith("text_encoder") and name in adapters.describe(module):
+                        adapters.set_scale(module, name, 0.0)
             layers = {m: targets[m.partition(".")[0]].get_submodule(m.partition(".")[2]) for m in modules}
             recorder = GramRecorder(layers)
             try:
-                _run(pipe, texts, steps, seed)
+                _run(pipe, texts, steps, seed, text_only)
             finally:
                 found = recorder.close()
         finally:
@@ -125,11 +133,75 @@ def collect_grams(
 
 
 @torch.no_grad()
-def _run(pipe: Any, prompts: list[str], steps: int, seed: int) -> None:
-    """Denoise each prompt for `steps` steps without guidance (the subject's conditional branch only)."""
+def _run(pipe: Any, prompts: list[str], steps: int, seed: int, text_only: bool) -> None:
+    """Encode the prompts, or denoise them for `steps` steps as generation does, classifier-free guidance
+    included: the unconditional branch runs through every subject's layers at inference too."""
+    if text_only:
+        from personalize.models.encode import encode_text
+
+        encode_text(pipe, prompts)
+        return
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
-    pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=generator, output_type="latent")
+    pipe(prompts, num_inference_steps=steps, generator=generator, output_type="latent")
+
+
+MergeAll = Callable[[list[str], Mapping[str, list], Callable[[str, Merged], None]], tuple[dict, dict]]
+
+
+def fuse_all(
+    pipe: Any,
+    staged: list[StagedInput],
+    prompts: list[list[str]],
+    merge_all: MergeAll,
+    sink: Callable[[str, Merged], None],
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mix-of-Show's two stages: fuse the text encoders on each subject's own inputs; then, with the fused
+    text encoders loaded, record and fuse the denoiser's layers. `merge_all(modules, grams, sink)` merges
+    the given modules layer by layer (personalize.merge._merge_all). Returns (errors, norms)."""
+    from personalize.pipelines import load_adapter, unload_adapter
+
+    if isinstance(pipe, nn.Module) or not hasattr(pipe, "components"):
+        raise UserError("--method fusion runs a diffusion pipeline; for language models use svd, ties or dare")
+    if len(prompts) != len(staged):
+        raise UserError(f"fusion got prompts for {len(prompts)} subjects but {len(staged)} inputs")
+    for item, texts in zip(staged, prompts):
+        if not texts:
+            raise UserError(f"no prompts for {item.source.path}; fusion needs at least one")
+    modules = list(dict.fromkeys(m for s in staged for m in s.modules))
+    text = [m for m in modules if m.startswith("text_encoder")]
+    rest = [m for m in modules if m not in text]
+    fused_text: dict[str, dict[str, torch.Tensor]] = {}
+    held: list[tuple[str, Merged]] = []  # handed to `sink` at the end: it may fold them into the base
+
+    def keep_text(module: str, merged: Merged) -> None:
+        """Hold the result, and keep the fused delta exactly (full-rank factors) for the second stage."""
+        held.append((module, merged))
+        assert merged.delta is not None
+        down, up, _ = ops.svd_of_delta(merged.delta, rank=min(merged.delta.shape))
+        component, _, path = module.partition(".")
+        sd = fused_text.setdefault(component, {})
+        sd[f"{path}.lora_down.weight"], sd[f"{path}.lora_up.weight"] = down, up
+        sd[f"{path}.alpha"] = torch.tensor(float(down.shape[0]))
+
+    errors, norms = {}, {}
+    if text:
+        grams = collect_grams(pipe, staged, prompts, text, steps, seed, text_only=True)
+        errors, norms = merge_all(text, grams, keep_text)
+    if rest:
+        name = load_adapter(pipe, fused_text, name="fusion-text") if fused_text else None
+        try:
+            grams = collect_grams(pipe, staged, prompts, rest, steps, seed)
+        finally:
+            if name:
+                unload_adapter(pipe, name)
+        more_errors, more_norms = merge_all(rest, grams, sink)
+        errors, norms = {**errors, **more_errors}, {**norms, **more_norms}
+    for module, merged in held:
+        sink(module, merged)
+    return errors, norms
 
 
 def fuse_layer(
@@ -144,7 +216,13 @@ def fuse_layer(
     present = [t for t in terms if t is not None]
     pairs = [(t, g) for t, g in zip(terms, grams) if g is not None]
     if not pairs:  # the layer never ran on any prompt: nothing constrains it, keep the plain sum
-        return merge_layer(present, "linear" if full else "svd", rank, 1.0, None, full, conv_like)
+        merged = merge_layer(present, "linear", rank, 1.0, None, True, conv_like)
+        if full:
+            return merged
+        assert merged.delta is not None
+        down, up, singular = ops.svd_of_delta(merged.delta, rank or max(t.rank for t in present) or 1)
+        down, up = _as_conv(down, up, conv_like, present)
+        return Merged(down, up, merged.delta, ops.tail_error(singular, down.shape[0]), merged.norm)
     shape = present[0].flat().shape
     deltas = [t.flat() * t.weight if t is not None else torch.zeros(shape) for t, _ in pairs]
     fused = ops.fusion_delta(deltas, [g for _, g in pairs], regularization)  # (out, in*k)
@@ -152,12 +230,20 @@ def fuse_layer(
     norm = float(exact.norm())
     if full:
         return Merged(None, None, fused, ops.relative_error(fused, exact), norm)
+    # the full fused delta travels along (the second stage of fuse_all runs on the fused text encoder)
     target = rank or max(t.rank for t in present) or 0
     if not target:
         raise UserError("none of the inputs is a LoRA here, so there is no rank to keep; pass --rank R")
     down, up, _ = ops.svd_of_delta(fused, target)
     error = ops.relative_error(ops.flat_delta(down, up), exact)
+    down, up = _as_conv(down, up, conv_like, present)
+    return Merged(down, up, fused, error, norm)
+
+
+def _as_conv(
+    down: torch.Tensor, up: torch.Tensor, conv_like: torch.Tensor | None, present: list[Term]
+) -> tuple[torch.Tensor, torch.Tensor]:
     like = conv_like if conv_like is not None else next((t.down for t in present if t.down is not None), None)
     if like is not None and like.dim() == 4:
-        down, up = down.reshape(down.shape[0], *like.shape[1:]), up.reshape(*up.shape, 1, 1)
-    return Merged(down, up, None, error, norm)
+        return down.reshape(down.shape[0], *like.shape[1:]), up.reshape(*up.shape, 1, 1)
+    return down, up

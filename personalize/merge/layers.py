@@ -80,11 +80,42 @@ def term_of(group: Mapping[str, torch.Tensor], weight: float, base_layer: nn.Mod
     return Term(weight, delta=delta.flatten(1))
 
 
-def _exact_factors(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left (out, K), right (K, in)) with left @ right = sum_i w_i dW_i (LoRA terms only)."""
-    left = torch.cat([t.up.flatten(1) for t in terms], dim=1)  # type: ignore[union-attr]
-    right = torch.cat([t.down.flatten(1) * t.coefficient for t in terms], dim=0)  # type: ignore[union-attr]
-    return left, right
+class Exact:
+    """The exact weighted delta sum_i w_i dW_i of one layer, built only as far as asked (cached)."""
+
+    def __init__(self, terms: list[Term]) -> None:
+        self.terms = terms
+        self.loras = all(t.is_lora for t in terms)
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._delta: torch.Tensor | None = None
+        self._norm: float | None = None
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left (out, K), right (K, in)), left @ right = the exact delta (all terms LoRAs)."""
+        if self._factors is None:
+            left = torch.cat([t.up.flatten(1) for t in self.terms], dim=1)  # type: ignore[union-attr]
+            right = torch.cat([t.down.flatten(1) * t.coefficient for t in self.terms], dim=0)  # type: ignore[union-attr]
+            self._factors = left, right
+        return self._factors
+
+    @property
+    def delta(self) -> torch.Tensor:
+        if self._delta is None:
+            self._delta = exact_delta(self.terms)
+        return self._delta
+
+    @property
+    def norm(self) -> float:
+        if self._norm is None:
+            self._norm = ops.product_norm(*self.factors) if self.loras else float(self.delta.norm())
+        return self._norm
+
+    def error_of(self, down: torch.Tensor, up: torch.Tensor) -> float:
+        """||B A - exact||_F / ||exact||_F for merged factors (down, up)."""
+        if self.loras:
+            return ops.factored_distance(down, up, *self.factors) / self.norm if self.norm > 0 else 0.0
+        return ops.relative_error(ops.flat_delta(down, up), self.delta)
 
 
 def exact_delta(terms: list[Term]) -> torch.Tensor:
@@ -100,11 +131,6 @@ def _shape_factors(
     return down, up
 
 
-def _low_rank_of_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    down, up, _ = ops.svd_of_delta(delta, rank)
-    return down, up
-
-
 def merge_layer(
     terms: list[Term],
     method: str,
@@ -116,76 +142,55 @@ def merge_layer(
 ) -> Merged:
     """Merge one layer's terms. `rank` None keeps factor-space methods at the inputs' rank (svd: the
     largest input rank); `full` returns the full delta (for --into-base) instead of LoRA factors."""
-    loras = all(t.is_lora for t in terms)
-    norm = ops.product_norm(*_exact_factors(terms)) if loras else float(exact_delta(terms).norm())
-    merged = _merge(terms, loras, method, rank, density, generator, full, conv_like)
-    merged.norm = norm
-    return merged
-
-
-def _merge(
-    terms: list[Term],
-    loras: bool,
-    method: str,
-    rank: int | None,
-    density: float,
-    generator: torch.Generator | None,
-    full: bool,
-    conv_like: torch.Tensor | None,
-) -> Merged:
+    exact = Exact(terms)
     like = conv_like if conv_like is not None else next((t.down for t in terms if t.down is not None), None)
+    weights = [t.weight for t in terms]
     if full:  # task-vector definitions on the full deltas; exact for linear / cat / svd
         kind = "linear" if method in ("cat", "svd") else method
-        delta = ops.combine([t.flat() for t in terms], [t.weight for t in terms], kind, density, generator)
-        return Merged(None, None, delta, ops.relative_error(delta, exact_delta(terms)))
+        delta = ops.combine([t.flat() for t in terms], weights, kind, density, generator)
+        return Merged(None, None, delta, ops.relative_error(delta, exact.delta), exact.norm)
     if method == "cat":
-        if loras:
-            down, up = ops.cat_factors([t.down for t in terms], [t.up for t in terms], [t.coefficient for t in terms])  # type: ignore[misc]
-            return Merged(down, up, None, 0.0)
-        downs, ups = [], []
-        for t in terms:  # a full delta joins at its numerical rank, exactly
-            if t.down is not None and t.up is not None:
-                downs.append(t.down * t.coefficient)
-                ups.append(t.up)
-                continue
-            d, u, s = ops.svd_of_delta(t.flat() * t.weight, rank=10**9)
-            keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
-            d, u = _shape_factors(d[:keep], u[:, :keep], like)
-            downs.append(d)
-            ups.append(u)
-        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
-        return Merged(down, up, None, ops.relative_error(ops.flat_delta(down, up), exact_delta(terms)))
+        down, up = _cat(terms, like)
+        error = 0.0 if exact.loras else ops.relative_error(ops.flat_delta(down, up), exact.delta)
+        return Merged(down, up, None, error, exact.norm)
     target = rank or max((t.rank for t in terms), default=0)
     if not target:
         raise UserError("none of the inputs is a LoRA here, so there is no rank to keep; pass --rank R")
-    if method == "svd" or (method == "linear" and not loras):
-        if loras:
-            left, right = _exact_factors(terms)
-            down, up, singular = ops.svd_of_product(left, right, target)
-            error = ops.tail_error(singular, target)
+    if method == "svd" or (method == "linear" and not exact.loras):
+        if exact.loras:
+            down, up, singular = ops.svd_of_product(*exact.factors, target)
         else:
-            down, up, singular = ops.svd_of_delta(exact_delta(terms), target)
-            error = ops.tail_error(singular, target)
+            down, up, singular = ops.svd_of_delta(exact.delta, target)
         down, up = _shape_factors(down, up, like)
-        return Merged(down, up, None, error)
+        return Merged(down, up, None, ops.tail_error(singular, target), float(singular.norm()))
     if method in ("linear", *ops.SPARSE_METHODS):
-        if loras and rank is None:
-            down, up = ops.combine_factors(
-                [t.down for t in terms],  # type: ignore[misc]
-                [t.up for t in terms],  # type: ignore[misc]
-                [t.coefficient for t in terms],
-                method,
-                density,
-                generator,
-            )
-            error = ops.relative_error_factored((down, up), _exact_factors(terms)[::-1])  # type: ignore[arg-type]
-            return Merged(down, up, None, error)
-        combined = ops.combine([t.flat() for t in terms], [t.weight for t in terms], method, density, generator)
+        if exact.loras and rank is None:
+            downs, ups = [t.down for t in terms], [t.up for t in terms]
+            coefficients = [t.coefficient for t in terms]
+            down, up = ops.combine_factors(downs, ups, coefficients, method, density, generator)  # type: ignore[arg-type]
+            return Merged(down, up, None, exact.error_of(down, up), exact.norm)
+        combined = ops.combine([t.flat() for t in terms], weights, method, density, generator)
         down, up, _ = ops.svd_of_delta(combined, target)
-        error = ops.relative_error(ops.flat_delta(down, up), exact_delta(terms))
+        error = exact.error_of(down, up)
         down, up = _shape_factors(down, up, like)
-        return Merged(down, up, None, error)
+        return Merged(down, up, None, error, exact.norm)
     raise UserError(f"unknown merge method '{method}'; choose one of {', '.join(ops.METHODS)}")
+
+
+def _cat(terms: list[Term], like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated ranks; a full delta (LoHa, LoKr, ...) joins at its numerical rank, exactly."""
+    downs, ups = [], []
+    for t in terms:
+        if t.down is not None and t.up is not None:
+            downs.append(t.down * t.coefficient)
+            ups.append(t.up)
+            continue
+        d, u, s = ops.svd_of_delta(t.flat() * t.weight, rank=10**9)
+        keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
+        d, u = _shape_factors(d[:keep], u[:, :keep], like)
+        downs.append(d)
+        ups.append(u)
+    return torch.cat(downs, 0), torch.cat(ups, 1)
 
 
 def overall_error(errors: Mapping[str, float], norms: Mapping[str, float]) -> float:

@@ -23,14 +23,14 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def random_adapter(pipe, method, seed, components=("unet", "text_encoder"), std=0.1, **hyper):
+def random_adapter(pipe, method, seed, components=("unet", "text_encoder"), std=0.1, unet_targets="attention", **hyper):
     """{component: canonical state dict} of `method` with random non-zero weights."""
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for component in components:
             module = copy.deepcopy(getattr(pipe, component))
-            targets = "attention" if component == "unet" else None
+            targets = unet_targets if component == "unet" else None
             adapters.inject(module, method, targets=targets, name="made", **hyper)
             with torch.no_grad():
                 for parameter in adapters.trainable_parameters(module):

@@ -110,6 +110,9 @@ def test_cat_is_exact_and_linear_reports_its_error():
     measured = float((ops.flat_delta(linear.down, linear.up) - exact).norm() / exact.norm())
     assert linear.error == pytest.approx(measured, rel=1e-4) and linear.error > 0.1
     assert cat.norm == pytest.approx(float(exact.norm()), rel=1e-4)
+    left, right = torch.randn(20, 7), torch.randn(7, 24)
+    distance = ops.factored_distance(linear.down, linear.up, left, right)
+    assert distance == pytest.approx(float((ops.flat_delta(linear.down, linear.up) - left @ right).norm()), rel=1e-4)
 
 
 def test_svd_of_product_equals_svd_of_the_full_matrix():
