@@ -12,8 +12,8 @@ Each candidate runs in its own fresh process, end to end: files in, merged adapt
 - peft: a model with the same Linear layers (base weights allocated but never touched), every LoRA loaded as
   a named adapter (`add_adapter` + `set_peft_model_state_dict`), `add_weighted_adapter(..., combination_type=M,
   svd_rank=32, density=0.5)`, `save_pretrained(selected_adapters=["merged"])`.
-Peak memory is the process's peak RSS (VmHWM, reset just before the work starts, after imports) above its\nRSS at that moment. The
-candidates alternate within each round; the table gives medians over the rounds and the spread.
+Peak memory is the process's peak RSS (VmHWM, reset just before the work starts, after imports) above its
+RSS at that moment. The candidates alternate within each round; the table gives medians over the rounds and the spread.
 """
 
 from __future__ import annotations
