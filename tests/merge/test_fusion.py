@@ -85,6 +85,7 @@ def test_fusion_keeps_each_trigger_closer_to_its_own_subject(subjects, tiny_pipe
     assert sum(gap["fusion"].values()) < sum(gap["cat"].values())
 
 
+@pytest.mark.slow  # two more fusions; the API test above runs by default
 def test_fusion_through_the_cli_with_prompt_files_and_into_the_base(subjects, tmp_path, capsys):
     files = []
     for token in subjects:
