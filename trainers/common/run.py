@@ -7,6 +7,7 @@ Shared by the diffusion recipes (DreamBooth, Textual Inversion, conditioning) an
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,3 +104,19 @@ def run_metrics(state: Any, seconds: float) -> dict[str, Any]:
         "seconds": seconds,
         "trainable_params": sum(param.numel() for param in state.named_params.values()),
     }
+
+
+class PhaseClock:
+    """Seconds per phase of a run, in order: `mark(name)` closes the phase that began at the previous mark.
+
+    The recipe's metrics (and metrics.json) carry them as `phases`; `personalize batch` adds them up per job.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
