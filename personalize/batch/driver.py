@@ -209,6 +209,10 @@ def run_batch(
             else:
                 quiet = "--verbose" not in sys.argv and "--debug" not in sys.argv
                 local.run_workers(to_run, count, on_start, on_result, evaluate, quiet)
+    except KeyboardInterrupt:
+        bar.close()
+        echo("interrupted: rerun the same batch to resume the unfinished jobs from their checkpoints")
+        raise
     finally:
         bar.close()
         for job in to_run:  # interrupted: the jobs that did not finish are reported as pending

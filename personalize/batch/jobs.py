@@ -178,7 +178,7 @@ def _resolve(job: Job, layered: dict[str, Any], cache_dir: str | None) -> None:
     job.images = len(records)
     job.warnings = [f"{path.name} is unreadable ({reason}); it is skipped" for path, reason in report.skipped]
     content = sorted((record.digest, record.prompt) for record in records)
-    settings = {key: value for key, value in job.config.items() if key != "resume"}
+    settings = {key: value for key, value in job.config.items() if key not in ("resume", "overwrite")}
     job.fingerprint = hashlib.sha256(json.dumps([settings, content], sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -57,11 +57,14 @@ def _worker(device: str | None, threads: int, quiet: bool, tasks: Any, results: 
     from personalize.batch.shared import BaseCache
 
     bases = BaseCache()
-    while True:
-        job, evaluate = tasks.get()
-        if job is None:
-            return
-        results.put(run_job(job, bases, evaluate))
+    try:
+        while True:
+            job, evaluate = tasks.get()
+            if job is None:
+                return
+            results.put(run_job(job, bases, evaluate))
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the job saved a checkpoint, stop quietly
+        return
 
 
 def _pick(pending: list[Result], model: str | None) -> Result:

@@ -108,6 +108,7 @@ def run_job(job: dict[str, Any], bases: Any, evaluate: bool = False) -> dict[str
     from personalize.batch.shared import ensure_shared_class_images
     from personalize.trainers import train
     from personalize.trainers.common.checkpoints import latest_checkpoint
+    from personalize.trainers.common.frozen_base import with_model_resolution
 
     output = Path(job["config"]["output"])
     marker = read_marker(output)
@@ -117,12 +118,16 @@ def run_job(job: dict[str, Any], bases: Any, evaluate: bool = False) -> dict[str
     write_marker(output, **identity, status="running", started=time.time())
     started = time.perf_counter()
     phases: dict[str, float] = {}
-    config = train_config({**job["config"], "resume": checkpoint is not None})
+    # The batch owns a folder with a marker: a changed job replaces the run in it (a folder without one is
+    # left to train's own check, which refuses to replace a finished run).
+    owned = bool(marker) and checkpoint is None
+    config = train_config({**job["config"], "resume": checkpoint is not None, "overwrite": owned})
     with (output / LOG).open("a") as log, redirect_stdout(log), redirect_stderr(log):
         print(f"--- personalize batch: job {job['name']} (pid {os.getpid()}) at {time.ctime()}", flush=True)
         try:
             pipe, phases["load"] = bases.get(config)
-            phases["class_images"] = ensure_shared_class_images(pipe, config)
+            sized = with_model_resolution(config, pipe, lambda note: None)  # the size train will use
+            phases["class_images"] = ensure_shared_class_images(pipe, sized)
             result = train(config, pipe=pipe)
             for phase, seconds in result.metrics.get("phases", {}).items():
                 phases[phase] = phases.get(phase, 0.0) + seconds
