@@ -116,6 +116,11 @@ def run_batch(
         default_root = Path("personalize-out") / "batch"
     file_root = spec.defaults.get("output")
     root = Path(output or (spec.base_dir / str(file_root) if file_root else default_root)).expanduser().absolute()
+    if evaluate:
+        from personalize.batch.evaluation import available
+
+        if not available():
+            raise UserError("--eval needs `personalize eval`, which this version does not have; run without --eval")
     if pipe is not None and (backend != "local" or workers):
         raise UserError("pipe= runs the jobs in this process: use it with workers=0 and the local backend")
     prepared = jobs.prepare(spec, root, preset=preset, overrides=overrides, cache_dir=cache_dir)

@@ -15,6 +15,7 @@ from typing import Any
 from personalize.errors import UserError
 
 EVAL_FILE = Path("eval") / "eval.json"
+SETTINGS = ("seeds", "steps", "guidance")  # numbers in eval.json's figures that describe the run, not the adapter
 
 
 def available() -> bool:
@@ -31,13 +32,18 @@ def figures(output: str | Path) -> dict[str, float] | None:
         data = json.loads((Path(output) / EVAL_FILE).read_text())
     except (OSError, ValueError):
         return None
-    summary = data.get("summary", data) if isinstance(data, dict) else {}
-    numbers = {key: float(value) for key, value in summary.items() if isinstance(value, (int, float))}
+    summary = data.get("figures", data) if isinstance(data, dict) else {}
+    numbers = {
+        key: float(value)
+        for key, value in summary.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in SETTINGS
+    }
     return numbers or None
 
 
 def run_evaluation(pipe: Any, output: str | Path) -> None:
-    """`personalize.eval.evaluate(OUT, pipe=...)` on a finished job (it writes OUT/eval/eval.json)."""
+    """`personalize.eval.evaluate(OUT, pipe=...)` on a finished job with its default settings (it writes
+    OUT/eval/eval.json and leaves the pipeline as it was)."""
     if not available():
         raise UserError("--eval needs `personalize eval`, which this version does not have; run without --eval")
     module = importlib.import_module("personalize.eval")

@@ -166,10 +166,12 @@ def _resolve(job: Job, layered: dict[str, Any], cache_dir: str | None) -> None:
     if cache_dir and not layered.get("data", {}).get("cache_dir"):
         layered = merge(layered, {"data": {"cache_dir": cache_dir}})
     config, notes = resolve(from_dict(TrainConfig, layered))
-    if config.prior_preservation and not config.data.class_dir:  # one shared set per base, class and size
-        root = cache_root(config.data.cache_dir or None)
-        shared = {"class_dir": shared_class_dir(config, root), "num_class_images": class_request(config)[1]}
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, **shared))
+    root = cache_root(config.data.cache_dir or None).absolute()  # one cache for every worker of the batch
+    shared: dict[str, Any] = {"cache_dir": str(root)}
+    shared_set = config.prior_preservation and not config.data.class_dir
+    if shared_set:  # one class-image set per base, class and size
+        shared.update(class_dir=shared_class_dir(config, root), num_class_images=class_request(config)[1])
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, **shared))
     records, report = scan(dataclasses.replace(config.data, class_dir="", num_class_images=0))
     if not records:
         raise UserError(f"no usable image in {config.data.images} ({report.summary()})")
@@ -178,7 +180,12 @@ def _resolve(job: Job, layered: dict[str, Any], cache_dir: str | None) -> None:
     job.images = len(records)
     job.warnings = [f"{path.name} is unreadable ({reason}); it is skipped" for path, reason in report.skipped]
     content = sorted((record.digest, record.prompt) for record in records)
+    # Where the caches live changes no result: the fingerprint holds the shared class-image set's key, not its path.
     settings = {key: value for key, value in job.config.items() if key not in ("resume", "overwrite")}
+    data = dict(settings["data"], cache_dir="")
+    if shared_set:
+        data["class_dir"] = Path(data["class_dir"]).name
+    settings["data"] = data
     job.fingerprint = hashlib.sha256(json.dumps([settings, content], sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -94,6 +94,8 @@ def run_workers(
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
     gpus = visible_gpus()
     threads = max(1, (os.cpu_count() or 1) // (len(gpus) or workers))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's cap wins (busy machines: see the Makefile)
+        threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"])))
     results = context.Queue()
     pending = list(jobs)
     started = 0

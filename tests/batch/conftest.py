@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 CAT = Path(__file__).resolve().parents[2] / "examples" / "cat"
-# tiny-sd15 at 64 px, 4 steps with a checkpoint at 2, prior preservation on 2 class images of 1 denoising step
+# tiny-sd15 at 64 px, 2 steps with a checkpoint after each, prior preservation on 2 class images of 1 denoising step
 TINY_DEFAULTS = {
     "model": "tiny-sd15",
     "rank": 4,
     "alpha": 4,
     "lr": 1e-3,
-    "steps": 4,
-    "checkpoint_every": 2,
+    "steps": 2,
+    "checkpoint_every": 1,
     "prior_preservation": True,
     "class_images": 2,
     "class_image_steps": 1,

@@ -51,7 +51,7 @@ def test_batch_trains_every_job_and_reports_it(photos, tmp_path, capsys):
     summary = json.loads((tmp_path / "runs" / "batch.json").read_text())
     assert [job["name"] for job in summary["jobs"]] == ["sks_cat", "zwx_dog"]
     for job in summary["jobs"]:
-        assert job["status"] == "done" and job["steps"] == 4 and job["final_loss"] > 0
+        assert job["status"] == "done" and job["steps"] == 2 and job["final_loss"] > 0
         assert {"load", "class_images", "cache", "train", "save"} <= set(job["phases"])
         metrics = json.loads((tmp_path / "runs" / job["name"] / "metrics.json").read_text())
         assert metrics["final_loss"] == job["final_loss"]  # the table shows what the run wrote
@@ -85,6 +85,16 @@ def test_batch_trains_every_job_and_reports_it(photos, tmp_path, capsys):
     rerun = json.loads((tmp_path / "runs" / "batch.json").read_text())
     assert [job["status"] for job in rerun["jobs"]] == ["skipped", "skipped"]
     assert [job["final_loss"] for job in rerun["jobs"]] == [job["final_loss"] for job in summary["jobs"]]
+
+    # evaluation figures (OUT/eval/eval.json, as `personalize eval` writes it) join the table
+    eval_dir = tmp_path / "runs" / "sks_cat" / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "eval.json").write_text(json.dumps({"figures": {"dino": 0.5, "clip_t": 0.25, "seeds": 4}}))
+    assert main(["batch", str(spec), "--workers", "0", "--output", str(tmp_path / "runs")]) == 0
+    rerun = json.loads((tmp_path / "runs" / "batch.json").read_text())
+    assert rerun["jobs"][0]["eval"] == {"dino": 0.5, "clip_t": 0.25} and rerun["jobs"][1]["eval"] is None
+    table = (tmp_path / "runs" / "batch.md").read_text()
+    assert "| clip_t | dino |" in table and "| 0.250 | 0.500 |" in table
 
     # a changed image (or setting) makes its job run again; the other stays skipped
     make_subject(photos / "zwx_dog", 1, start=0)
@@ -142,7 +152,7 @@ def test_an_interrupted_batch_resumes_the_job_from_its_checkpoint(photos, tmp_pa
 
     def stop_after_first_checkpoint(root, step, keep):
         publish(root, step, keep)
-        raise KeyboardInterrupt  # as if the machine went down right after step 2's checkpoint
+        raise KeyboardInterrupt  # as if the machine went down right after the first checkpoint
 
     monkeypatch.setattr(checkpoints, "publish", stop_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
@@ -152,8 +162,8 @@ def test_an_interrupted_batch_resumes_the_job_from_its_checkpoint(photos, tmp_pa
     assert summary["jobs"][0]["status"] == "pending"
 
     [planned] = batch([str(photos / "sks_cat")], tmp_path, root="b", dry_run=True)
-    assert planned.reason == "resume from step-000002"
+    assert planned.reason == "resume from step-000001"
     [resumed] = batch([str(photos / "sks_cat")], tmp_path, root="b")
-    assert resumed.status == "done" and resumed.resumed_from == 2 and resumed.steps == 4
+    assert resumed.status == "done" and resumed.resumed_from == 1 and resumed.steps == 2
     expected = adapter(uninterrupted)
     assert all(torch.equal(adapter(resumed)[key], expected[key]) for key in expected)
