@@ -7,6 +7,7 @@ stops the batch before it starts (or, with skip_invalid, is reported and left ou
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -41,25 +42,30 @@ class JobResult:
 
 
 def _plan_memory(prepared: list[jobs.Job]) -> dict[str, str]:
-    """Estimated peak memory per job from personalize.plan, when this version has the planner."""
+    """Estimated peak memory per job from `personalize.plan` (plan(model, Settings) -> Estimate), when this
+    version has the planner; a job it cannot size (a family it does not describe) shows '-'."""
     try:
         from personalize import plan as planner  # type: ignore[attr-defined]
     except ImportError:
         return {}
-    estimate = getattr(planner, "estimate_for_config", None) or getattr(planner, "plan_config", None)
-    if estimate is None:
+    if not (callable(getattr(planner, "plan", None)) and dataclasses.is_dataclass(getattr(planner, "Settings", None))):
         return {}
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {item.name for item in dataclasses.fields(planner.Settings)}
     memory = {}
     for job in prepared:
         if job.problem:
             continue
+        values = {**job.config, "resolution": job.config["data"].get("resolution")}
+        values["method_options"] = tuple(sorted((values.get("method_options") or {}).items()))
+        chosen = {key: value for key, value in values.items() if key in names and value is not None}
         try:
-            found = estimate(jobs.train_config(job.config))
-        except Exception:  # a planner that cannot size this job leaves its cell empty
+            estimate = planner.plan(job.config["model"], planner.Settings(**chosen), device=device)
+        except Exception:  # the planner cannot size this job: its cell stays empty
             continue
-        total = getattr(found, "total_bytes", None) or (found.get("total_bytes") if isinstance(found, dict) else None)
-        if total:
-            memory[job.name] = f"{total / 2**30:.1f} GiB"
+        memory[job.name] = f"{estimate.peak / 2**30:.2f} GiB ({device})"
     return memory
 
 

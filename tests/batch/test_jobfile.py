@@ -113,3 +113,28 @@ def test_bad_job_files_are_one_line_errors(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=message):
             jobfile.read_job_file(tmp_path / name)
+
+
+def test_the_dry_run_shows_the_memory_plan_when_a_planner_exists(photos, tmp_path, monkeypatch, capsys):
+    """`personalize.plan` (another part of the toolkit) sizes each job: plan(model, Settings(...)) -> .peak."""
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        method: str = "lora"
+        rank: int = 4
+        resolution: int = 512
+
+    asked = []
+
+    def plan(model, settings, device="cuda"):
+        asked.append((model, settings))
+        return types.SimpleNamespace(peak=settings.rank * 2**30)
+
+    monkeypatch.setitem(sys.modules, "personalize.plan", types.SimpleNamespace(plan=plan, Settings=Settings))
+    spec = write_yaml(tmp_path / "jobs.yaml", tiny_yaml("  - images: photos/sks_cat\n    rank: 8\n"))
+    assert main(["batch", str(spec), "--dry-run", "--output", str(tmp_path / "runs")]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "memory" in header and "8.00 GiB" in row
+    assert asked == [("tiny-sd15", Settings(method="lora", rank=8, resolution=64))]
