@@ -89,8 +89,6 @@ def run_workers(
 ) -> None:
     import multiprocessing
 
-    from personalize.batch.runner import result_of
-
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
     gpus = visible_gpus()
     threads = max(1, (os.cpu_count() or 1) // (len(gpus) or workers))
@@ -121,6 +119,22 @@ def run_workers(
     for slot in range(len(pool)):
         assign(slot)
     remaining = len(jobs)
+    try:
+        _collect(pool, results, remaining, on_result, assign, new_worker)
+    except KeyboardInterrupt:  # the workers got the Ctrl-C too: let them save their step's checkpoint first
+        for worker in pool:
+            worker.process.join(timeout=120)
+        raise
+    for worker in pool:
+        worker.process.join(timeout=60)
+
+
+def _collect(
+    pool: list[_Worker], results: Any, remaining: int, on_result: Callable, assign: Callable, new_worker: Callable
+) -> None:
+    """Hand each result on and give its worker the next job, until every job has a result."""
+    from personalize.batch.runner import result_of
+
     while remaining:
         try:
             result = results.get(timeout=1.0)
@@ -139,5 +153,3 @@ def run_workers(
         on_result(result)
         remaining -= 1
         assign(slot)
-    for worker in pool:
-        worker.process.join(timeout=60)
