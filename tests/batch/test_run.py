@@ -25,27 +25,29 @@ def batch(jobs, tmp_path, root="runs", **options):
     return run(jobs, echo=quiet, progress=False, **settings)
 
 
+def cli_batch(spec, tmp_path):
+    """`personalize batch SPEC` in this process into tmp_path/runs with tmp_path/cache."""
+    return main(
+        [
+            "batch",
+            str(spec),
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+
+
 def adapter(result):
     return load_file(str(result.output / ADAPTER))
 
 
 def test_batch_trains_every_job_and_reports_it(photos, tmp_path, capsys):
     spec = write_yaml(tmp_path / "jobs.yaml", tiny_yaml())
-    assert (
-        main(
-            [
-                "batch",
-                str(spec),
-                "--workers",
-                "0",
-                "--output",
-                str(tmp_path / "runs"),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-            ]
-        )
-        == 0
-    )
+    assert cli_batch(spec, tmp_path) == 0
     out = capsys.readouterr().out
     assert out.count("done     ") == 2 and "2 of 2 jobs ok" in out
     summary = json.loads((tmp_path / "runs" / "batch.json").read_text())
@@ -67,21 +69,7 @@ def test_batch_trains_every_job_and_reports_it(photos, tmp_path, capsys):
     assert all(len(list((tmp_path / "cache" / "class_images" / name).glob("*.png"))) == 2 for name in sets)
 
     # a rerun skips both (same config, same image content) and keeps their figures
-    assert (
-        main(
-            [
-                "batch",
-                str(spec),
-                "--workers",
-                "0",
-                "--output",
-                str(tmp_path / "runs"),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-            ]
-        )
-        == 0
-    )
+    assert cli_batch(spec, tmp_path) == 0
     rerun = json.loads((tmp_path / "runs" / "batch.json").read_text())
     assert [job["status"] for job in rerun["jobs"]] == ["skipped", "skipped"]
     assert [job["final_loss"] for job in rerun["jobs"]] == [job["final_loss"] for job in summary["jobs"]]
@@ -90,7 +78,7 @@ def test_batch_trains_every_job_and_reports_it(photos, tmp_path, capsys):
     eval_dir = tmp_path / "runs" / "sks_cat" / "eval"
     eval_dir.mkdir()
     (eval_dir / "eval.json").write_text(json.dumps({"figures": {"dino": 0.5, "clip_t": 0.25, "seeds": 4}}))
-    assert main(["batch", str(spec), "--workers", "0", "--output", str(tmp_path / "runs")]) == 0
+    assert cli_batch(spec, tmp_path) == 0
     rerun = json.loads((tmp_path / "runs" / "batch.json").read_text())
     assert rerun["jobs"][0]["eval"] == {"dino": 0.5, "clip_t": 0.25} and rerun["jobs"][1]["eval"] is None
     table = (tmp_path / "runs" / "batch.md").read_text()
