@@ -37,7 +37,10 @@ def run_in_process(jobs: list[Result], on_start: Callable, on_result: Callable, 
     from personalize.batch.shared import BaseCache
 
     bases = BaseCache(fixed=pipe)
-    for job in jobs:
+    pending, model = list(jobs), None
+    while pending:
+        job = _pick(pending, model)
+        model = job["config"]["model"]
         on_start(job, 0)
         on_result(run_job(job, bases, evaluate))
 
