@@ -49,7 +49,7 @@ def build_pipeline():
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
-        layers_per_block=2,
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
@@ -64,6 +64,7 @@ def build_pipeline():
         up_block_types=["UpDecoderBlock2D"] * 2,
         latent_channels=4,
         sample_size=world.SIZE,
+        mid_block_add_attention=False,  # flat shapes need no global attention; saves a third of the time
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -91,7 +92,7 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -100,21 +101,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
 
 
 def train_vae(vae, steps: int, batch: int, rng: np.random.Generator, log) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     vae.train()
     for step in range(steps):
-        images = [world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(batch)]
+        images = [
+            world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(batch)
+        ]
         pixels = to_tensor(images)  # (B, 3, 32, 32)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / pixels[0].numel()
         loss = torch.nn.functional.mse_loss(recon, pixels) + 1e-4 * kl
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
+            group["lr"] = lr_at(step, steps, 2e-3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
 
@@ -129,7 +132,9 @@ def encode_world(pipe, count: int, rng: np.random.Generator) -> tuple[torch.Tens
         means.append(posterior.mean)
         stds.append(posterior.std)
         captions = ["" if rng.random() < 0.1 else text for _, text in samples]
-        tokens = pipe.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        tokens = pipe.tokenizer(
+            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        )
         ids.append(tokens.input_ids)
     return torch.cat(means), torch.cat(stds), torch.cat(ids)
 
@@ -169,8 +174,9 @@ def train_denoiser(pipe, latents, stds, ids, steps: int, batch: int, log, save) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/.cache/dreambench-mini"))
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--unet-steps", type=int, default=1600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=30000, help="world images encoded for stage 3")
     parser.add_argument("--threads", type=int, default=1)
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - start:7.0f}s] {message}", flush=True)
 
     pipe = build_pipeline()
-    train_vae(pipe.vae, args.vae_steps, args.batch, rng, log)
+    train_vae(pipe.vae, args.vae_steps, args.vae_batch, rng, log)
     means, stds, ids = encode_world(pipe, args.images, rng)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")

@@ -190,6 +190,12 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
+    if config.eval and accelerator.is_main_process:  # the adapter is on disk: score it as a user would load it
+        from personalize.eval import EvalSettings, evaluate
+
+        device = str(accelerator.device)
+        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
+        metrics["eval"] = evaluate(output, settings, say=say).figures
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
