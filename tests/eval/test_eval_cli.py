@@ -122,4 +122,5 @@ def test_train_with_eval_writes_the_evaluation(tmp_path, tiny_pipelines):
         eval=str(prompts),
     )
     assert (tmp_path / "run" / "eval" / "eval.json").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file()  # every run plots its loss
     assert set(result.metrics["eval"]) >= {"dino", "clip_i", "clip_t", "drift"}

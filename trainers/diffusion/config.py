@@ -269,6 +269,9 @@ def check(config: TrainConfig) -> None:
         raise UserError(
             f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
         )
+    from personalize.eval.logs import check_report_to
+
+    check_report_to(config.report_to)  # a missing tracker package: one line now, not after the model loads
     if config.eval not in ("", "dreambench") and not Path(config.eval).expanduser().is_file():
         raise UserError(f"--eval {config.eval}: not 'dreambench' and not a prompt file (one prompt a line)")
     if len(config.adam_betas) != 2:

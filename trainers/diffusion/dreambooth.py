@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
 from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
@@ -129,6 +130,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
@@ -195,10 +197,15 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         device = str(accelerator.device)
         settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
-        metrics["eval"] = evaluate(output, settings, say=say).figures
+        evaluation = evaluate(output, settings, say=say)
+        metrics["eval"] = evaluation.figures
+        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
+        logs.log_values(accelerator, numbers, state.step)
+        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     return TrainResult(output, files, samples, metrics)
 
