@@ -12,7 +12,7 @@ Three stages, all on world.py's captioned images (32 px):
    epsilon prediction on SD's scaled-linear schedule, 10% empty captions for classifier-free guidance.
 
 The result is a stock StableDiffusionPipeline folder (safetensors) that `--model DIR` loads.
-Sizes are chosen so that the whole run takes ~30-40 minutes on one busy CPU core.
+Sizes are chosen so that the whole run takes ~30-40 minutes on a CPU core shared with other work.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def build_pipeline():
         norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=[32, 64],
+        block_out_channels=[16, 32],
+        norm_num_groups=8,
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 2,
@@ -174,11 +175,11 @@ def train_denoiser(pipe, latents, stds, ids, steps: int, batch: int, log, save) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/.cache/dreambench-mini"))
-    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--unet-steps", type=int, default=1600)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--images", type=int, default=30000, help="world images encoded for stage 3")
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--images", type=int, default=12000, help="world images encoded for stage 3")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

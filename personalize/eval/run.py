@@ -31,6 +31,7 @@ class EvalSettings:
     steps: int = 25
     guidance: float | None = None  # None: the pipeline's default
     class_prompts: int = prompt_sets.CLASS_PROMPTS
+    class_prompt_list: list[str] | None = None  # explicit class prompts (default: built from the class word)
     metric_models: dict[str, str] = field(default_factory=dict)  # {"dino": id, "clip": id}; missing: defaults
     model: str = ""  # base model; "": the run's
     device: str = "auto"
@@ -103,14 +104,16 @@ def generate_images(run_dir: str | Path, settings: EvalSettings, *, pipe: Any = 
         instance,
         *[p for p in prompt_sets.subject_prompts(settings.prompts, token, class_word) if p != instance],
     ]
-    class_prompts = prompt_sets.class_prompts(class_word, settings.class_prompts)
+    class_prompts = settings.class_prompt_list
+    if class_prompts is None:
+        class_prompts = prompt_sets.class_prompts(class_word, settings.class_prompts)
     references = reference_images(data)
     if pipe is None:
         pipe = _load_base(settings.model or str(config.get("model", "")), settings.device)
     size = data.get("resolution")
 
     def draw(prompt_list: list[str]) -> dict[str, list[Any]]:
-        return {prompt: _generate(pipe, prompt, settings, size) for prompt in prompt_list}
+        return {prompt: generate_prompt(pipe, prompt, settings, size) for prompt in prompt_list}
 
     base_class = draw(class_prompts)
     name = load_adapter(pipe, run_dir, name="personalize-eval")
@@ -132,7 +135,8 @@ def _load_base(model: str, device: str) -> Any:
     return pipe.to(device)
 
 
-def _generate(pipe: Any, prompt: str, settings: EvalSettings, size: int | None) -> list[Any]:
+def generate_prompt(pipe: Any, prompt: str, settings: EvalSettings, size: int | None) -> list[Any]:
+    """settings.seeds images of one prompt, image s from seed settings.seed + s."""
     import torch
 
     from personalize.pipelines.generate import GenerationSettings, generate
