@@ -82,9 +82,9 @@ def parse(image: np.ndarray) -> Parsed:
     for name, candidate in world.SUBJECTS.items():
         near_top = np.linalg.norm(inside - np.array(candidate.top, dtype=np.float32), axis=-1) < SUBJECT_COLOUR
         near_bottom = np.linalg.norm(inside - np.array(candidate.bottom, dtype=np.float32), axis=-1) < SUBJECT_COLOUR
-        if near_top.mean() >= SUBJECT_SHARE and near_bottom.mean() >= SUBJECT_SHARE:
-            if ys[near_top].mean() < ys[near_bottom].mean() and shape == candidate.shape:
-                subject = name
+        both = near_top.mean() >= SUBJECT_SHARE and near_bottom.mean() >= SUBJECT_SHARE
+        if both and ys[near_top].mean() < ys[near_bottom].mean() and shape == candidate.shape:
+            subject = name
     return Parsed(context, shape, colour, subject, int(bottom - top + 1), ious[shape])
 
 
@@ -127,7 +127,7 @@ def class_prompts(subject: str) -> list[ClassPrompt]:
     """The subject's class word in the world's usual sentences: what the adapter must leave alone."""
     shape = world.SUBJECTS[subject].shape
     picks = [("red", "on the grass"), ("blue", "in the snow"), ("yellow", "at night"), ("purple", "on the beach")]
-    return [ClassPrompt(f"a photo of a {colour} {shape} {context}", shape, colour, context) for colour, context in picks]
+    return [ClassPrompt(f"a photo of a {colour} {shape} {where}", shape, colour, where) for colour, where in picks]
 
 
 def score_subject(images: dict[str, list[np.ndarray]], prompts: list[SubjectPrompt], subject: str) -> dict[str, float]:
@@ -167,7 +167,8 @@ def calibrate(subject: str, seeds: int = 4, token: str = "sks") -> dict[str, dic
         return world.render(world.random_scene(rng, subject=subject, context=prompt.context, size=prompt.size), rng)
 
     def perfect_class(prompt: ClassPrompt) -> np.ndarray:
-        return world.render(world.random_scene(rng, shape=prompt.shape, colour=prompt.colour, context=prompt.context), rng)
+        scene = world.random_scene(rng, shape=prompt.shape, colour=prompt.colour, context=prompt.context)
+        return world.render(scene, rng)
 
     def class_instead(prompt: SubjectPrompt) -> np.ndarray:
         return world.render(world.random_scene(rng, shape=shape, context=prompt.context, size=prompt.size), rng)
