@@ -123,6 +123,31 @@ def train_vae(vae, steps: int, batch: int, rng: np.random.Generator, log) -> Non
     vae.eval().requires_grad_(False)
 
 
+def finetune_decoder(vae, steps: int, batch: int, rng: np.random.Generator, log) -> None:
+    """Decoder-only fine-tuning (SD's ft-MSE VAE did the same): the encoder, hence every latent the denoiser
+    learned, stays as it is; the decoder learns to draw sharper edges and truer colours from them."""
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        images = [world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(batch)]
+        pixels = to_tensor(images)  # (B, 3, 32, 32)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mean
+        loss = torch.nn.functional.mse_loss(vae.decode(latents).sample, pixels)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_world(pipe, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latent means, latent stds, token ids) of `count` world images; 10% of captions are empty."""
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--images", type=int, default=12000, help="world images encoded for stage 3")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder this long")
+    parser.add_argument("--decoder-only", action="store_true", help="only fine-tune the decoder of --output")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -190,6 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.0f}s] {message}", flush=True)
 
+    if args.decoder_only:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.output)
+        finetune_decoder(pipe.vae, args.decoder_steps, args.vae_batch, rng, log)
+        pipe.save_pretrained(args.output, safe_serialization=True)
+        info = json.loads((args.output / "pretrain.json").read_text())
+        info["decoder_steps"] = info.get("decoder_steps", 0) + args.decoder_steps
+        (args.output / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        log(f"saved {args.output} with the fine-tuned decoder")
+        return
     pipe = build_pipeline()
     train_vae(pipe.vae, args.vae_steps, args.vae_batch, rng, log)
     means, stds, ids = encode_world(pipe, args.images, rng)
@@ -204,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         log(f"saved {args.output} after {unet_steps} denoiser steps")
 
     train_denoiser(pipe, means, stds, ids, args.unet_steps, args.batch, log, save)
+    if args.decoder_steps:
+        finetune_decoder(pipe.vae, args.decoder_steps, args.vae_batch, rng, log)
     save(args.unet_steps)
 
 
