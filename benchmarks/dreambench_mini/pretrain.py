@@ -101,13 +101,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def vae_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """Half world images, half shapes in random colours (never the subjects: they stay novel)."""
+    return [world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(count)]
+
+
 def train_vae(vae, steps: int, batch: int, rng: np.random.Generator, log) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     vae.train()
     for step in range(steps):
-        images = [
-            world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(batch)
-        ]
+        images = vae_images(rng, batch)
         pixels = to_tensor(images)  # (B, 3, 32, 32)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -133,7 +136,7 @@ def finetune_decoder(vae, steps: int, batch: int, rng: np.random.Generator, log)
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     vae.train()
     for step in range(steps):
-        images = [world.world_sample(rng)[0] if rng.random() < 0.5 else world.any_colour_sample(rng) for _ in range(batch)]
+        images = vae_images(rng, batch)
         pixels = to_tensor(images)  # (B, 3, 32, 32)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mean
