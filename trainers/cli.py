@@ -75,6 +75,14 @@ def register(subparsers: Any) -> None:
     add("--ema", action="store_const", const=True, help="save an EMA of the trained weights")
     add("--validation-prompt", action="append", metavar="P", help="sample this prompt (repeatable)")
     add("--validate-every", type=int, metavar="N", help="sample every N steps (default: only at the end)")
+    add(
+        "--eval",
+        nargs="?",
+        const="dreambench",
+        metavar="PROMPTS",
+        help="after training, score the run (personalize eval): dreambench (default) or a prompt file",
+    )
+    add("--report-to", help="log the run to tensorboard or wandb (default none); every run writes loss.png")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 250)")
     add("--resume", action="store_const", const=True, help="continue from the newest checkpoint in --output")
     add("--overwrite", action="store_const", const=True, help="replace a finished or interrupted run in --output")

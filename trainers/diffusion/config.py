@@ -125,6 +125,12 @@ class TrainConfig:
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
     validation_steps: int | None = option(None, "denoising steps of each validation image (None: 25, tiny models 10)")
     validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
+    eval: str = option(
+        "", "after training, run `personalize eval` on the output: 'dreambench' or a prompt file; '' = off"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", "log loss, lr, grad norm and sample grids to tensorboard or wandb (accelerate's trackers)"
+    )
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
@@ -255,8 +261,10 @@ def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[st
         if getattr(data, key):
             updates[key] = str(Path(getattr(data, key)).expanduser().absolute())
     data = dataclasses.replace(data, **updates)
+    evaluation = config.eval if config.eval in ("", "dreambench") else str(Path(config.eval).expanduser().absolute())
     resolved = dataclasses.replace(
         config,
+        eval=evaluation,
         data=data,
         rank=config.rank if config.rank is not None else rank,
         lr=config.lr if config.lr is not None else lr,
@@ -300,6 +308,15 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
     if config.method in TOKEN_METHODS:
         check_token_options(config)
+    if config.eval and config.method in (*TOKEN_METHODS, *CONDITIONING_METHODS):
+        raise UserError(
+            f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
+        )
+    from personalize.eval.logs import check_report_to
+
+    check_report_to(config.report_to)  # a missing tracker package: one line now, not after the model loads
+    if config.eval not in ("", "dreambench") and not Path(config.eval).expanduser().is_file():
+        raise UserError(f"--eval {config.eval}: not 'dreambench' and not a prompt file (one prompt a line)")
     if len(config.adam_betas) != 2:
         raise UserError(f"adam_betas must be two numbers, e.g. [0.9, 0.999] (got {config.adam_betas})")
 

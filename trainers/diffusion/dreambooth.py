@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import (
     idle_until_validation,
@@ -146,6 +147,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
@@ -208,9 +210,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
+    if config.eval and accelerator.is_main_process and not state.stopped_early:  # score it as a user loads it
+        from personalize.eval import EvalSettings, evaluate
+
+        device = str(accelerator.device)
+        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
+        evaluation = evaluate(output, settings, say=say)
+        metrics["eval"] = evaluation.figures
+        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
+        logs.log_values(accelerator, numbers, state.step)
+        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
