@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
     add(
         "--method",
-        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
+        help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, bitfit, norm, full, textual-inversion, pivotal, "
         "controlnet, t2i-adapter or ip-adapter",
     )
     add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")

@@ -16,6 +16,7 @@ from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr
 from personalize.adapters.lora import LoRA
+from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.targets import wrappable_paths
 from personalize.errors import UserError
 
@@ -37,6 +38,8 @@ PARAM_NAMES = (
     "lokr_w1",
     "lokr_w2",
     "lokr_t2",
+    "oft_blocks",
+    "rescale",
     "on_input",
     "alpha",
     "weight",
@@ -64,6 +67,9 @@ def _adapter_for(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module
     elif any(k.startswith("lokr_") for k in tensors):
         weight_shape = torch.Size(base_weight_shape(base))
         adapter = LoKr(base, **LoKr.hyper_from_tensors(tensors, weight_shape))
+    elif "oft_blocks" in tensors:
+        builder = OFT if tensors["oft_blocks"].dim() == 3 else BOFT
+        adapter = builder(base, **builder.hyper_from_tensors(tensors, torch.Size(base_weight_shape(base))))
     elif "weight" in tensors:
         adapter = IA3(base, **IA3.hyper_from_tensors(tensors))
     else:

@@ -23,6 +23,7 @@ from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
+from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
 from personalize.adapters.targets import select
 from personalize.config import nearest
@@ -32,6 +33,7 @@ from personalize.models.presets import model_kind
 IA3_INPUT_SIDE = r"(.*\.)?(ff\.net\.2|fc2|down_proj|wo|proj_out)"
 DEFAULT_TARGETS = {"unet": "attention", "dit": "attention", "clip": "text", "t5": "text", "llm": "all-linear"}
 DEFAULT_TARGETS["vlm"] = "language"
+INPUT_SIDE_KINDS = ("llm", "vlm")  # OFT/BOFT rotate the input there, as peft does (the UNet: outputs, LyCORIS)
 
 
 def _lora(base: nn.Module, **hyper: Any) -> AdapterModule:
@@ -50,6 +52,8 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "lokr": LoKr,
     "krona": krona,
     "ia3": IA3,
+    "oft": OFT,
+    "boft": BOFT,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 
@@ -136,6 +140,8 @@ def inject(
         options = dict(hyper)
         if method == "ia3" and "on_input" not in options:
             options["on_input"] = re.fullmatch(IA3_INPUT_SIDE, path) is not None
+        if method in ("oft", "boft") and "on_input" not in options:
+            options["on_input"] = model_kind(model) in INPUT_SIDE_KINDS
         layer.add(name, BUILDERS[method](layer.base_layer, **options), scale)
         if layer is not module:
             _set_module(model, path, layer)

@@ -9,6 +9,11 @@ Keys are "base_model.model.<module path>.<peft name>" (the adapter name is not i
           LyCORIS/ComfyUI/we use 1), and peft rebuilds the factor shapes from (r, decompose_factor,
           decompose_both), so every module gets an r that makes peft pick the same shapes
     IA3   ia3_l = 1 + weight (peft multiplies by the vector itself), (out, 1) or (1, in) on feed-forward inputs
+    OFT   oft_R.weight (k, b(b-1)/2) = the upper triangle of -Q (peft's exact Cayley is (I - Q)(I + Q)^-1:
+          written with use_cayley_neumann = false, the approximation peft uses by default)
+    BOFT  boft_R (1, k, b, b) = Q with each block's channels in peft's order (ours pairs them as LyCORIS's
+          butterfly stage 0 does), boft_s (out, 1) = rescale; one butterfly stage (what peft builds on CPU)
+    OFT/BOFT only in their input-side form (`on_input`), which is peft's.
 
 Per-module ranks and alphas go in rank_pattern / alpha_pattern with exact-path regexes.
 """
@@ -32,7 +37,15 @@ from personalize.formats.diffusers import canonical_magnitude, lora_config, patt
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
+PEFT_TYPES = {
+    "lora": "LORA",
+    "dora": "LORA",
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "ia3": "IA3",
+    "oft": "OFT",
+    "boft": "BOFT",
+}
 
 
 def _exact(path: str) -> str:
@@ -62,7 +75,7 @@ def to_peft(
     if not kinds <= {"lora", "dora"} and len(kinds) > 1:
         raise UserError(f"one peft adapter holds one method, but this one mixes {', '.join(sorted(kinds))}")
     method = "lora" if kinds <= {"lora", "dora"} else next(iter(kinds))
-    writer = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3}[method]
+    writer = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3, "oft": _oft, "boft": _boft}[method]
     tensors, config = writer(groups, embedding_paths) if method == "lora" else writer(groups)
     config.update(
         {
@@ -198,8 +211,10 @@ def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
 def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
-        raise UserError(f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3)")
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT"):
+        raise UserError(
+            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT)"
+        )
     stripped = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -209,6 +224,10 @@ def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         return _read_lora(stripped, config)
     if peft_type == "IA3":
         return _read_ia3(stripped, config)
+    if peft_type == "OFT":
+        return _read_oft(stripped, config)
+    if peft_type == "BOFT":
+        return _read_boft(stripped, config)
     return _read_lycoris(stripped, config, peft_type)
 
 
@@ -270,4 +289,122 @@ def _read_ia3(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
             on_input = True
         out[f"{path}.weight"] = value.reshape(-1).float() - 1
         out[f"{path}.on_input"] = torch.tensor(on_input)
+    return out
+
+
+def _peft_order(size: int) -> torch.Tensor:
+    """Channel j of a block in our (LyCORIS) butterfly stage 0 is channel order[j] of the block in peft."""
+    return torch.arange(size).unflatten(0, (2, size // 2)).transpose(0, 1).reshape(-1)
+
+
+def _skew(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks - blocks.transpose(-1, -2)
+
+
+def _orthogonal_groups(groups: Mapping[str, Mapping[str, torch.Tensor]], method: str) -> int:
+    """Check every module is in peft's form; returns the one block size peft's config can hold."""
+    sizes = set()
+    for path, group in groups.items():
+        if "on_input" not in group:
+            raise UserError(
+                f"{path}: {method.upper()} on output channels (LyCORIS's form) has no peft equivalent; "
+                "train with on_input=True for peft, or save the kohya/LyCORIS layout"
+            )
+        if float(group.get("alpha", torch.tensor(0.0))) != 0.0:
+            raise UserError(f"{path}: {method.upper()} with a norm constraint (alpha > 0) has no peft equivalent")
+        sizes.add(int(group["oft_blocks"].shape[-1]))
+    if len(sizes) > 1:
+        raise UserError(f"peft's {method.upper()} config holds one block size, this adapter has {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _oft(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    size = _orthogonal_groups(groups, "oft")
+    rows, cols = torch.triu_indices(size, size, 1)
+    tensors = {}
+    for path, group in groups.items():
+        if "rescale" in group:
+            raise UserError(f"{path}: peft's OFT has no rescale vector")
+        tensors[f"{path}.oft_R.weight"] = -_skew(group["oft_blocks"].float())[:, rows, cols]  # (k, b(b-1)/2)
+    config = {
+        "r": 0,
+        "oft_block_size": size,
+        "module_dropout": 0.0,
+        "coft": False,
+        "eps": 6e-5,
+        "block_share": False,
+        "use_cayley_neumann": False,
+        "num_cayley_neumann_terms": 5,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _boft(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    size = _orthogonal_groups(groups, "boft")
+    order = torch.argsort(_peft_order(size))
+    tensors = {}
+    for path, group in groups.items():
+        blocks = group["oft_blocks"]
+        if blocks.shape[0] != 1 or "rescale" not in group:
+            raise UserError(
+                f"{path}: peft reads BOFT with one butterfly stage and a rescale vector (stages=1, rescaled=True); "
+                f"this one has {blocks.shape[0]} stages"
+            )
+        tensors[f"{path}.boft_R"] = _skew(blocks.float())[..., order, :][..., :, order]  # (1, k, b, b)
+        tensors[f"{path}.boft_s"] = group["rescale"].reshape(-1, 1)
+    config = {
+        "boft_block_size": size,
+        "boft_block_num": 0,
+        "boft_n_butterfly_factor": 1,
+        "boft_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _read_oft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if config.get("use_cayley_neumann", True) or config.get("coft") or config.get("block_share"):
+        raise UserError(
+            "this peft OFT adapter uses the Cayley-Neumann approximation, COFT or block sharing; this toolkit reads "
+            "OFT with the exact Cayley transform only (use_cayley_neumann=false, coft=false, block_share=false)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.endswith(".oft_R.weight"):
+            raise UserError(f"peft OFT key '{PREFIX}{key}' is not one this toolkit reads (oft_R.weight)")
+        path = key[: -len(".oft_R.weight")]
+        size = int(round((1 + math.sqrt(1 + 8 * value.shape[-1])) / 2))
+        rows, cols = torch.triu_indices(size, size, 1)
+        upper = torch.zeros(value.shape[0], size, size, dtype=torch.float32)
+        upper[:, rows, cols] = value.float()
+        out[f"{path}.oft_blocks"] = -_skew(upper) / 2  # A with A - A^T = Q = -Q_peft
+        out[f"{path}.alpha"] = torch.tensor(0.0)
+        out[f"{path}.on_input"] = torch.tensor(True)
+    return out
+
+
+def _read_boft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".")
+        if param == "boft_s":
+            out[f"{path}.rescale"] = value.reshape(-1, 1).float()
+            continue
+        if param != "boft_R":
+            raise UserError(f"peft BOFT key '{PREFIX}{key}' is not one this toolkit reads (boft_R, boft_s)")
+        if value.shape[0] != 1:
+            raise UserError(
+                f"{path}: peft BOFT with {value.shape[0]} butterfly factors; this toolkit reads one (what peft builds "
+                "without its CUDA kernel)"
+            )
+        order = _peft_order(value.shape[-1])
+        skew = 0.5 * _skew(value.float())  # peft's Q
+        out[f"{path}.oft_blocks"] = skew[..., order, :][..., :, order] / 2
+        out[f"{path}.alpha"] = torch.tensor(0.0)
+        out[f"{path}.on_input"] = torch.tensor(True)
     return out

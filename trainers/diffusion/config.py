@@ -17,7 +17,10 @@ from personalize.data import DataConfig
 from personalize.errors import UserError
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+METHODS = (
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "bitfit", "norm", "full"),
+    *CONDITIONING_METHODS,
+)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -33,6 +36,9 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "lokr": (8, 1e-4, 500, "attention"),
     "krona": (None, 1e-3, 500, "attention"),
     "ia3": (None, 1e-3, 500, "attention+ff"),
+    # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
+    "oft": (None, 1e-4, 500, "attention"),
+    "boft": (None, 1e-4, 500, "attention"),
     "bitfit": (None, 1e-3, 500, "all"),
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
@@ -57,6 +63,8 @@ class TrainConfig:
         "lokr",
         "krona",
         "ia3",
+        "oft",
+        "boft",
         "bitfit",
         "norm",
         "full",
@@ -276,7 +284,7 @@ def check_token_options(config: TrainConfig) -> None:
         )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
-    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"
