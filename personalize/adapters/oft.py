@@ -255,6 +255,26 @@ class BOFT(OrthogonalBase):
         rotations = toward_identity(cayley(self.oft_blocks, self.constraint), scale).to(x.dtype)  # (m, k, b, b)
         return butterfly(x, rotations, dim)
 
+    # Training multiplies by the product of the stages, built once per step from the identity (dim x dim x b
+    # per stage, independent of the tokens): one dense matmul beats m gather/rotate/scatter passes over the
+    # activations, each of which copies them.
+
+    def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        m = self.channel_matrix(scale, x.dtype)
+        return _channel_matmul(x, m.T, 1 if x.dim() == 4 else -1)  # x' = M x per position
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
+        if self.acts_on_input:
+            return super().delta(x, base_out, base_layer, scale)
+        m = self.channel_matrix(scale, torch.float32).T  # row form: y' = y M^T
+        if "rescale" in self._parameters:
+            m = m * self.rescale.reshape(1, -1)
+        m = (m - torch.eye(m.shape[0], device=m.device, dtype=m.dtype)).to(base_out.dtype)
+        out = _channel_matmul(base_out, m, 1 if base_out.dim() == 4 else -1)
+        if base_layer.bias is not None:
+            out = out - _channel_view(base_layer.bias.to(m.dtype) @ m, out)
+        return out
+
     @staticmethod
     def hyper_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: torch.Size) -> dict[str, Any]:
         on_input = bool(tensors.get("on_input", torch.tensor(False)))
@@ -265,3 +285,10 @@ class BOFT(OrthogonalBase):
             "rescaled": "rescale" in tensors,
             "on_input": on_input,
         }
+
+
+def _channel_matmul(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """Row vectors of channels times `matrix` (c, d): a matmul on the last dim, a 1x1 conv on (B, C, H, W)."""
+    if dim == -1 or dim == x.dim() - 1:
+        return x @ matrix
+    return torch.nn.functional.conv2d(x, matrix.T[:, :, None, None])
