@@ -13,9 +13,11 @@ def render_llm_card(
 
     auto = "AutoModelForImageTextToText" if family == "vlm" else "AutoModelForCausalLM"
     base = config.model
+    imports = [f"from transformers import {auto}", "from peft import PeftModel"]
     load_base = f'{auto}.from_pretrained("{base}")'
-    if base.startswith("tiny-"):
-        load_base = f'build_tiny("{base}")[0]  # from personalize.models import build_tiny'
+    if base.startswith("tiny-"):  # built in code, not on the Hub: the snippet must still run as printed
+        imports = ["from peft import PeftModel", "from personalize.models import build_tiny"]
+        load_base = f'build_tiny("{base}")[0]'
     rows = "\n".join(f"| {key} | {value} |" for key, value in options_summary(config).items())
     answers = "\n".join(f"- **{prompt}** -> {answer}" for prompt, answer in samples.items())
     lines = [
@@ -33,8 +35,7 @@ def render_llm_card(
         "With stock peft and transformers:",
         "",
         "```python",
-        f"from transformers import {auto}",
-        "from peft import PeftModel",
+        *imports,
         f"base = {load_base}",
         f'model = PeftModel.from_pretrained(base, "{config.output}")',
         "```",

@@ -63,6 +63,7 @@ class LLMTrainConfig:
     checkpoint_every: int = option(100, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
+    overwrite: bool = option(False, "replace a finished (or interrupted) run in the output dir")
     seed: int = option(0, "seed of data order, dropout and init")
     output: str = option("", "output folder; '' = ./personalize-out/<data file name>")
     adapter_name: str = option("default", "name of the injected adapter")
