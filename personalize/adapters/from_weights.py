@@ -18,6 +18,7 @@ from personalize.adapters.lokr import LoKr
 from personalize.adapters.lora import LoRA
 from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.targets import wrappable_paths
+from personalize.adapters.vera import VeRA
 from personalize.errors import UserError
 
 # Parameter names per method, longest first so that "x.lora_down.weight" is not read as IA3's "weight".
@@ -40,6 +41,10 @@ PARAM_NAMES = (
     "lokr_t2",
     "oft_blocks",
     "rescale",
+    "vera_lambda_b",
+    "vera_lambda_d",
+    "vera_A",
+    "vera_B",
     "on_input",
     "alpha",
     "weight",
@@ -67,6 +72,8 @@ def _adapter_for(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module
     elif any(k.startswith("lokr_") for k in tensors):
         weight_shape = torch.Size(base_weight_shape(base))
         adapter = LoKr(base, **LoKr.hyper_from_tensors(tensors, weight_shape))
+    elif "vera_lambda_b" in tensors:
+        adapter = VeRA(base, **VeRA.hyper_from_tensors(tensors))
     elif "oft_blocks" in tensors:
         builder = OFT if tensors["oft_blocks"].dim() == 3 else BOFT
         adapter = builder(base, **builder.hyper_from_tensors(tensors, torch.Size(base_weight_shape(base))))

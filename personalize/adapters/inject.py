@@ -26,6 +26,7 @@ from personalize.adapters.lora import LoRA
 from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
 from personalize.adapters.targets import select
+from personalize.adapters.vera import VeRA, shared_projections
 from personalize.config import nearest
 from personalize.errors import UserError
 from personalize.models.presets import model_kind
@@ -54,13 +55,15 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "ia3": IA3,
     "oft": OFT,
     "boft": BOFT,
+    "vera": VeRA,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 
 
 def _hyperparameters(builder: Callable[..., Any]) -> list[str]:
     target = LoRA if builder in (_lora, _dora) else builder
-    names = [p for p in inspect.signature(target).parameters if p not in ("self", "base_layer", "plan", "krona_init")]
+    internal = ("self", "base_layer", "plan", "krona_init", "projections")
+    names = [p for p in inspect.signature(target).parameters if p not in internal]
     return [n for n in names if not (builder is _dora and n == "dora")]
 
 
@@ -134,6 +137,9 @@ def inject(
     _check_hyper(method, hyper)
     targets = targets if targets is not None else DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
+    if method == "vera":  # one pair of frozen random matrices for every layer of this adapter
+        layers = [getattr(model.get_submodule(p), "base_layer", model.get_submodule(p)) for p in paths]
+        hyper = {**hyper, "projections": shared_projections(layers, hyper.get("rank", 256), hyper.get("seed", 0))}
     for path in paths:
         module = model.get_submodule(path)
         layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)

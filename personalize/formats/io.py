@@ -407,6 +407,12 @@ def check_fits(component: str, sd: Mapping[str, torch.Tensor], targets: Mapping[
             )
         if "oft_blocks" in group:
             _check_orthogonal(component, path, group, shape)
+        elif "vera_lambda_b" in group:
+            if group["vera_lambda_b"].shape[0] != shape[0] or group["vera_A"].shape[1] < shape[1]:
+                raise UserError(
+                    f"{component}.{path}: VeRA vectors for a {group['vera_lambda_b'].shape[0]}-output layer with "
+                    f"projections {tuple(group['vera_A'].shape)}, but the layer's weight is {tuple(shape)}"
+                )
         elif implied is None and group["weight"].numel() not in (shape[0], shape[1]):
             raise UserError(
                 f"{component}.{path}.weight has shape {tuple(group['weight'].shape)}, "

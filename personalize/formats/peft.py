@@ -14,6 +14,8 @@ Keys are "base_model.model.<module path>.<peft name>" (the adapter name is not i
     BOFT  boft_R (1, k, b, b) = Q with each block's channels in peft's order (ours pairs them as LyCORIS's
           butterfly stage 0 does), boft_s (out, 1) = rescale; one butterfly stage (what peft builds on CPU)
     OFT/BOFT only in their input-side form (`on_input`), which is peft's.
+    VeRA  vera_lambda_b / vera_lambda_d per module; the shared frozen matrices once, as `base_model.vera_A`
+          (r, max in) and `base_model.vera_B` (max out, r) (save_projection = true): each module's slices
 
 Per-module ranks and alphas go in rank_pattern / alpha_pattern with exact-path regexes.
 """
@@ -37,6 +39,8 @@ from personalize.formats.diffusers import canonical_magnitude, lora_config, patt
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # model-level tensors shared by every layer (VeRA's projections)
+SHARED_KEYS = ("vera_A", "vera_B")
 PEFT_TYPES = {
     "lora": "LORA",
     "dora": "LORA",
@@ -45,6 +49,7 @@ PEFT_TYPES = {
     "ia3": "IA3",
     "oft": "OFT",
     "boft": "BOFT",
+    "vera": "VERA",
 }
 
 
@@ -75,7 +80,8 @@ def to_peft(
     if not kinds <= {"lora", "dora"} and len(kinds) > 1:
         raise UserError(f"one peft adapter holds one method, but this one mixes {', '.join(sorted(kinds))}")
     method = "lora" if kinds <= {"lora", "dora"} else next(iter(kinds))
-    writer = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3, "oft": _oft, "boft": _boft}[method]
+    writers = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3, "oft": _oft, "boft": _boft, "vera": _vera}
+    writer = writers[method]
     tensors, config = writer(groups, embedding_paths) if method == "lora" else writer(groups)
     config.update(
         {
@@ -86,7 +92,8 @@ def to_peft(
             "target_modules": sorted(groups),
         }
     )
-    return {PREFIX + k: v.contiguous() for k, v in tensors.items()}, config
+    prefixed = {(SHARED_PREFIX if k in SHARED_KEYS else PREFIX) + k: v.contiguous() for k, v in tensors.items()}
+    return prefixed, config
 
 
 def _lora(groups: Mapping[str, Mapping[str, torch.Tensor]], embedding_paths: frozenset[str]) -> tuple[dict, dict]:
@@ -211,10 +218,12 @@ def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
 def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT"):
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA"):
         raise UserError(
-            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT)"
+            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT, VERA)"
         )
+    if peft_type == "VERA":
+        return _read_vera(tensors, config)
     stripped = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -407,4 +416,50 @@ def _read_boft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -
         out[f"{path}.oft_blocks"] = skew[..., order, :][..., :, order] / 2
         out[f"{path}.alpha"] = torch.tensor(0.0)
         out[f"{path}.on_input"] = torch.tensor(True)
+    return out
+
+
+def _vera(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    a = max((group["vera_A"] for group in groups.values()), key=lambda t: t.shape[1])  # (r, in max)
+    b = max((group["vera_B"] for group in groups.values()), key=lambda t: t.shape[0])  # (out max, r)
+    tensors: dict[str, torch.Tensor] = {"vera_A": a, "vera_B": b}
+    for path, group in groups.items():
+        in_features, out_features = group["vera_A"].shape[1], group["vera_B"].shape[0]
+        if not (torch.equal(group["vera_A"], a[:, :in_features]) and torch.equal(group["vera_B"], b[:out_features])):
+            raise UserError(f"{path}: VeRA modules of one peft adapter share one pair of matrices; this one differs")
+        tensors[f"{path}.vera_lambda_b"] = group["vera_lambda_b"]
+        tensors[f"{path}.vera_lambda_d"] = group["vera_lambda_d"]
+    config = {
+        "r": int(a.shape[0]),
+        "projection_prng_key": 0,
+        "save_projection": True,
+        "vera_dropout": 0.0,
+        "d_initial": 0.1,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _read_vera(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Each module gets the shared matrices (B cut to its outputs; A is cut to its inputs when attached)."""
+    shared = {key: tensors.get(SHARED_PREFIX + key) for key in SHARED_KEYS}
+    if any(value is None for value in shared.values()):
+        raise UserError(
+            "this peft VeRA file holds no projection matrices (saved with save_projection=false); they would have "
+            "to be redrawn from projection_prng_key, which this toolkit does not do: save with save_projection=true"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(PREFIX):
+            param = key.rpartition(".")[2]
+            if param not in ("vera_lambda_b", "vera_lambda_d"):
+                raise UserError(f"peft VeRA key '{key}' is not one this toolkit reads (vera_lambda_b/_d)")
+            out[key[len(PREFIX) :]] = value
+        elif key[len(SHARED_PREFIX) :] not in SHARED_KEYS:
+            raise UserError(f"peft key '{key}' does not start with '{PREFIX}'; is this a peft adapter file?")
+    for path in {k.rpartition(".")[0] for k in list(out)}:
+        out[f"{path}.vera_A"] = shared["vera_A"]
+        out[f"{path}.vera_B"] = shared["vera_B"][: out[f"{path}.vera_lambda_b"].shape[0]]
     return out

@@ -19,7 +19,7 @@ from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
 METHODS = (
-    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "bitfit", "norm", "full"),
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "bitfit", "norm", "full"),
     *CONDITIONING_METHODS,
 )
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
@@ -41,6 +41,7 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
     "oft": (None, 1e-4, 500, "attention"),
     "boft": (None, 1e-4, 500, "attention"),
+    "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
@@ -67,6 +68,7 @@ class TrainConfig:
         "ia3",
         "oft",
         "boft",
+        "vera",
         "bitfit",
         "norm",
         "full",
