@@ -10,6 +10,7 @@ from torch import nn
 
 from personalize.adapters import selective
 from personalize.adapters.base import base_weight_shape
+from personalize.adapters.difffit import DiffFitScale
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.inject import _layers, _names, _set_module
 from personalize.adapters.layer import AdapterLayer
@@ -41,6 +42,7 @@ PARAM_NAMES = (
     "lokr_t2",
     "oft_blocks",
     "rescale",
+    "difffit_gamma",
     "vera_lambda_b",
     "vera_lambda_d",
     "vera_A",
@@ -72,6 +74,8 @@ def _adapter_for(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module
     elif any(k.startswith("lokr_") for k in tensors):
         weight_shape = torch.Size(base_weight_shape(base))
         adapter = LoKr(base, **LoKr.hyper_from_tensors(tensors, weight_shape))
+    elif "difffit_gamma" in tensors:
+        adapter = DiffFitScale(base)
     elif "vera_lambda_b" in tensors:
         adapter = VeRA(base, **VeRA.hyper_from_tensors(tensors))
     elif "oft_blocks" in tensors:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from personalize.adapters import prompt, selective
+from personalize.adapters import difffit, prompt, selective
 from personalize.adapters.base import AdapterModule
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.layer import AdapterLayer
@@ -57,7 +57,7 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "boft": BOFT,
     "vera": VeRA,
 }
-METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
+METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS + ("difffit",)
 
 
 def _hyperparameters(builder: Callable[..., Any]) -> list[str]:
@@ -129,6 +129,10 @@ def inject(
         raise UserError(f"an adapter named '{name}' is already on this model; pick another name or remove it first")
     if method in selective.SELECTIVE_METHODS:
         return _inject_selective(model, method, targets, name, freeze)
+    if method == "difffit":
+        if hyper:
+            raise UserError(f"difffit has no options (got {', '.join(hyper)})")
+        return _inject_difffit(model, targets, name, scale, freeze)
     if method in prompt.PROMPT_METHODS:  # a forward hook on the whole model, not wrapped layers
         prompt.attach(model, method, name, scale, **hyper)
         if freeze:
@@ -180,6 +184,30 @@ def _inject_selective(
     if freeze:
         freeze_base(model)
     return names
+
+
+def _inject_difffit(
+    model: nn.Module, targets: str | Sequence[str] | None, name: str, scale: float, freeze: bool
+) -> list[str]:
+    """DiffFit: a gamma on every residual branch's output layer (wrapped), then biases and norms (selective)."""
+    paths = select(model, targets or difffit.branch_targets(model))
+    for path in paths:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+        layer.add(name, difffit.DiffFitScale(layer.base_layer), scale)
+        if layer is not module:
+            _set_module(model, path, layer)
+    found = selective.selective_parameter_names(model, "bitfit") + selective.selective_parameter_names(model, "norm")
+    names = difffit.selected_parameters(model, found)
+    taken = {n for adapter in selective.registry(model).values() for n in adapter.originals}
+    if taken & set(names):
+        raise UserError(f"difffit: parameters already trained by another selective adapter: {sorted(taken)[:3]}")
+    selective.registry(model)[name] = selective.attach(model, "difffit", names)
+    if scale != 1.0:
+        selective.apply_scale(model, selective.registry(model)[name], float(scale))
+    if freeze:
+        freeze_base(model)
+    return paths + names
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:
@@ -259,6 +287,10 @@ def remove(model: nn.Module, name: str | None = None) -> None:
     An adapter that is merged stays folded in the weights (merge + remove = "merge and unload")."""
     if name is not None:
         _require(model, name)
+    registry = selective.registry(model)  # first: its parameter names still have the wrapped layers' paths
+    for adapter_name in [name] if name else list(registry):
+        if adapter_name in registry:
+            selective.detach(model, registry.pop(adapter_name))
     for path, layer in _layers(model, name):
         for adapter_name in [name] if name else list(layer.adapters):
             del layer.adapters[adapter_name]
@@ -267,10 +299,6 @@ def remove(model: nn.Module, name: str | None = None) -> None:
                 layer.merged.remove(adapter_name)
         if not len(layer.adapters):
             _set_module(model, path, layer.base_layer)
-    registry = selective.registry(model)
-    for adapter_name in [name] if name else list(registry):
-        if adapter_name in registry:
-            selective.detach(model, registry.pop(adapter_name))
     for adapter_name in [name] if name else prompt.names(model):
         if adapter_name in prompt.names(model):
             prompt.detach(model, adapter_name)
@@ -315,7 +343,8 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
         raise UserError(f"adapter '{name}' does not fit these weights: {'; '.join(problems)}")
     for path, layer in _layers(model, name):
         prefix = path + "."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = layer.adapters[name].state_dict().keys()  # not the layer's own (selective) parameters
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own}
         layer.adapters[name].load_state_dict(sub, strict=True)
     if name in selective.registry(model):
         parameters = dict(model.named_parameters())

@@ -31,6 +31,8 @@ def method_of(group: Mapping[str, torch.Tensor]) -> str:
         return "lokr"
     if "vera_lambda_b" in group:
         return "vera"
+    if "difffit_gamma" in group:
+        return "difffit"
     if "oft_blocks" in group:
         return "oft" if group["oft_blocks"].dim() == 3 else "boft"
     if "weight" in group:

@@ -407,6 +407,9 @@ def check_fits(component: str, sd: Mapping[str, torch.Tensor], targets: Mapping[
             )
         if "oft_blocks" in group:
             _check_orthogonal(component, path, group, shape)
+        elif "difffit_gamma" in group:
+            if group["difffit_gamma"].numel() != shape[0]:
+                raise UserError(f"{component}.{path}.difffit_gamma does not fit the layer's weight {tuple(shape)}")
         elif "vera_lambda_b" in group:
             if group["vera_lambda_b"].shape[0] != shape[0] or group["vera_A"].shape[1] < shape[1]:
                 raise UserError(

@@ -19,7 +19,8 @@ from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
 METHODS = (
-    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "bitfit", "norm", "full"),
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "difffit"),
+    *("bitfit", "norm", "full"),
     *CONDITIONING_METHODS,
 )
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
@@ -43,6 +44,7 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "boft": (None, 1e-4, 500, "attention"),
     "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
+    "difffit": (None, 1e-3, 500, ""),  # biases, norms and branch gammas; '' = DiffFit's own branch layers
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
     **CONDITIONING_DEFAULTS,
@@ -69,6 +71,7 @@ class TrainConfig:
         "oft",
         "boft",
         "vera",
+        "difffit",
         "bitfit",
         "norm",
         "full",
