@@ -84,6 +84,7 @@ class LoopSettings:
     lean_models: list[torch.nn.Module] = field(default_factory=list)
     native_cpu_conv: bool = False
     lean_cpu_allocator: bool = False
+    cpu_threads: str = "auto"  # on a CPU: auto | all | N (see cpu_threads below)
 
     @classmethod
     def from_config(cls, config: Any, checkpoint_root: Path, **more: Any) -> LoopSettings:
@@ -96,6 +97,7 @@ class LoopSettings:
             keep_checkpoints=config.keep_checkpoints,
             checkpoint_root=checkpoint_root,
             validate_every=getattr(config, "validate_every", 0),
+            cpu_threads=str(getattr(config, "cpu_threads", "auto")),
             **more,
         )
 
@@ -146,6 +148,36 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# Below this many parameters a step's matrices are too small to split across cores: one thread is
+# faster, and on a busy machine several threads that spin-wait on each other are many times slower
+# (benchmarks/README.md, "CPU threads").
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+@contextmanager
+def cpu_threads(choice: str, models: list[torch.nn.Module], device: Any) -> Iterator[int]:
+    """torch's intra-op threads for the loop on a CPU: `auto` -> 1 for a model under SMALL_MODEL_PARAMETERS
+    (else torch's default, one per core), `all` -> torch's default, `N` -> N. `auto` leaves an explicit
+    OMP_NUM_THREADS alone. The previous count comes back after the loop."""
+    import os
+
+    before = torch.get_num_threads()
+    threads = before
+    if getattr(device, "type", str(device)) == "cpu":
+        if choice == "auto" and "OMP_NUM_THREADS" not in os.environ:
+            size = sum(param.numel() for model in models for param in model.parameters())
+            threads = 1 if size < SMALL_MODEL_PARAMETERS else before
+        elif choice.isdigit() and int(choice) > 0:
+            threads = int(choice)
+        elif choice not in ("auto", "all"):
+            raise UserError(f"cpu_threads is auto, all or a positive number (got {choice!r})")
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def any_process(accelerator: Any, flag: bool) -> bool:
@@ -241,6 +273,7 @@ def train_loop(
     batches = iter(state.stream)
     params = list(state.named_params.values())
     with (
+        cpu_threads(settings.cpu_threads, [*models, *settings.lean_models], accelerator.device),
         lean_frozen_convs(*settings.lean_models),
         native_cpu_convolutions(settings.native_cpu_conv),
         stop_requests() as stop_requested,

@@ -142,6 +142,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
     overwrite: bool = option(False, "replace a finished (or interrupted) run in the output dir")
+    cpu_threads: str = option("auto", "CPU threads: auto (1 below 50M parameters, else one per core), all, or N")
     seed: int = option(0, "seed of noise, timesteps, data order and validation images")
     output: str = option("", "output folder; '' = ./personalize-out/<images folder name>")
     attention: Literal["sdpa", "xformers"] = option(
