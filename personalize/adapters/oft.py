@@ -255,16 +255,22 @@ class BOFT(OrthogonalBase):
         rotations = toward_identity(cayley(self.oft_blocks, self.constraint), scale).to(x.dtype)  # (m, k, b, b)
         return butterfly(x, rotations, dim)
 
-    # Training multiplies by the product of the stages, built once per step from the identity (dim x dim x b
-    # per stage, independent of the tokens): one dense matmul beats m gather/rotate/scatter passes over the
-    # activations, each of which copies them.
+    # With more positions than channels, training multiplies by the product of the stages, built once per
+    # step from the identity (dim x dim x b per stage): one dense matmul beats m gather/rotate/scatter passes
+    # over the activations, each of which copies them; with fewer, the stages run on the activations.
+
+    def _few_rows(self, x: torch.Tensor) -> bool:
+        """Fewer positions than channels: the stages on the activations cost less than building M."""
+        return x.numel() // self.dim < self.dim
 
     def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self._few_rows(x):
+            return super().scale_input(x, scale)
         m = self.channel_matrix(scale, x.dtype)
         return _channel_matmul(x, m.T, 1 if x.dim() == 4 else -1)  # x' = M x per position
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
-        if self.acts_on_input:
+        if self.acts_on_input or self._few_rows(base_out):
             return super().delta(x, base_out, base_layer, scale)
         m = self.channel_matrix(scale, torch.float32).T  # row form: y' = y M^T
         if "rescale" in self._parameters:
