@@ -18,7 +18,11 @@ from personalize.errors import UserError
 from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+METHODS = (
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "difffit"),
+    *("bitfit", "norm", "full"),
+    *CONDITIONING_METHODS,
+)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -35,7 +39,12 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "lokr": (8, 1e-4, 500, "attention"),
     "krona": (None, 1e-3, 500, "attention"),
     "ia3": (None, 1e-3, 500, "attention+ff"),
+    # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
+    "oft": (None, 1e-4, 500, "attention"),
+    "boft": (None, 1e-4, 500, "attention"),
+    "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
+    "difffit": (None, 1e-3, 500, ""),  # biases, norms and branch gammas; '' = DiffFit's own branch layers
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
     **CONDITIONING_DEFAULTS,
@@ -59,6 +68,10 @@ class TrainConfig:
         "lokr",
         "krona",
         "ia3",
+        "oft",
+        "boft",
+        "vera",
+        "difffit",
         "bitfit",
         "norm",
         "full",
@@ -336,7 +349,7 @@ def check_token_options(config: TrainConfig) -> None:
         )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
-    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"
