@@ -21,12 +21,15 @@ from personalize.adapters.inject import (
 )
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.quant import QUANT_MODES, dequantized_weight, quantize, quantize_unet
+from personalize.adapters.training import follow_optimizer, regularization
 
 __all__ = [
     "METHODS",
     "QUANT_MODES",
     "AdapterLayer",
     "dequantized_weight",
+    "follow_optimizer",
+    "regularization",
     "describe",
     "group_by_module",
     "inject",

@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from personalize.adapters import prompt, selective
+from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
+from personalize.adapters.delta_lora import DeltaLoRA
 from personalize.adapters.ia3 import IA3
+from personalize.adapters.increlora import IncreLoRA
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
@@ -50,6 +53,9 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "lokr": LoKr,
     "krona": krona,
     "ia3": IA3,
+    "adalora": AdaLoRA,
+    "delta-lora": DeltaLoRA,
+    "increlora": IncreLoRA,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 

@@ -16,22 +16,35 @@ from personalize.config import from_dict, nearest, option
 from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
-RANKED = ("lora", "dora", "loha", "lokr")
+LLM_METHODS += ("adalora", "delta-lora", "increlora")
+RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
+# the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
+METHOD_RANK = {"increlora": 4}
 PROMPT = ("prompt-tuning", "prefix-tuning")
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
 # tuning 3e-2, prefix tuning 1e-2).
 METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "ia3": 3e-3, "prompt-tuning": 3e-2}
 METHOD_LR["prefix-tuning"] = 1e-2
+METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4})
 
 
 @dataclass
 class LLMTrainConfig:
     model: str = option("tiny-llama", "base model: hub id, local folder with config.json, tiny-llama or tiny-llava")
     data: str = option("", "JSONL file: one conversation per line ({'messages': [...]} or {'prompt', 'completion'})")
-    method: Literal["lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning"] = option(
-        "lora", "adapter method (prompt-tuning and prefix-tuning: language models only)"
-    )
+    method: Literal[
+        "lora",
+        "dora",
+        "loha",
+        "lokr",
+        "ia3",
+        "prompt-tuning",
+        "prefix-tuning",
+        "adalora",
+        "delta-lora",
+        "increlora",
+    ] = option("lora", "adapter method (prompt-tuning and prefix-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(
@@ -77,7 +90,8 @@ def resolve(config: LLMTrainConfig, rows: int | None = None) -> LLMTrainConfig:
     data = Path(config.data).expanduser()
     if not data.is_file():
         raise UserError(f"--data {config.data} does not exist; pass a .jsonl file of conversations")
-    rank = config.rank if config.rank is not None else (16 if config.method in RANKED else None)
+    default_rank = METHOD_RANK.get(config.method, 16) if config.method in RANKED else None
+    rank = config.rank if config.rank is not None else default_rank
     alpha = config.alpha if config.alpha is not None else (2.0 * rank if rank else None)
     steps = config.steps
     if steps is None and rows is not None:

@@ -1,7 +1,8 @@
 """Writing an LLM/VLM adapter in the peft layout (`adapter_config.json` + `adapter_model.safetensors`).
 
 Stock peft loads the folder: `PeftModel.from_pretrained(base_model, folder)`. Weight adapters go
-through `personalize.formats.save_adapter`; prompt and prefix tuning (one tensor) are written here.
+through `personalize.formats.save_adapter`; Delta-LoRA and IncreLoRA are saved as the LoRA they are
+equivalent to; AdaLoRA in peft's ADALORA layout; prompt and prefix tuning (one tensor) are written here.
 """
 
 from __future__ import annotations
@@ -15,17 +16,35 @@ from safetensors.torch import save_file
 
 from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYPES, STATE_KEY, prompt_config
 
+AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
+
 
 def save_adapter(
     folder: Path, model: Any, sd: dict[str, torch.Tensor], *, method: str, hyper: dict[str, Any], base_model: str
 ) -> list[Path]:
     """Write the peft layout into `folder` (each file atomically); returns the paths."""
     family = "vlm" if "ForConditionalGeneration" in type(model).__name__ else "llm"
+    task_type = "CAUSAL_LM" if family == "llm" else None
+    if method == "adalora":
+        from personalize.formats.peft import adalora_to_peft
+
+        tensors, config = adalora_to_peft(sd, hyper, base_model=base_model, task_type=task_type)
+        return _write(Path(folder), tensors, config)
     if method not in PROMPT_TYPES:
         from personalize.formats import save_adapter as save_formats
 
+        if method == "increlora":
+            from personalize.adapters.increlora import increlora_to_lora
+
+            sd = increlora_to_lora(sd)
         return save_formats(
-            folder, {"model": sd}, method=method, family=family, hyper=hyper, base_model=base_model, model=model
+            folder,
+            {"model": sd},
+            method="lora" if method in AS_LORA else method,
+            family=family,
+            hyper=hyper,
+            base_model=base_model,
+            model=model,
         )
     config = {
         "task_type": "CAUSAL_LM",
@@ -33,10 +52,13 @@ def save_adapter(
         "inference_mode": True,
         **prompt_config(model, method, int(sd[STATE_KEY].shape[0])),
     }
-    folder = Path(folder)
+    return _write(Path(folder), {STATE_KEY: sd[STATE_KEY]}, config)
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     weights, config_path = folder / PEFT_FILE, folder / PEFT_CONFIG
-    tensors = {STATE_KEY: sd[STATE_KEY].detach().to("cpu", torch.float32).contiguous()}
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
     save_file(tensors, str(weights.with_name(weights.name + ".partial")), metadata={"format": "pt"})
     weights.with_name(weights.name + ".partial").replace(weights)
     config_path.with_name(config_path.name + ".partial").write_text(json.dumps(config, indent=2, sort_keys=True))

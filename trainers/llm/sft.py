@@ -96,6 +96,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         weight_decay=config.weight_decay,
         eps=config.adam_epsilon,
     )
+    adapters.follow_optimizer(model, optimizer)  # AdaLoRA's rank allocation, IncreLoRA's growth
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
@@ -115,7 +116,9 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
     def compute_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {key: value.to(device) for key, value in batch.items()}
-        return model(**batch, use_cache=False).loss, {}
+        loss = model(**batch, use_cache=False).loss
+        penalty = adapters.regularization(model)  # AdaLoRA / IncreLoRA orthogonality
+        return (loss if penalty is None else loss + penalty), {}
 
     started = time.perf_counter()
     settings = LoopSettings.from_config(config, checkpoint_root)
@@ -231,6 +234,8 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
     hyper: dict[str, Any] = {}
     if config.method in RANKED:
         hyper.update(rank=config.rank, alpha=config.alpha)
+    if config.method == "adalora":
+        hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
     if config.method in ("prompt-tuning", "prefix-tuning"):
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
     hyper.update(config.method_options)

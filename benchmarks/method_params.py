@@ -1,0 +1,49 @@
+"""Trainable parameters of each survey method on a 7B Llama (Llama-2-7B's config, built on the meta device).
+
+    .venv/bin/python benchmarks/method_params.py
+
+Nothing is allocated: the model and the adapters live on the meta device; the count is what
+`adapters.trainable_parameters` would hand an optimizer. The README's method table quotes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from personalize import adapters
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+# method -> inject options (the README's defaults for each row)
+ROWS = {
+    "lora (r 16, all-linear)": ("lora", dict(targets="all-linear", rank=16)),
+    "adalora (r0 12, all-linear)": ("adalora", dict(targets="all-linear", rank=12, target_rank=8, total_steps=100)),
+    "delta-lora (r 16, all-linear)": ("delta-lora", dict(targets="all-linear", rank=16)),
+    "increlora (max r 16, all-linear)": ("increlora", dict(targets="all-linear", rank=4, max_rank=16)),
+}
+
+
+def count(method: str, options: dict) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B))
+        adapters.inject(model, method, **options)
+    return sum(p.numel() for p in adapters.trainable_parameters(model))
+
+
+def main() -> None:
+    print("| method | trainable parameters on Llama-2-7B |")
+    print("| --- | --- |")
+    for row, (method, options) in ROWS.items():
+        print(f"| {row} | {count(method, options):,} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""What some methods need from a training loop beyond forward and backward.
+
+- `regularization(model)`: a loss term to add (AdaLoRA's and IncreLoRA's orthogonality penalty), or None.
+- `follow_optimizer(model, optimizer)`: after every optimizer step, the methods' own step (AdaLoRA's
+  rank allocation, IncreLoRA's rank growth), counted from 1; returns the hook's handle.
+
+Any loop works: `loss = model(**batch).loss + (regularization(model) or 0)`; the hook fires inside
+`optimizer.step()`, before `zero_grad`, so the gradients are still there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from personalize.adapters import adalora, increlora
+from personalize.adapters.layer import AdapterLayer
+
+# method -> (regularization(modules), after_step(modules, step))
+STEPPED: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., None]]] = {
+    "adalora": (adalora.regularization, adalora.after_step),
+    "increlora": (increlora.regularization, increlora.after_step),
+}
+
+
+def _groups(model: nn.Module) -> dict[tuple[str, str], list[nn.Module]]:
+    """(adapter name, method) -> its modules, for the methods in STEPPED."""
+    groups: dict[tuple[str, str], list[nn.Module]] = {}
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for name, adapter in module.adapters.items():
+                if adapter.method in STEPPED and name not in module.merged:
+                    groups.setdefault((name, adapter.method), []).append(adapter)
+    return groups
+
+
+def regularization(model: nn.Module) -> torch.Tensor | None:
+    terms = [STEPPED[method][0](modules) for (_, method), modules in _groups(model).items()]
+    return torch.stack(terms).sum() if terms else None
+
+
+def follow_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """Run each method's after-step once per `optimizer.step()`; None when no method needs one."""
+    if not _groups(model):
+        return None
+    counter = {"step": 0}
+
+    def hook(*_: Any) -> None:
+        counter["step"] += 1
+        for (_, method), modules in _groups(model).items():
+            STEPPED[method][1](modules, counter["step"])
+
+    return optimizer.register_step_post_hook(hook)

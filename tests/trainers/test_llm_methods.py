@@ -1,0 +1,75 @@
+"""`personalize train --method NAME` for the survey's LLM/VLM methods, on tiny-llama and tiny-llava.
+
+Each run goes through the CLI; stock peft then loads the written adapter, and its loss on the training
+conversations must be below the untouched base's (the adapter learned; the file holds what it learned)."""
+
+import json
+
+import pytest
+import torch
+
+from personalize.cli import main
+from personalize.models import build_tiny
+from personalize.trainers.llm.chat_data import ChatReport, collate, read_conversations, tokenize
+
+peft = pytest.importorskip("peft")
+
+QA = [("what is one", "one is a number"), ("what is red", "red is a color"), ("what is snow", "snow is white")]
+# method -> (peft_type it is saved as, extra CLI flags)
+METHODS = {
+    "adalora": ("ADALORA", ["--rank", "4", "--set", "method_options={target_rank: 2}"]),
+    "delta-lora": ("LORA", ["--rank", "4", "--set", "method_options={update_ratio: 1.0}"]),
+    "increlora": ("LORA", ["--rank", "2", "--set", "method_options={interval: 2, grow: 4}"]),
+}
+
+
+def _image(path, color):
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), color).save(path)
+    return path.name
+
+
+def _data(tmp_path, vlm):
+    colors = ["red", "blue", "green"]
+    lines = [
+        {"prompt": q, "completion": a, **({"image": _image(tmp_path / f"{c}.png", c)} if vlm else {})}
+        for (q, a), c in zip(QA, colors)
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _loss(model, processor, data, vlm):
+    conversations = read_conversations(data, ChatReport())
+    if vlm:
+        from personalize.trainers.llm.vlm import build_examples, collate_vlm
+
+        examples = build_examples(processor, conversations, 512, ChatReport())
+        batch = collate_vlm([[e] for e in examples], processor.tokenizer.pad_token_id or 0)
+    else:
+        examples = tokenize(processor, conversations, 512)
+        batch = collate([[e] for e in examples], processor.pad_token_id or 0)
+    labels = batch.pop("labels")
+    with torch.no_grad():  # the loss from the logits: peft's AdaLoRA in inference mode fails on labels=
+        logits = model(**batch).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llava"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path):
+    vlm = preset == "tiny-llava"
+    data = _data(tmp_path, vlm)
+    peft_type, flags = METHODS[method]
+    out = tmp_path / "out"
+    command = ["train", "--model", preset, "--data", str(data), "--method", method, "--steps", "10"]
+    command += ["--lr", "3e-2", "--batch-size", "3", "--set", "lr_scheduler=constant", "--output", str(out)]
+    command += ["--set", "max_new_tokens=1", *flags]
+    assert main(command) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
+    base, processor = build_tiny(preset)
+    before = _loss(base.eval(), processor, data, vlm)
+    trained = peft.PeftModel.from_pretrained(build_tiny(preset)[0], str(out)).eval()
+    assert _loss(trained, processor, data, vlm) < before - 0.05
