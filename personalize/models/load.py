@@ -108,6 +108,7 @@ def load_pipeline(
     """A stock diffusers pipeline from a tiny name, a diffusers folder, a single file or a hub id."""
     if model in TINY_DIFFUSION:
         pipe = build_tiny(model)
+        pipe.register_to_config(_name_or_path=model)  # pipe.name_or_path says where it came from
         return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, pipe.dtype) else pipe
     if model in TINY_LANGUAGE:
         raise UserError(f"{model} is a language model, not a diffusion pipeline; try --model tiny-sd15")

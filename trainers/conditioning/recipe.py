@@ -58,7 +58,7 @@ def recipe(method: str) -> Any:
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
     """Train a ControlNet, T2I-Adapter or IP-Adapter (config.method); returns the TrainResult."""
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     if config.method not in RECIPES:
         raise UserError(f"--method {config.method} is not a conditioning adapter; use one of {', '.join(RECIPES)}")
     method = recipe(config.method)

@@ -186,9 +186,29 @@ def infer_words(folder: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """Fill in method defaults, the trigger words and the output dir; returns (config, notes to print)."""
+IN_MEMORY = "in-memory pipeline"
+
+
+def pipeline_source(pipe: Any, model: str) -> str:
+    """The base a run on a caller's `pipe` records: where the pipeline was loaded from (its
+    `name_or_path`); else the --model the caller named; else an in-memory marker that
+    `--config OUT/config.yaml` refuses, so a rerun never silently trains on another model."""
+    source = getattr(pipe, "name_or_path", None)
+    if isinstance(source, str) and source:
+        return source
+    if model != DEFAULT_MODEL:
+        return model
+    return f"{IN_MEMORY} ({type(pipe).__name__}): pass --model with the base it was loaded from"
+
+
+def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[str]]:
+    """Fill in method defaults, the trigger words and the output dir; returns (config, notes to print).
+    `pipe`: the caller's loaded pipeline, whose source becomes the recorded base model."""
     notes: list[str] = []
+    if pipe is not None:
+        config = dataclasses.replace(config, model=pipeline_source(pipe, config.model))
+    elif config.model.startswith(IN_MEMORY):
+        raise UserError(f"this config was trained on an {IN_MEMORY}, not a model on disk; rerun it with --model BASE")
     rank, lr, steps, targets = METHOD_DEFAULTS[config.method]
     data = config.data
     if not data.images:

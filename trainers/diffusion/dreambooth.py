@@ -47,7 +47,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     Pass a loaded `pipe` to train several subjects without reloading the base: adapters are
     removed from it afterwards, and a full fine-tune trains a copy of its UNet.
     """
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------

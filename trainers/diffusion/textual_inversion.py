@@ -51,7 +51,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """Run the recipe (`options`: TrainConfig keys; data keys such as images= and token= may be given flat).
 
     A given `pipe` is left as it was: its tokenizers and embeddings are put back, adapters removed."""
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     pivotal = config.method == "pivotal"
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
