@@ -26,6 +26,7 @@ ROWS = {
     "adalora (r0 12, all-linear)": ("adalora", dict(targets="all-linear", rank=12, target_rank=8, total_steps=100)),
     "delta-lora (r 16, all-linear)": ("delta-lora", dict(targets="all-linear", rank=16)),
     "increlora (max r 16, all-linear)": ("increlora", dict(targets="all-linear", rank=4, max_rank=16)),
+    "mpo (factor 16, all-linear)": ("mpo", dict(targets="all-linear", factor=16)),
 }
 
 

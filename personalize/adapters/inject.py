@@ -26,6 +26,7 @@ from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
+from personalize.adapters.mpo import MPO
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
 from personalize.adapters.targets import select
 from personalize.config import nearest
@@ -56,6 +57,7 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "adalora": AdaLoRA,
     "delta-lora": DeltaLoRA,
     "increlora": IncreLoRA,
+    "mpo": MPO,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 

@@ -24,7 +24,7 @@ def steps(model, tokenizer, count=8, lr=1e-2, name=None):
         (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     after = model.state_dict()
     moved = {key for key, value in after.items() if key in before and not torch.equal(value, before[key])}

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from personalize import adapters
 from personalize.cli import main
 from personalize.models import build_tiny
 from personalize.trainers.llm.chat_data import ChatReport, collate, read_conversations, tokenize
@@ -15,11 +16,12 @@ from personalize.trainers.llm.chat_data import ChatReport, collate, read_convers
 peft = pytest.importorskip("peft")
 
 QA = [("what is one", "one is a number"), ("what is red", "red is a color"), ("what is snow", "snow is white")]
-# method -> (peft_type it is saved as, extra CLI flags)
+# method -> (peft_type it is saved as; None: personalize's own file, extra CLI flags)
 METHODS = {
     "adalora": ("ADALORA", ["--rank", "4", "--set", "method_options={target_rank: 2}"]),
     "delta-lora": ("LORA", ["--rank", "4", "--set", "method_options={update_ratio: 1.0}"]),
     "increlora": ("LORA", ["--rank", "2", "--set", "method_options={interval: 2, grow: 4}"]),
+    "mpo": (None, []),
 }
 
 
@@ -68,8 +70,13 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
     command += ["--lr", "3e-2", "--batch-size", "3", "--set", "lr_scheduler=constant", "--output", str(out)]
     command += ["--set", "max_new_tokens=1", *flags]
     assert main(command) == 0
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
     base, processor = build_tiny(preset)
     before = _loss(base.eval(), processor, data, vlm)
-    trained = peft.PeftModel.from_pretrained(build_tiny(preset)[0], str(out)).eval()
+    if peft_type is None:
+        assert not (out / "adapter_config.json").exists()
+        trained = build_tiny(preset)[0].eval()
+        assert adapters.load_native(trained, out) == method
+    else:
+        assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
+        trained = peft.PeftModel.from_pretrained(build_tiny(preset)[0], str(out)).eval()
     assert _loss(trained, processor, data, vlm) < before - 0.05

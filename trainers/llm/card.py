@@ -17,6 +17,7 @@ def render_llm_card(
     if base.startswith("tiny-"):
         load_base = f'build_tiny("{base}")[0]  # from personalize.models import build_tiny'
     rows = "\n".join(f"| {key} | {value} |" for key, value in options_summary(config).items())
+    native = any(Path(path).name == "personalize_adapter.safetensors" for path in files)
     answers = "\n".join(f"- **{prompt}** -> {answer}" for prompt, answer in samples.items())
     lines = [
         f"# {config.method} instruction tuning of {base}",
@@ -24,27 +25,14 @@ def render_llm_card(
         f"- base model: `{base}` ({family})",
         f"- method: `{config.method}`" + (f" on a 4-bit ({config.quantize}) base (QLoRA)" if config.quantize else ""),
         f"- data: `{config.data}`: {metrics.get('data', '')}",
-        f"- files: {', '.join(f'`{Path(path).name}`' for path in files)} (peft layout)",
+        f"- files: {', '.join(f'`{Path(path).name}`' for path in files)}"
+        + (" (personalize's own layout: peft has no such method)" if native else " (peft layout)"),
         f"- final loss: {metrics.get('final_loss', float('nan')):.4f} after {metrics.get('steps')} steps "
         f"({metrics.get('seconds', 0.0):.0f} s); trainable parameters: {metrics.get('trainable_params', 0):,}",
         "",
         "## Use",
         "",
-        "With stock peft and transformers:",
-        "",
-        "```python",
-        f"from transformers import {auto}",
-        "from peft import PeftModel",
-        f"base = {load_base}",
-        f'model = PeftModel.from_pretrained(base, "{config.output}")',
-        "```",
-        "",
-        "Or from the command line (streams the answer):",
-        "",
-        "```",
-        f'personalize generate --model {base} --adapter {config.output} --prompt "..." --max-new-tokens 64',
-        "```",
-        "",
+        *(_native_use(auto, load_base, config.output) if native else _peft_use(auto, load_base, config)),
         "## Sample answers (greedy)",
         "",
         answers or "(none)",
@@ -59,3 +47,37 @@ def render_llm_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _peft_use(auto: str, load_base: str, config: Any) -> list[str]:
+    return [
+        "With stock peft and transformers:",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "from peft import PeftModel",
+        f"base = {load_base}",
+        f'model = PeftModel.from_pretrained(base, "{config.output}")',
+        "```",
+        "",
+        "Or from the command line (streams the answer):",
+        "",
+        "```",
+        f'personalize generate --model {config.model} --adapter {config.output} --prompt "..." --max-new-tokens 64',
+        "```",
+        "",
+    ]
+
+
+def _native_use(auto: str, load_base: str, output: str) -> list[str]:
+    return [
+        "With personalize (the same method is injected on the same layers, then the weights load):",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "from personalize import adapters",
+        f"model = {load_base}",
+        f'adapters.load_native(model, "{output}")',
+        "```",
+        "",
+    ]

@@ -16,7 +16,7 @@ from personalize.config import from_dict, nearest, option
 from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
-LLM_METHODS += ("adalora", "delta-lora", "increlora")
+LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
@@ -26,7 +26,7 @@ PROMPT = ("prompt-tuning", "prefix-tuning")
 # tuning 3e-2, prefix tuning 1e-2).
 METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "ia3": 3e-3, "prompt-tuning": 3e-2}
 METHOD_LR["prefix-tuning"] = 1e-2
-METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4})
+METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4, "mpo": 1e-4})
 
 
 @dataclass
@@ -44,6 +44,7 @@ class LLMTrainConfig:
         "adalora",
         "delta-lora",
         "increlora",
+        "mpo",
     ] = option("lora", "adapter method (prompt-tuning and prefix-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

@@ -2,7 +2,8 @@
 
 Stock peft loads the folder: `PeftModel.from_pretrained(base_model, folder)`. Weight adapters go
 through `personalize.formats.save_adapter`; Delta-LoRA and IncreLoRA are saved as the LoRA they are
-equivalent to; AdaLoRA in peft's ADALORA layout; prompt and prefix tuning (one tensor) are written here.
+equivalent to; AdaLoRA in peft's ADALORA layout; prompt and prefix tuning (one tensor) are written here;
+methods peft does not have (MPO, ...) in personalize's own file (`personalize.adapters.native`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,26 @@ from safetensors.torch import save_file
 from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYPES, STATE_KEY, prompt_config
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
+NATIVE = ("mpo",)  # no other tool has them: personalize's own file (adapters.load_native reads it)
 
 
 def save_adapter(
-    folder: Path, model: Any, sd: dict[str, torch.Tensor], *, method: str, hyper: dict[str, Any], base_model: str
+    folder: Path,
+    model: Any,
+    sd: dict[str, torch.Tensor],
+    *,
+    method: str,
+    hyper: dict[str, Any],
+    base_model: str,
+    name: str = "default",
 ) -> list[Path]:
     """Write the peft layout into `folder` (each file atomically); returns the paths."""
     family = "vlm" if "ForConditionalGeneration" in type(model).__name__ else "llm"
     task_type = "CAUSAL_LM" if family == "llm" else None
+    if method in NATIVE:
+        from personalize.adapters import save_native
+
+        return [save_native(folder, model, name, method, hyper)]
     if method == "adalora":
         from personalize.formats.peft import adalora_to_peft
 

@@ -261,7 +261,9 @@ def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) 
 
     sd = adapters.state_dict(model, config.adapter_name)
     hyper = _hyperparameters(config)
-    return write_peft(output, model, sd, method=config.method, hyper=hyper, base_model=config.model)
+    return write_peft(
+        output, model, sd, method=config.method, hyper=hyper, base_model=config.model, name=config.adapter_name
+    )
 
 
 def _samples(
