@@ -27,6 +27,12 @@ ROWS = {
     "delta-lora (r 16, all-linear)": ("delta-lora", dict(targets="all-linear", rank=16)),
     "increlora (max r 16, all-linear)": ("increlora", dict(targets="all-linear", rank=4, max_rank=16)),
     "mpo (factor 16, all-linear)": ("mpo", dict(targets="all-linear", factor=16)),
+    "p-tuning (20 tokens, MLP h 4096)": ("p-tuning", dict(num_virtual_tokens=20)),
+    "p-tuning (20 tokens, LSTM h 1024)": (
+        "p-tuning",
+        dict(num_virtual_tokens=20, encoder="lstm", encoder_hidden_size=1024),
+    ),
+    "llama-adapter (len 10, top 30 layers)": ("llama-adapter", dict(adapter_len=10, adapter_layers=30)),
 }
 
 

@@ -284,7 +284,10 @@ def state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tenso
         parameters = dict(model.named_parameters())
         out.update({n: parameters[n].detach() for n in selective.registry(model)[name].originals})
     if name in prompt.names(model):
-        out[prompt.STATE_KEY] = prompt.registry(model)[name].prompt_embeddings.detach()
+        adapter = prompt.registry(model)[name]
+        out.update(
+            adapter.tensors() if hasattr(adapter, "tensors") else {prompt.STATE_KEY: adapter.prompt_embeddings.detach()}
+        )
     return out
 
 
@@ -319,8 +322,12 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
             for n in selective.registry(model)[name].originals:
                 parameters[n].copy_(tensors[n])
     if name in prompt.names(model):
-        with torch.no_grad():
-            prompt.registry(model)[name].prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
+        adapter = prompt.registry(model)[name]
+        if hasattr(adapter, "load_tensors"):
+            adapter.load_tensors(dict(tensors))
+        else:
+            with torch.no_grad():
+                adapter.prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from personalize.adapters.llama_adapter import LlamaAdapter
+from personalize.adapters.ptuning import PTuning
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -152,7 +154,8 @@ def _extend_mask(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
     return kwargs
 
 
-BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning}
+BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning, "p-tuning": PTuning}
+BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on the input
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:
@@ -172,7 +175,9 @@ def _forward_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
 
 
 def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper: Any) -> nn.Module:
-    if not hasattr(model, "get_input_embeddings") or "ForConditionalGeneration" in type(model).__name__:
+    vlm = "ForConditionalGeneration" in type(model).__name__
+    takes_input = not getattr(BUILDERS[method], "any_model", False)  # LLaMA-Adapter checks its own layers
+    if takes_input and (not hasattr(model, "get_input_embeddings") or vlm):
         raise UserError(
             f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__}; use lora"
         )
@@ -181,7 +186,8 @@ def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper
     try:
         adapter = BUILDERS[method](model, **hyper)
     except TypeError as error:
-        raise UserError(f"{method}: {error}; options: num_virtual_tokens, init_text (prompt-tuning)") from None
+        options = inspect.signature(BUILDERS[method]).parameters
+        raise UserError(f"{method}: {error}; options: {', '.join(p for p in options if p != 'model')}") from None
     registry(model)[name] = adapter
     model.__dict__.setdefault("_personalize_prompt_scales", {})[name] = float(scale)
     handle = model.register_forward_pre_hook(_forward_hook, with_kwargs=True)
@@ -196,6 +202,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
 
 
 def detach(model: nn.Module, name: str) -> None:
+    getattr(registry(model)[name], "release", lambda: None)()  # adapters with hooks of their own
     del registry(model)[name]
     model.__dict__["_personalize_prompt_scales"].pop(name)
     model.__dict__["_personalize_prompt_hooks"].pop(name).remove()

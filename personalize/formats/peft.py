@@ -318,3 +318,35 @@ def adalora_to_peft(
         "init_lora_weights": True,
     }
     return tensors, config
+
+
+def adaption_prompt_to_peft(
+    sd: Mapping[str, torch.Tensor], *, base_model: str = "", task_type: str | None = "CAUSAL_LM"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """LLaMA-Adapter -> peft's ADAPTION_PROMPT layout (the keys are already peft's; peft puts the adapters in
+    the top `adapter_layers` self_attn modules, which is where ours are)."""
+    prompts = [value for key, value in sd.items() if key.endswith(".adaption_prompt")]
+    config = {
+        "peft_type": "ADAPTION_PROMPT",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": "self_attn",
+        "adapter_len": int(prompts[0].shape[1]),
+        "adapter_layers": len(prompts),
+    }
+    return {PREFIX + key: value for key, value in sd.items()}, config
+
+
+def p_tuning_config(prompt_part: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """peft's P_TUNING adapter_config.json from the prompt-tuning one of the same model and n. In inference
+    mode peft reads the saved prompt_embeddings as the prompt itself (no encoder)."""
+    config = {key: value for key, value in prompt_part.items() if key != "prompt_tuning_init"}
+    config.update(
+        peft_type="P_TUNING",
+        encoder_reparameterization_type=str(hyper.get("encoder", "mlp")).upper(),
+        encoder_hidden_size=int(hyper.get("encoder_hidden_size") or prompt_part["token_dim"]),
+        encoder_num_layers=int(hyper.get("encoder_num_layers", 2)),
+        encoder_dropout=float(hyper.get("encoder_dropout", 0.0)),
+    )
+    return config

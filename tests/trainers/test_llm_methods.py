@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from personalize import adapters
 from personalize.cli import main
@@ -22,7 +23,10 @@ METHODS = {
     "delta-lora": ("LORA", ["--rank", "4", "--set", "method_options={update_ratio: 1.0}"]),
     "increlora": ("LORA", ["--rank", "2", "--set", "method_options={interval: 2, grow: 4}"]),
     "mpo": (None, []),
+    "p-tuning": ("P_TUNING", ["--num-virtual-tokens", "4", "--lr", "1e-2"]),
+    "llama-adapter": ("ADAPTION_PROMPT", ["--lr", "1e-1", "--set", "method_options={adapter_len: 4}"]),
 }
+LLM_ONLY = ("p-tuning",)  # input prompts do not mix with LLaVA's image-token merge
 
 
 def _image(path, color):
@@ -56,6 +60,7 @@ def _loss(model, processor, data, vlm):
     labels = batch.pop("labels")
     with torch.no_grad():  # the loss from the logits: peft's AdaLoRA in inference mode fails on labels=
         logits = model(**batch).logits
+    logits = logits[:, logits.shape[1] - labels.shape[1] :]  # without virtual-token positions (p-tuning)
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
 
 
@@ -65,6 +70,9 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
     vlm = preset == "tiny-llava"
     data = _data(tmp_path, vlm)
     peft_type, flags = METHODS[method]
+    if vlm and method in LLM_ONLY:
+        assert main(["train", "--model", preset, "--data", str(data), "--method", method]) == 2
+        return
     out = tmp_path / "out"
     command = ["train", "--model", preset, "--data", str(data), "--method", method, "--steps", "10"]
     command += ["--lr", "3e-2", "--batch-size", "3", "--set", "lr_scheduler=constant", "--output", str(out)]
@@ -76,6 +84,16 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
         assert not (out / "adapter_config.json").exists()
         trained = build_tiny(preset)[0].eval()
         assert adapters.load_native(trained, out) == method
+    elif vlm and method == "llama-adapter":  # peft's adaption_prompt knows Llama/Mistral, not LLaVA: our core
+        trained = build_tiny(preset)[0].eval()
+        adapters.inject(trained, method, adapter_len=4)
+        adapters.load_state_dict(
+            trained,
+            {
+                k.removeprefix("base_model.model."): v
+                for k, v in load_file(str(out / "adapter_model.safetensors")).items()
+            },
+        )
     else:
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
         trained = peft.PeftModel.from_pretrained(build_tiny(preset)[0], str(out)).eval()

@@ -16,17 +16,20 @@ from personalize.config import from_dict, nearest, option
 from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
-LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo")
+LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
-PROMPT = ("prompt-tuning", "prefix-tuning")
+PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning")  # virtual tokens in the input
+HOOKED = (*PROMPT, "llama-adapter")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
 # tuning 3e-2, prefix tuning 1e-2).
 METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "ia3": 3e-3, "prompt-tuning": 3e-2}
 METHOD_LR["prefix-tuning"] = 1e-2
 METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4, "mpo": 1e-4})
+# P-tuning: peft's example 1e-3 (the encoder is an MLP); LLaMA-Adapter: the paper's 9e-3
+METHOD_LR.update({"p-tuning": 1e-3, "llama-adapter": 9e-3})
 
 
 @dataclass
@@ -45,14 +48,16 @@ class LLMTrainConfig:
         "delta-lora",
         "increlora",
         "mpo",
-    ] = option("lora", "adapter method (prompt-tuning and prefix-tuning: language models only)")
+        "p-tuning",
+        "llama-adapter",
+    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(
         "", "layers to adapt: all-linear, attention (LLM); language, language+projector, all (VLM); or a regex"
     )
     method_options: dict[str, Any] = option({}, "extra hyperparameters for the method, e.g. {dropout: 0.05}")
-    num_virtual_tokens: int = option(20, "prompt/prefix tuning: number of virtual tokens")
+    num_virtual_tokens: int = option(20, "prompt/prefix/p-tuning: number of virtual tokens")
     train_projector: bool = option(False, "VLM: also adapt the multimodal projector")
     train_vision_tower: bool = option(False, "VLM: also adapt the vision tower's attention and MLP")
     max_length: int = option(1024, "tokens per conversation (or packed row); longer ones are cut and reported")

@@ -2,7 +2,8 @@
 
 Stock peft loads the folder: `PeftModel.from_pretrained(base_model, folder)`. Weight adapters go
 through `personalize.formats.save_adapter`; Delta-LoRA and IncreLoRA are saved as the LoRA they are
-equivalent to; AdaLoRA in peft's ADALORA layout; prompt and prefix tuning (one tensor) are written here;
+equivalent to; AdaLoRA in peft's ADALORA layout, LLaMA-Adapter in its ADAPTION_PROMPT layout; prompt tuning, prefix
+tuning and P-tuning (one tensor: P-tuning's encoded prompt, as peft saves it) are written here;
 methods peft does not have (MPO, ...) in personalize's own file (`personalize.adapters.native`).
 """
 
@@ -43,7 +44,12 @@ def save_adapter(
 
         tensors, config = adalora_to_peft(sd, hyper, base_model=base_model, task_type=task_type)
         return _write(Path(folder), tensors, config)
-    if method not in PROMPT_TYPES:
+    if method == "llama-adapter":
+        from personalize.formats.peft import adaption_prompt_to_peft
+
+        tensors, config = adaption_prompt_to_peft(sd, base_model=base_model, task_type=task_type)
+        return _write(Path(folder), tensors, config)
+    if method not in (*PROMPT_TYPES, "p-tuning"):
         from personalize.formats import save_adapter as save_formats
 
         if method == "increlora":
@@ -59,12 +65,12 @@ def save_adapter(
             base_model=base_model,
             model=model,
         )
-    config = {
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "inference_mode": True,
-        **prompt_config(model, method, int(sd[STATE_KEY].shape[0])),
-    }
+    prompt_part = prompt_config(model, "prompt-tuning" if method == "p-tuning" else method, len(sd[STATE_KEY]))
+    if method == "p-tuning":
+        from personalize.formats.peft import p_tuning_config
+
+        prompt_part = p_tuning_config(prompt_part, hyper)
+    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True, **prompt_part}
     return _write(Path(folder), {STATE_KEY: sd[STATE_KEY]}, config)
 
 

@@ -32,7 +32,7 @@ from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainSta
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
 from personalize.trainers.common.step_memory import return_freed_memory
 from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
-from personalize.trainers.llm.config import RANKED, LLMTrainConfig, config_from_options, resolve
+from personalize.trainers.llm.config import HOOKED, PROMPT, RANKED, LLMTrainConfig, config_from_options, resolve
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -60,8 +60,11 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     if family == "vlm":
         from personalize.trainers.llm import vlm
 
-        if config.method in ("prompt-tuning", "prefix-tuning") or config.packing:
-            raise UserError(f"VLMs train with lora, dora, loha, lokr or ia3 and no --packing (got {config.method})")
+        if config.method in PROMPT or config.packing:
+            raise UserError(
+                f"VLMs train with weight adapters or llama-adapter, not prompt methods, and no --packing "
+                f"(got --method {config.method}{' --packing' if config.packing else ''})"
+            )
         examples = vlm.build_examples(processor, conversations, config.max_length, report)
         rows = [[example] for example in examples]
         collate_rows: Any = vlm.collate_vlm
@@ -236,14 +239,14 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
         hyper.update(rank=config.rank, alpha=config.alpha)
     if config.method == "adalora":
         hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
-    if config.method in ("prompt-tuning", "prefix-tuning"):
+    if config.method in PROMPT:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
     hyper.update(config.method_options)
     return hyper
 
 
 def _targets(config: LLMTrainConfig, family: str) -> str | None:
-    if config.method in ("prompt-tuning", "prefix-tuning"):
+    if config.method in HOOKED:
         return None
     if config.targets:
         return config.targets
