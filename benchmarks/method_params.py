@@ -33,6 +33,9 @@ ROWS = {
         dict(num_virtual_tokens=20, encoder="lstm", encoder_hidden_size=1024),
     ),
     "llama-adapter (len 10, top 30 layers)": ("llama-adapter", dict(adapter_len=10, adapter_layers=30)),
+    "houlsby (reduction 16)": ("houlsby", dict(reduction=16)),
+    "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
+    "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
 }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from personalize.adapters import prompt, selective
 from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
+from personalize.adapters.bottleneck import PLACEMENTS, Bottleneck, Compacter, Pfeiffer
 from personalize.adapters.delta_lora import DeltaLoRA
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.increlora import IncreLoRA
@@ -58,6 +59,9 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "delta-lora": DeltaLoRA,
     "increlora": IncreLoRA,
     "mpo": MPO,
+    "houlsby": Bottleneck,
+    "pfeiffer": Pfeiffer,
+    "compacter": Compacter,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 
@@ -136,7 +140,7 @@ def inject(
             freeze_base(model)
         return [f"{prompt.REGISTRY_ATTRIBUTE}.{name}"]
     _check_hyper(method, hyper)
-    targets = targets if targets is not None else DEFAULT_TARGETS[model_kind(model)]
+    targets = targets if targets is not None else PLACEMENTS.get(method) or DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
     for path in paths:
         module = model.get_submodule(path)
@@ -147,6 +151,8 @@ def inject(
         layer.add(name, BUILDERS[method](layer.base_layer, **options), scale)
         if layer is not module:
             _set_module(model, path, layer)
+    if hasattr(BUILDERS[method], "after_inject"):  # parameters shared across layers (Compacter's rules)
+        BUILDERS[method].after_inject([model.get_submodule(p).adapters[name] for p in paths])
     if freeze:
         freeze_base(model)
     return paths

@@ -28,7 +28,8 @@ def save_native(folder: str | Path, model: nn.Module, name: str, method: str, op
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict(model, name).items()}
+    # clone: tensors shared between layers (Compacter's rules) are written once per layer
+    tensors = {key: value.detach().cpu().clone() for key, value in state_dict(model, name).items()}
     metadata = {
         "format": "pt",
         "personalize_method": method,

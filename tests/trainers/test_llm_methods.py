@@ -26,6 +26,10 @@ METHODS = {
     "p-tuning": ("P_TUNING", ["--num-virtual-tokens", "4", "--lr", "1e-2"]),
     "llama-adapter": ("ADAPTION_PROMPT", ["--lr", "1e-1", "--set", "method_options={adapter_len: 4}"]),
 }
+METHODS["houlsby"] = (None, ["--lr", "1e-2"])
+METHODS["pfeiffer"] = (None, ["--lr", "1e-2"])
+METHODS["compacter"] = (None, ["--lr", "1e-2", "--set", "method_options={phm_dim: 2}"])
+METHODS["houlsby+adapterdrop"] = (None, ["--lr", "1e-2", "--set", "method_options={drop_below: 1}"])
 LLM_ONLY = ("p-tuning",)  # input prompts do not mix with LLaVA's image-token merge
 
 
@@ -70,6 +74,7 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
     vlm = preset == "tiny-llava"
     data = _data(tmp_path, vlm)
     peft_type, flags = METHODS[method]
+    method = method.split("+")[0]
     if vlm and method in LLM_ONLY:
         assert main(["train", "--model", preset, "--data", str(data), "--method", method]) == 2
         return
@@ -84,6 +89,8 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
         assert not (out / "adapter_config.json").exists()
         trained = build_tiny(preset)[0].eval()
         assert adapters.load_native(trained, out) == method
+        if "drop_below" in " ".join(flags):  # AdapterDrop: nothing was put in layer 0
+            assert not any(".layers.0." in key for key in adapters.state_dict(trained))
     elif vlm and method == "llama-adapter":  # peft's adaption_prompt knows Llama/Mistral, not LLaVA: our core
         trained = build_tiny(preset)[0].eval()
         adapters.inject(trained, method, adapter_len=4)

@@ -17,6 +17,7 @@ from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
 LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
+LLM_METHODS += ("houlsby", "pfeiffer", "compacter")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
@@ -30,6 +31,8 @@ METHOD_LR["prefix-tuning"] = 1e-2
 METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4, "mpo": 1e-4})
 # P-tuning: peft's example 1e-3 (the encoder is an MLP); LLaMA-Adapter: the paper's 9e-3
 METHOD_LR.update({"p-tuning": 1e-3, "llama-adapter": 9e-3})
+# bottleneck adapters: 1e-4 (Houlsby et al.'s grid 3e-5..3e-3; Pfeiffer/Compacter train ~1e-4..3e-3)
+METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
 
 
 @dataclass
@@ -50,6 +53,9 @@ class LLMTrainConfig:
         "mpo",
         "p-tuning",
         "llama-adapter",
+        "houlsby",
+        "pfeiffer",
+        "compacter",
     ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

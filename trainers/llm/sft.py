@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from personalize.adapters.bottleneck import PLACEMENTS
 from personalize.errors import UserError
 from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
@@ -80,6 +81,10 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
     hyper = _hyperparameters(config)
     targets = _targets(config, family)
+    if "drop_below" in config.method_options:  # AdapterDrop: no adapters in the lowest layers
+        from personalize.adapters.bottleneck import adapter_drop_targets
+
+        targets = adapter_drop_targets(model, targets or "all-linear", int(config.method_options["drop_below"]))
     adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
     named = {name: param for name, param in model.named_parameters() if param.requires_grad}
     for param in named.values():  # what trains is fp32, whatever the base is
@@ -241,7 +246,7 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
         hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
     if config.method in PROMPT:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
-    hyper.update(config.method_options)
+    hyper.update({k: v for k, v in config.method_options.items() if k != "drop_below"})  # drop_below: targets
     return hyper
 
 
@@ -250,6 +255,8 @@ def _targets(config: LLMTrainConfig, family: str) -> str | None:
         return None
     if config.targets:
         return config.targets
+    if config.method in PLACEMENTS:  # bottleneck adapters: after the output projections, LLM or VLM
+        return PLACEMENTS[config.method]
     if family == "vlm":
         from personalize.trainers.llm.vlm import vlm_targets
 
