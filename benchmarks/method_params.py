@@ -36,6 +36,9 @@ ROWS = {
     "houlsby (reduction 16)": ("houlsby", dict(reduction=16)),
     "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
     "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
+    "fish-mask (density 0.005, all-linear)": ("fish-mask", dict(targets="all-linear", density=0.005)),
+    "child-tuning (density 0.3, all-linear)": ("child-tuning", dict(targets="all-linear", density=0.3)),
+    "diff-pruning (density 0.005, all-linear)": ("diff-pruning", dict(targets="all-linear", density=0.005)),
 }
 
 
@@ -52,7 +55,12 @@ def main() -> None:
     print("| method | trainable parameters on Llama-2-7B |")
     print("| --- | --- |")
     for row, (method, options) in ROWS.items():
-        print(f"| {row} | {count(method, options):,} |")
+        if "density" in options:  # a dense D (and Diff-Pruning's gates) trains; the density of D is kept
+            dense = count(method, options)
+            entries = round(options["density"] * (dense if method != "diff-pruning" else dense // 2))
+            print(f"| {row} | {dense:,} in training; {entries:,} entries kept |")
+        else:
+            print(f"| {row} | {count(method, options):,} |")
 
 
 if __name__ == "__main__":

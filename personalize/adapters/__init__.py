@@ -22,13 +22,15 @@ from personalize.adapters.inject import (
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.native import load_native, save_native
 from personalize.adapters.quant import QUANT_MODES, dequantized_weight, quantize, quantize_unet
-from personalize.adapters.training import follow_optimizer, regularization
+from personalize.adapters.training import calibrate, finish, follow_optimizer, regularization
 
 __all__ = [
     "METHODS",
     "QUANT_MODES",
     "AdapterLayer",
+    "calibrate",
     "dequantized_weight",
+    "finish",
     "follow_optimizer",
     "regularization",
     "describe",

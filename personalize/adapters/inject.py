@@ -29,6 +29,7 @@ from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
 from personalize.adapters.mpo import MPO
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
+from personalize.adapters.sparse import ChildTuning, DiffPruning, SparseDelta
 from personalize.adapters.targets import select
 from personalize.config import nearest
 from personalize.errors import UserError
@@ -62,6 +63,9 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "houlsby": Bottleneck,
     "pfeiffer": Pfeiffer,
     "compacter": Compacter,
+    "fish-mask": SparseDelta,
+    "child-tuning": ChildTuning,
+    "diff-pruning": DiffPruning,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from personalize.adapters.sparse import SPARSE_METHODS, pack, unpack
 from personalize.errors import UserError
 
 NATIVE_FILE = "personalize_adapter.safetensors"
@@ -30,6 +31,8 @@ def save_native(folder: str | Path, model: nn.Module, name: str, method: str, op
     folder.mkdir(parents=True, exist_ok=True)
     # clone: tensors shared between layers (Compacter's rules) are written once per layer
     tensors = {key: value.detach().cpu().clone() for key, value in state_dict(model, name).items()}
+    if method in SPARSE_METHODS:  # only the trained entries
+        tensors = pack(tensors)
     metadata = {
         "format": "pt",
         "personalize_method": method,
@@ -45,7 +48,7 @@ def save_native(folder: str | Path, model: nn.Module, name: str, method: str, op
 
 def load_native(model: nn.Module, folder: str | Path, name: str = "default") -> str:
     """Inject the adapter saved in `folder` into `model`; returns its method."""
-    from personalize.adapters.inject import inject, load_state_dict
+    from personalize.adapters.inject import inject, load_state_dict, state_dict
 
     path = Path(folder).expanduser()
     path = path / NATIVE_FILE if path.is_dir() else path
@@ -59,5 +62,8 @@ def load_native(model: nn.Module, folder: str | Path, name: str = "default") -> 
     options = json.loads(metadata.get("personalize_options", "{}"))
     paths = json.loads(metadata.get("personalize_paths", "[]"))
     inject(model, method, targets=paths or None, name=name, **options)
-    load_state_dict(model, load_file(str(path)), name)
+    tensors = load_file(str(path))
+    if method in SPARSE_METHODS:
+        tensors = unpack(tensors, state_dict(model, name))
+    load_state_dict(model, tensors, name)
     return method

@@ -30,6 +30,9 @@ METHODS["houlsby"] = (None, ["--lr", "1e-2"])
 METHODS["pfeiffer"] = (None, ["--lr", "1e-2"])
 METHODS["compacter"] = (None, ["--lr", "1e-2", "--set", "method_options={phm_dim: 2}"])
 METHODS["houlsby+adapterdrop"] = (None, ["--lr", "1e-2", "--set", "method_options={drop_below: 1}"])
+METHODS["fish-mask"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05, calibration_batches: 1}"])
+METHODS["child-tuning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.2, mode: f}"])
+METHODS["diff-pruning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05}"])
 LLM_ONLY = ("p-tuning",)  # input prompts do not mix with LLaVA's image-token merge
 
 

@@ -17,7 +17,7 @@ from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
 LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
-LLM_METHODS += ("houlsby", "pfeiffer", "compacter")
+LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
@@ -33,6 +33,8 @@ METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4, "mpo":
 METHOD_LR.update({"p-tuning": 1e-3, "llama-adapter": 9e-3})
 # bottleneck adapters: 1e-4 (Houlsby et al.'s grid 3e-5..3e-3; Pfeiffer/Compacter train ~1e-4..3e-3)
 METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
+# sparse selective methods train entries of the base weights: full fine-tuning's rates (FISH: 1e-4)
+METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4})
 
 
 @dataclass
@@ -56,6 +58,9 @@ class LLMTrainConfig:
         "houlsby",
         "pfeiffer",
         "compacter",
+        "fish-mask",
+        "child-tuning",
+        "diff-pruning",
     ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

@@ -19,12 +19,8 @@ from safetensors.torch import save_file
 from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYPES, STATE_KEY, prompt_config
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
-NATIVE = (
-    "mpo",
-    "houlsby",
-    "pfeiffer",
-    "compacter",
-)  # no other tool has them: personalize's own file (adapters.load_native reads it)
+# no other tool has them: personalize's own file (adapters.load_native reads it)
+NATIVE = ("mpo", "houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning")
 
 
 def save_adapter(

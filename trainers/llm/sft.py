@@ -18,6 +18,7 @@ would cost memory for nothing here. VLMs keep the vision tower and projector unq
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from personalize.adapters.bottleneck import PLACEMENTS
+from personalize.adapters.training import CALIBRATED
 from personalize.errors import UserError
 from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
@@ -86,6 +88,12 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
         targets = adapter_drop_targets(model, targets or "all-linear", int(config.method_options["drop_below"]))
     adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.method in CALIBRATED:  # FISH mask / Child-Tuning_D: the Fisher information picks the entries
+        count = int(config.method_options.get("calibration_batches", 8))
+        calibration = itertools.islice(RowBatches(rows, config.batch_size, config.seed, collate_rows, pad), count)
+        device = next(model.parameters()).device
+        adapters.calibrate(model, lambda b: model(**{k: v.to(device) for k, v in b.items()}).loss, calibration)
     named = {name: param for name, param in model.named_parameters() if param.requires_grad}
     for param in named.values():  # what trains is fp32, whatever the base is
         param.data = param.data.float()
@@ -108,7 +116,6 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = BatchStream(
         lambda epoch: RowBatches(rows, config.batch_size, config.seed + epoch, collate_rows, pad),
         accelerator.process_index,
@@ -132,6 +139,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     settings = LoopSettings.from_config(config, checkpoint_root)
     model.train()
     train_loop(accelerator, [model], compute_loss, state, settings)
+    adapters.finish(model)  # Diff-Pruning: keep its top-density entries
     seconds = time.perf_counter() - started
     model.eval()
 
@@ -246,7 +254,8 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
         hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
     if config.method in PROMPT:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
-    hyper.update({k: v for k, v in config.method_options.items() if k != "drop_below"})  # drop_below: targets
+    # drop_below picks targets, calibration_batches feeds the Fisher information: neither is a module option
+    hyper.update({k: v for k, v in config.method_options.items() if k not in ("drop_below", "calibration_batches")})
     return hyper
 
 
