@@ -36,6 +36,7 @@ ROWS = {
     "houlsby (reduction 16)": ("houlsby", dict(reduction=16)),
     "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
     "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
+    "pasta (BOS + EOS)": ("pasta", dict(special_ids=[1, 2])),
     "fish-mask (density 0.005, all-linear)": ("fish-mask", dict(targets="all-linear", density=0.005)),
     "child-tuning (density 0.3, all-linear)": ("child-tuning", dict(targets="all-linear", density=0.3)),
     "diff-pruning (density 0.005, all-linear)": ("diff-pruning", dict(targets="all-linear", density=0.005)),

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from personalize.adapters.llama_adapter import LlamaAdapter
+from personalize.adapters.pasta import Pasta
 from personalize.adapters.ptuning import PTuning
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -156,6 +157,7 @@ def _extend_mask(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
 
 BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning, "p-tuning": PTuning}
 BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on the input
+BUILDERS["pasta"] = Pasta  # hooks on decoder layers
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:

@@ -7,11 +7,11 @@ from personalize import adapters
 TEXTS = ["what is one: one is a number", "what is red: red is a color"]
 
 
-def steps(model, tokenizer, count=8, lr=1e-2, name=None):
+def steps(model, tokenizer, count=8, lr=1e-2, name=None, texts=TEXTS):
     """Train adapter `name` (all when None) for `count` AdamW steps on two sentences.
 
     Returns (losses, moved): the task losses per step and the names (model.state_dict keys) that changed."""
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     optimizer = torch.optim.AdamW(adapters.trainable_parameters(model, name), lr=lr)

@@ -33,6 +33,7 @@ METHODS["houlsby+adapterdrop"] = (None, ["--lr", "1e-2", "--set", "method_option
 METHODS["fish-mask"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05, calibration_batches: 1}"])
 METHODS["child-tuning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.2, mode: f}"])
 METHODS["diff-pruning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05}"])
+METHODS["pasta"] = (None, ["--lr", "5e-2"])
 LLM_ONLY = ("p-tuning",)  # input prompts do not mix with LLaVA's image-token merge
 
 

@@ -17,12 +17,12 @@ from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
 LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
-LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning")
+LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
 PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning")  # virtual tokens in the input
-HOOKED = (*PROMPT, "llama-adapter")  # no target layers: a hook on the model / its attention layers
+HOOKED = (*PROMPT, "llama-adapter", "pasta")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
 # tuning 3e-2, prefix tuning 1e-2).
@@ -35,6 +35,7 @@ METHOD_LR.update({"p-tuning": 1e-3, "llama-adapter": 9e-3})
 METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
 # sparse selective methods train entries of the base weights: full fine-tuning's rates (FISH: 1e-4)
 METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4})
+METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
 
 
 @dataclass
@@ -61,6 +62,7 @@ class LLMTrainConfig:
         "fish-mask",
         "child-tuning",
         "diff-pruning",
+        "pasta",
     ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

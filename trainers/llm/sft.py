@@ -82,13 +82,15 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     from personalize import adapters
 
     hyper = _hyperparameters(config)
+    if config.method == "pasta" and "special_ids" not in hyper:  # the chat template's special tokens
+        hyper["special_ids"] = sorted(set(tokenizer.all_special_ids) - {pad_id(tokenizer)})
     targets = _targets(config, family)
     if "drop_below" in config.method_options:  # AdapterDrop: no adapters in the lowest layers
         from personalize.adapters.bottleneck import adapter_drop_targets
 
         targets = adapter_drop_targets(model, targets or "all-linear", int(config.method_options["drop_below"]))
     adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     if config.method in CALIBRATED:  # FISH mask / Child-Tuning_D: the Fisher information picks the entries
         count = int(config.method_options.get("calibration_batches", 8))
         calibration = itertools.islice(RowBatches(rows, config.batch_size, config.seed, collate_rows, pad), count)
@@ -246,6 +248,10 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
     hyper: dict[str, Any] = {}
     if config.method in RANKED:
@@ -280,6 +286,10 @@ def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) 
 
     sd = adapters.state_dict(model, config.adapter_name)
     hyper = _hyperparameters(config)
+    if config.method == "pasta":  # the ids chosen from the tokenizer at training time
+        from personalize.adapters.prompt import registry
+
+        hyper["special_ids"] = registry(model)[config.adapter_name].special_ids.tolist()
     return write_peft(
         output, model, sd, method=config.method, hyper=hyper, base_model=config.model, name=config.adapter_name
     )
