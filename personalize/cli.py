@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; a run with checkpoints can continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a training run says what it saved and how to continue
+        print(str(interrupt) or "interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch

@@ -14,6 +14,7 @@ FLAG_KEYS = {
     "images": "data.images",
     "token": "data.token",
     "class_word": "data.class_word",
+    "instance_prompt": "data.instance_prompt",
     "resolution": "data.resolution",
     "class_images": "data.num_class_images",
     "class_dir": "data.class_dir",
@@ -39,6 +40,11 @@ def register(subparsers: Any) -> None:
     add("--model", help="base model: hub id, diffusers folder, .safetensors file, or tiny-sd15 (offline)")
     add("--token", help="trigger token (default: from the folder name, else 'sks')")
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
+    add(
+        "--instance-prompt",
+        metavar="P",
+        help="the training prompt, e.g. 'a sks toy' (default: 'a photo of <token> <class>'; captions win)",
+    )
     add(
         "--method",
         help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
@@ -71,6 +77,7 @@ def register(subparsers: Any) -> None:
     add("--validate-every", type=int, metavar="N", help="sample every N steps (default: only at the end)")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 250)")
     add("--resume", action="store_const", const=True, help="continue from the newest checkpoint in --output")
+    add("--overwrite", action="store_const", const=True, help="replace a finished or interrupted run in --output")
     add("--attention", help="sdpa (default) or xformers")
     add("--seed", type=int)
     add("--output", metavar="DIR", help="output folder (default: ./personalize-out/<images folder name>)")

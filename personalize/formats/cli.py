@@ -227,6 +227,21 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def adapter_files(path: Path) -> list[Path]:
+    """The files an adapter consists of: the file itself, or in a run folder the adapter and embedding
+    files read from it (not its checkpoints, samples or cards)."""
+    from personalize.formats import detect, peft
+
+    if path.is_file():
+        return [path]
+    adapter, embedding_files = detect.folder_files(path)
+    files = list(embedding_files)
+    if adapter is not None:
+        layout, where = adapter
+        files.append(where / peft.WEIGHTS_FILE if layout == "peft" else where)
+    return files
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from personalize.adapters import group_by_module
     from personalize.formats.canonical import alpha_of, method_of, parameter_count, rank_of
@@ -241,7 +256,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"method       {found.method}")
     print(f"family guess {guess_family(found)}")
     print(f"parameters   {parameter_count(found.components):,}")
-    print(f"file size    {_size(path) / 1e6:.2f} MB")
+    size = sum(_size(file) for file in adapter_files(path))
+    folder = f" (the whole folder: {_size(path) / 1e6:.2f} MB)" if path.is_dir() else ""
+    print(f"file size    {size / 1e6:.2f} MB{folder}")
     rows: Counter = Counter()
     targets: dict[tuple, Counter] = defaultdict(Counter)
     modules = []

@@ -15,12 +15,14 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
+from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
 METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+VALIDATION_STEPS = 25  # denoising steps of a validation sample (diffusers' examples sample with 25)
 
 # method -> (rank, lr, steps, UNet targets). Sources: diffusers' DreamBooth docs (full: lr 5e-6,
 # 400 steps; LoRA: lr 1e-4, 500 steps), DiffuseKronA (KronA: lr 1e-3, 500 steps, attention q/k/v/out),
@@ -121,11 +123,13 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay per step")
     validation_prompts: list[str] = option([], "prompts sampled into samples/ during and after training")
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
-    validation_steps: int = option(25, "denoising steps of each validation image")
+    validation_steps: int | None = option(None, "denoising steps of each validation image (None: 25, tiny models 10)")
     validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
+    overwrite: bool = option(False, "replace a finished (or interrupted) run in the output dir")
+    cpu_threads: str = option("auto", "CPU threads: auto (1 below 50M parameters, else one per core), all, or N")
     seed: int = option(0, "seed of noise, timesteps, data order and validation images")
     output: str = option("", "output folder; '' = ./personalize-out/<images folder name>")
     attention: Literal["sdpa", "xformers"] = option(
@@ -205,11 +209,15 @@ def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[st
     """Fill in method defaults, the trigger words and the output dir; returns (config, notes to print).
     `pipe`: the caller's loaded pipeline, whose source becomes the recorded base model."""
     notes: list[str] = []
+    rank, lr, steps, targets = METHOD_DEFAULTS[config.method]
+    validation_steps = VALIDATION_STEPS
+    if config.model in TINY_DIFFUSION:  # a model built in code for tests and demos carries its own defaults
+        steps, lr = TINY_TRAINING["steps"], max(lr, TINY_TRAINING["min_lr"])
+        validation_steps = TINY_TRAINING["validation_steps"]
     if pipe is not None:
         config = dataclasses.replace(config, model=pipeline_source(pipe, config.model))
     elif config.model.startswith(IN_MEMORY):
         raise UserError(f"this config was trained on an {IN_MEMORY}, not a model on disk; rerun it with --model BASE")
-    rank, lr, steps, targets = METHOD_DEFAULTS[config.method]
     data = config.data
     if not data.images:
         raise UserError("no training images given; pass --images DIR (a folder of photos of your subject)")
@@ -239,6 +247,7 @@ def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[st
         rank=config.rank if config.rank is not None else rank,
         lr=config.lr if config.lr is not None else lr,
         steps=config.steps if config.steps is not None else steps,
+        validation_steps=config.validation_steps if config.validation_steps is not None else validation_steps,
         targets=config.targets or targets,
         output=str(
             Path(

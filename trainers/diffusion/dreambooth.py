@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,10 +23,23 @@ import torch
 
 from personalize.errors import UserError
 from personalize.trainers.common.ema import EMA
-from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.frozen_base import (
+    idle_until_validation,
+    load_frozen_base,
+    place,
+    quantize_base,
+    with_model_resolution,
+)
+from personalize.trainers.common.loop import (
+    BatchStream,
+    LoopSettings,
+    TrainState,
+    needs_final_samples,
+    raise_if_interrupted,
+    train_loop,
+)
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -52,6 +64,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     # --- base model ---------------------------------------------------------------------------
     base = load_frozen_base(config, accelerator, pipe)
+    config = with_model_resolution(config, base.pipe, say)
     pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
     weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
 
@@ -148,9 +161,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
-            validate(state.step)
+    if accelerator.is_main_process:  # the adapter first: a crash while sampling never loses it
         with ema.swap() if ema is not None else nullcontext():
             components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             files = save_outputs(
@@ -163,6 +174,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 hyper=hyper,
                 resolution=config.data.resolution,
             )
+        if needs_final_samples(state, samples):
+            validate(state.step)
     metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
         card = render_model_card(
@@ -184,9 +197,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             },
         )
         (output / "README.md").write_text(card)
-        log = {**metrics, "losses": state.losses}  # the loss of every optimizer step, resumed runs included
-        (output / "metrics.json").write_text(json.dumps(log, indent=1))
-        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
@@ -194,6 +205,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
     accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
 
 

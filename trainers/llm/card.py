@@ -13,9 +13,11 @@ def render_llm_card(
 
     auto = "AutoModelForImageTextToText" if family == "vlm" else "AutoModelForCausalLM"
     base = config.model
+    imports = [f"from transformers import {auto}", "from peft import PeftModel"]
     load_base = f'{auto}.from_pretrained("{base}")'
-    if base.startswith("tiny-"):
-        load_base = f'build_tiny("{base}")[0]  # from personalize.models import build_tiny'
+    if base.startswith("tiny-"):  # built in code, not on the Hub: the snippet must still run as printed
+        imports = ["from peft import PeftModel", "from personalize.models import build_tiny"]
+        load_base = f'build_tiny("{base}")[0]'
     rows = "\n".join(f"| {key} | {value} |" for key, value in options_summary(config).items())
     native = any(Path(path).name == "personalize_adapter.safetensors" for path in files)
     answers = "\n".join(f"- **{prompt}** -> {answer}" for prompt, answer in samples.items())
@@ -32,7 +34,7 @@ def render_llm_card(
         "",
         "## Use",
         "",
-        *(_native_use(auto, load_base, config.output) if native else _peft_use(auto, load_base, config)),
+        *(_native_use(imports, load_base, config.output) if native else _peft_use(imports, load_base, config)),
         "## Sample answers (greedy)",
         "",
         answers or "(none)",
@@ -49,13 +51,12 @@ def render_llm_card(
     return "\n".join(lines)
 
 
-def _peft_use(auto: str, load_base: str, config: Any) -> list[str]:
+def _peft_use(imports: list[str], load_base: str, config: Any) -> list[str]:
     return [
         "With stock peft and transformers:",
         "",
         "```python",
-        f"from transformers import {auto}",
-        "from peft import PeftModel",
+        *imports,
         f"base = {load_base}",
         f'model = PeftModel.from_pretrained(base, "{config.output}")',
         "```",
@@ -69,13 +70,13 @@ def _peft_use(auto: str, load_base: str, config: Any) -> list[str]:
     ]
 
 
-def _native_use(auto: str, load_base: str, output: str) -> list[str]:
+def _native_use(imports: list[str], load_base: str, output: str) -> list[str]:
+    ours = [line for line in imports if "peft" not in line] + ["from personalize import adapters"]
     return [
         "With personalize (the same method is injected on the same layers, then the weights load):",
         "",
         "```python",
-        f"from transformers import {auto}",
-        "from personalize import adapters",
+        *ours,
         f"model = {load_base}",
         f'adapters.load_native(model, "{output}")',
         "```",

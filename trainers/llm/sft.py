@@ -31,8 +31,8 @@ import torch
 from personalize.adapters.bottleneck import PLACEMENTS
 from personalize.adapters.training import CALIBRATED
 from personalize.errors import UserError
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
-from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, raise_if_interrupted, train_loop
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import return_freed_memory
 from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
 from personalize.trainers.llm.config import HOOKED, PROMPT, RANKED, LLMTrainConfig, config_from_options, resolve
@@ -153,17 +153,20 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = save_adapter(output, base, config, family)
-        samples = _samples(base, processor, config, conversations, output)
+        if not state.stopped_early:
+            samples = _samples(base, processor, config, conversations, output)
+            files.append(output / "samples.txt")
         from personalize.trainers.llm.card import render_llm_card
 
         (output / "README.md").write_text(render_llm_card(config, family, files, metrics, samples))
-        files += [output / "samples.txt", output / "README.md", output / "config.yaml"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files:
             say(f"  {path}")
     accelerator.wait_for_everyone()
     if accelerator.device.type != "cpu":  # on CPU only a full gc.collect() would run: seconds, for nothing
         accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return LLMResult(output, files, metrics, samples)
 
 
