@@ -37,6 +37,7 @@ ROWS = {
     "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
     "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
     "pasta (BOS + EOS)": ("pasta", dict(special_ids=[1, 2])),
+    "mam (prefix 30, FFN adapter m 512, s 4)": ("mam", dict(num_virtual_tokens=30, reduction=8)),
     "fish-mask (density 0.005, all-linear)": ("fish-mask", dict(targets="all-linear", density=0.005)),
     "child-tuning (density 0.3, all-linear)": ("child-tuning", dict(targets="all-linear", density=0.3)),
     "diff-pruning (density 0.005, all-linear)": ("diff-pruning", dict(targets="all-linear", density=0.005)),

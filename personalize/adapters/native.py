@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -30,7 +31,8 @@ def save_native(folder: str | Path, model: nn.Module, name: str, method: str, op
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # clone: tensors shared between layers (Compacter's rules) are written once per layer
-    tensors = {key: value.detach().cpu().clone() for key, value in state_dict(model, name).items()}
+    dense = torch.contiguous_format
+    tensors = {key: value.detach().cpu().clone(memory_format=dense) for key, value in state_dict(model, name).items()}
     if method in SPARSE_METHODS:  # only the trained entries
         tensors = pack(tensors)
     metadata = {

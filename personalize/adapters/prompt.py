@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from personalize.adapters.llama_adapter import LlamaAdapter
+from personalize.adapters.mam import MAM
 from personalize.adapters.pasta import Pasta
 from personalize.adapters.ptuning import PTuning
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -158,6 +159,7 @@ def _extend_mask(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
 BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning, "p-tuning": PTuning}
 BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on the input
 BUILDERS["pasta"] = Pasta  # hooks on decoder layers
+BUILDERS["mam"] = MAM  # prefix tuning + hooks on the feed-forward blocks
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:

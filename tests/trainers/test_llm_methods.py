@@ -34,7 +34,8 @@ METHODS["fish-mask"] = (None, ["--lr", "1e-2", "--set", "method_options={density
 METHODS["child-tuning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.2, mode: f}"])
 METHODS["diff-pruning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05}"])
 METHODS["pasta"] = (None, ["--lr", "5e-2"])
-LLM_ONLY = ("p-tuning",)  # input prompts do not mix with LLaVA's image-token merge
+METHODS["mam"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2"])
+LLM_ONLY = ("p-tuning", "mam")  # input prompts do not mix with LLaVA's image-token merge
 
 
 def _image(path, color):

@@ -17,11 +17,11 @@ from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
 LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
-LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta")
+LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta", "mam")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
-PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning")  # virtual tokens in the input
+PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam")  # virtual tokens in the input or the cache
 HOOKED = (*PROMPT, "llama-adapter", "pasta")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
@@ -36,6 +36,7 @@ METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
 # sparse selective methods train entries of the base weights: full fine-tuning's rates (FISH: 1e-4)
 METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4})
 METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
+METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 alone)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class LLMTrainConfig:
         "child-tuning",
         "diff-pruning",
         "pasta",
-    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning: language models only)")
+        "mam",
+    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(
@@ -143,8 +145,8 @@ def check(config: LLMTrainConfig) -> None:
         raise UserError(
             f"--packing cannot be used with {config.method} (the virtual tokens belong to one conversation)"
         )
-    if config.method == "prefix-tuning" and config.gradient_checkpointing:
-        raise UserError("prefix-tuning keeps its prefixes in the cache, which gradient checkpointing disables")
+    if config.method in ("prefix-tuning", "mam") and config.gradient_checkpointing:
+        raise UserError(f"{config.method} keeps its prefixes in the cache, which gradient checkpointing disables")
     if config.method in PROMPT and config.quantize:
         raise UserError(f"--quantize is for weight adapters (QLoRA); {config.method} trains no weight of the base")
     if len(config.adam_betas) != 2:

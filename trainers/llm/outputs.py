@@ -20,7 +20,7 @@ from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYP
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
 # no other tool has them: personalize's own file (adapters.load_native reads it)
-NATIVE = ("mpo", "houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta")
+NATIVE = ("mpo", "houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta", "mam")
 
 
 def save_adapter(
@@ -50,7 +50,7 @@ def save_adapter(
 
         tensors, config = adaption_prompt_to_peft(sd, base_model=base_model, task_type=task_type)
         return _write(Path(folder), tensors, config)
-    if method not in (*PROMPT_TYPES, "p-tuning"):
+    if method not in (*PROMPT_TYPES, "p-tuning"):  # (NATIVE ones returned above)
         from personalize.formats import save_adapter as save_formats
 
         if method == "increlora":
