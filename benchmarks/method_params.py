@@ -36,6 +36,7 @@ ROWS = {
     "houlsby (reduction 16)": ("houlsby", dict(reduction=16)),
     "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
     "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
+    "fusion (over 2 Pfeiffer adapters)": ("fusion", dict(adapters=["task0", "task1"])),
     "pasta (BOS + EOS)": ("pasta", dict(special_ids=[1, 2])),
     "mam (prefix 30, FFN adapter m 512, s 4)": ("mam", dict(num_virtual_tokens=30, reduction=8)),
     "fish-mask (density 0.005, all-linear)": ("fish-mask", dict(targets="all-linear", density=0.005)),
@@ -49,8 +50,10 @@ def count(method: str, options: dict) -> int:
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B))
-        adapters.inject(model, method, **options)
-    return sum(p.numel() for p in adapters.trainable_parameters(model))
+        for task in options.get("adapters", []) if method == "fusion" else []:  # what AdapterFusion fuses
+            adapters.inject(model, "pfeiffer", name=task)
+        adapters.inject(model, method, name=method, **options)
+    return sum(p.numel() for p in adapters.trainable_parameters(model, method))
 
 
 def main() -> None:

@@ -104,8 +104,9 @@ class Compacter(AdapterModule):
         self.activation = activation
 
     @staticmethod
-    def after_inject(modules: Sequence[Compacter]) -> None:
+    def after_inject(model: nn.Module, paths: Sequence[str], name: str) -> None:
         """Tie the rule matrices A_i: one tensor for every Compacter layer of the adapter, as the paper."""
+        modules = [model.get_submodule(path).adapters[name] for path in paths]
         shared = modules[0].phm_rule
         for module in modules[1:]:
             module.phm_rule = shared

@@ -21,6 +21,7 @@ from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
 from personalize.adapters.bottleneck import PLACEMENTS, Bottleneck, Compacter, Pfeiffer
 from personalize.adapters.delta_lora import DeltaLoRA
+from personalize.adapters.fusion import Fusion
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.increlora import IncreLoRA
 from personalize.adapters.layer import AdapterLayer
@@ -66,6 +67,7 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "fish-mask": SparseDelta,
     "child-tuning": ChildTuning,
     "diff-pruning": DiffPruning,
+    "fusion": Fusion,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
 
@@ -144,6 +146,8 @@ def inject(
             freeze_base(model)
         return [f"{prompt.REGISTRY_ATTRIBUTE}.{name}"]
     _check_hyper(method, hyper)
+    if targets is None and hasattr(BUILDERS[method], "default_targets"):  # AdapterFusion: where its tasks are
+        targets = BUILDERS[method].default_targets(model, **hyper)
     targets = targets if targets is not None else PLACEMENTS.get(method) or DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
     for path in paths:
@@ -155,8 +159,8 @@ def inject(
         layer.add(name, BUILDERS[method](layer.base_layer, **options), scale)
         if layer is not module:
             _set_module(model, path, layer)
-    if hasattr(BUILDERS[method], "after_inject"):  # parameters shared across layers (Compacter's rules)
-        BUILDERS[method].after_inject([model.get_submodule(p).adapters[name] for p in paths])
+    if hasattr(BUILDERS[method], "after_inject"):  # Compacter's shared rules, AdapterFusion's task adapters
+        BUILDERS[method].after_inject(model, paths, name)
     if freeze:
         freeze_base(model)
     return paths

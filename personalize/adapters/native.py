@@ -63,6 +63,9 @@ def load_native(model: nn.Module, folder: str | Path, name: str = "default") -> 
     method = metadata["personalize_method"]
     options = json.loads(metadata.get("personalize_options", "{}"))
     paths = json.loads(metadata.get("personalize_paths", "[]"))
+    if method == "fusion":  # the task adapters it attends over sit in subfolders named like them
+        for task in options.get("adapters", []):
+            load_native(model, path.parent / task, name=task)
     inject(model, method, targets=paths or None, name=name, **options)
     tensors = load_file(str(path))
     if method in SPARSE_METHODS:

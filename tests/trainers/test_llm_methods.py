@@ -110,3 +110,21 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
         trained = peft.PeftModel.from_pretrained(build_tiny(preset)[0], str(out)).eval()
     assert _loss(trained, processor, data, vlm) < before - 0.05
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llava"])
+def test_cli_fuses_two_trained_adapters(preset, tmp_path):
+    vlm = preset == "tiny-llava"
+    data = _data(tmp_path, vlm)
+    common = ["--model", preset, "--data", str(data), "--steps", "6", "--batch-size", "3", "--set", "max_new_tokens=1"]
+    for task in ("a", "b"):
+        assert main(["train", *common, "--method", "pfeiffer", "--lr", "1e-2", "--output", str(tmp_path / task)]) == 0
+    out = tmp_path / "fused"
+    options = f"method_options={{adapters: [{tmp_path / 'a'}, {tmp_path / 'b'}]}}"
+    assert main(["train", *common, "--method", "fusion", "--lr", "1e-2", "--set", options, "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["task0", "task1"]
+    model, processor = build_tiny(preset)
+    assert adapters.load_native(model.eval(), out) == "fusion"
+    fused_loss = _loss(model, processor, data, vlm)
+    assert fused_loss < _loss(build_tiny(preset)[0].eval(), processor, data, vlm)  # below the base
+    assert main(["train", *common, "--method", "fusion", "--output", str(tmp_path / "bad")]) == 2

@@ -17,7 +17,17 @@ from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
 LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
-LLM_METHODS += ("houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta", "mam")
+LLM_METHODS += (
+    "houlsby",
+    "pfeiffer",
+    "compacter",
+    "fish-mask",
+    "child-tuning",
+    "diff-pruning",
+    "pasta",
+    "mam",
+    "fusion",
+)
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
@@ -37,6 +47,7 @@ METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
 METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4})
 METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
 METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 alone)
+METHOD_LR["fusion"] = 5e-5  # the AdapterFusion paper's
 
 
 @dataclass
@@ -65,6 +76,7 @@ class LLMTrainConfig:
         "diff-pruning",
         "pasta",
         "mam",
+        "fusion",
     ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

@@ -20,7 +20,18 @@ from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYP
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
 # no other tool has them: personalize's own file (adapters.load_native reads it)
-NATIVE = ("mpo", "houlsby", "pfeiffer", "compacter", "fish-mask", "child-tuning", "diff-pruning", "pasta", "mam")
+NATIVE = (
+    "mpo",
+    "houlsby",
+    "pfeiffer",
+    "compacter",
+    "fish-mask",
+    "child-tuning",
+    "diff-pruning",
+    "pasta",
+    "mam",
+    "fusion",
+)
 
 
 def save_adapter(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     if config.method == "pasta" and "special_ids" not in hyper:  # the chat template's special tokens
         hyper["special_ids"] = sorted(set(tokenizer.all_special_ids) - {pad_id(tokenizer)})
     targets = _targets(config, family)
+    if config.method == "fusion":  # the trained task adapters it attends over, named task0, task1, ...
+        for name, folder in zip(hyper["adapters"], config.method_options["adapters"]):
+            adapters.load_native(model, folder, name=name)
     if "drop_below" in config.method_options:  # AdapterDrop: no adapters in the lowest layers
         from personalize.adapters.bottleneck import adapter_drop_targets
 
@@ -265,12 +269,19 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
     # drop_below picks targets, calibration_batches feeds the Fisher information: neither is a module option
     hyper.update({k: v for k, v in config.method_options.items() if k not in ("drop_below", "calibration_batches")})
+    if config.method == "fusion":
+        folders = config.method_options.get("adapters") or []
+        if not isinstance(folders, list) or len(folders) < 2:
+            raise UserError(
+                "--method fusion needs method_options={adapters: [DIR1, DIR2]}: trained bottleneck adapters"
+            )
+        hyper["adapters"] = [f"task{index}" for index in range(len(folders))]
     return hyper
 
 
 def _targets(config: LLMTrainConfig, family: str) -> str | None:
-    if config.method in HOOKED:
-        return None
+    if config.method in HOOKED or (config.method == "fusion" and not config.targets):
+        return None  # hooks of their own; AdapterFusion: the layers of its task adapters
     if config.targets:
         return config.targets
     if config.method in PLACEMENTS:  # bottleneck adapters: after the output projections, LLM or VLM
@@ -293,9 +304,17 @@ def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) 
         from personalize.adapters.prompt import registry
 
         hyper["special_ids"] = registry(model)[config.adapter_name].special_ids.tolist()
-    return write_peft(
+    files = write_peft(
         output, model, sd, method=config.method, hyper=hyper, base_model=config.model, name=config.adapter_name
     )
+    if config.method == "fusion":  # the task adapters travel with the fusion weights
+        from personalize.adapters.native import NATIVE_FILE
+
+        for name, folder in zip(hyper["adapters"], config.method_options["adapters"]):
+            (output / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / NATIVE_FILE, output / name / NATIVE_FILE)
+            files.append(output / name / NATIVE_FILE)
+    return files
 
 
 def _samples(
