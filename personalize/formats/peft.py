@@ -198,8 +198,12 @@ def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
 def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
-        raise UserError(f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3)")
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "ADALORA"):
+        raise UserError(
+            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, ADALORA; "
+            "prompt and prefix tuning through `personalize generate`); stock peft loads it: "
+            "PeftModel.from_pretrained(base, FOLDER)"
+        )
     stripped = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -209,6 +213,8 @@ def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         return _read_lora(stripped, config)
     if peft_type == "IA3":
         return _read_ia3(stripped, config)
+    if peft_type == "ADALORA":
+        return _read_adalora(stripped, config)
     return _read_lycoris(stripped, config, peft_type)
 
 
@@ -350,3 +356,25 @@ def p_tuning_config(prompt_part: Mapping[str, Any], hyper: Mapping[str, Any]) ->
         encoder_dropout=float(hyper.get("encoder_dropout", 0.0)),
     )
     return config
+
+
+def _read_adalora(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """peft ADALORA -> the canonical LoRA of the same function: down = lambda Q over the kept triplets, up = P,
+    alpha = lora_alpha * r_kept / init_r (peft's scale lora_alpha / init_r stays after pruning)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".")
+        if param not in ("lora_A", "lora_E", "lora_B"):
+            raise UserError(f"peft AdaLoRA key '{PREFIX}{key}' is not one this toolkit reads (lora_A/lora_E/lora_B)")
+        groups.setdefault(path, {})[param] = value
+    init_r = int(config.get("init_r", 12))
+    alpha = float(config.get("lora_alpha") or init_r)
+    out = {}
+    for path, group in groups.items():
+        kept = int(group["lora_A"].shape[0])
+        if kept == 0:  # every triplet pruned: the module adds nothing
+            continue
+        out[f"{path}.lora_down.weight"] = group["lora_A"] * group["lora_E"]  # (r, in)
+        out[f"{path}.lora_up.weight"] = group["lora_B"]  # (out, r)
+        out[f"{path}.alpha"] = torch.tensor(alpha * kept / init_r)
+    return out

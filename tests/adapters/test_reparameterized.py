@@ -6,6 +6,7 @@ import torch
 from personalize import adapters
 from personalize.adapters.adalora import budget_at
 from personalize.models import build_tiny
+from personalize.pipelines.text import attach_adapter
 from personalize.trainers.llm.outputs import save_adapter
 
 from .llm_training import TEXTS, peft_logits_match, steps
@@ -56,6 +57,9 @@ def test_adalora_loads_in_stock_peft_with_identical_logits(tmp_path):
     peft_logits_match(model, theirs, tokenizer)
     shapes = {k: tuple(v.shape) for k, v in theirs.named_parameters() if "lora_E" in k}
     assert sorted(set(shapes.values())) == [(1, 1), (3, 1)]
+    mine = build_tiny("tiny-llama")[0]  # our reader: the same function as the equivalent LoRA
+    assert attach_adapter(mine, tmp_path) == "lora"
+    peft_logits_match(model, mine.eval(), tokenizer)
 
 
 def test_adalora_gradients_match_peft():
