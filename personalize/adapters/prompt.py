@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from personalize.adapters.ladder import Ladder
 from personalize.adapters.llama_adapter import LlamaAdapter
 from personalize.adapters.mam import MAM
 from personalize.adapters.pasta import Pasta
 from personalize.adapters.ptuning import PTuning
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam", "ladder")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -160,6 +161,7 @@ BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning, "p-tun
 BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on the input
 BUILDERS["pasta"] = Pasta  # hooks on decoder layers
 BUILDERS["mam"] = MAM  # prefix tuning + hooks on the feed-forward blocks
+BUILDERS["ladder"] = Ladder  # a side network on hooks of the decoder layers
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:

@@ -37,6 +37,7 @@ def data(tmp_path):
         ("llama-adapter", "q_proj/k_proj/v_proj/o_proj"),
         ("pasta", "decoder layers"),
         ("mam", "decoder layers"),
+        ("ladder", "Llama-style decoder"),
         ("houlsby", "match no Linear"),
         ("adalora", "match no Linear"),
     ],

@@ -35,6 +35,7 @@ METHODS["child-tuning"] = (None, ["--lr", "1e-2", "--set", "method_options={dens
 METHODS["diff-pruning"] = (None, ["--lr", "1e-2", "--set", "method_options={density: 0.05}"])
 METHODS["pasta"] = (None, ["--lr", "5e-2"])
 METHODS["mam"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2"])
+METHODS["ladder"] = (None, ["--lr", "1e-2", "--set", "method_options={reduction: 2}"])
 LLM_ONLY = ("p-tuning", "mam")  # input prompts do not mix with LLaVA's image-token merge
 
 

@@ -27,12 +27,13 @@ LLM_METHODS += (
     "pasta",
     "mam",
     "fusion",
+    "ladder",
 )
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
 PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam")  # virtual tokens in the input or the cache
-HOOKED = (*PROMPT, "llama-adapter", "pasta")  # no target layers: a hook on the model / its attention layers
+HOOKED = (*PROMPT, "llama-adapter", "pasta", "ladder")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
 # tuning 3e-2, prefix tuning 1e-2).
@@ -48,6 +49,7 @@ METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4}
 METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
 METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 alone)
 METHOD_LR["fusion"] = 5e-5  # the AdapterFusion paper's
+METHOD_LR["ladder"] = 3e-3  # Ladder Side-Tuning's (a randomly initialized side network)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class LLMTrainConfig:
         "pasta",
         "mam",
         "fusion",
+        "ladder",
     ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")

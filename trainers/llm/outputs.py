@@ -31,6 +31,7 @@ NATIVE = (
     "pasta",
     "mam",
     "fusion",
+    "ladder",
 )
 
 
