@@ -37,6 +37,7 @@ ROWS = {
     "pfeiffer (reduction 16)": ("pfeiffer", dict(reduction=16)),
     "compacter (reduction 16, phm_dim 4)": ("compacter", dict(reduction=16, phm_dim=4)),
     "fusion (over 2 Pfeiffer adapters)": ("fusion", dict(adapters=["task0", "task1"])),
+    "unipelt (prefix 10, LoRA r 8 on q/v, adapter reduction 16)": ("unipelt", dict(num_virtual_tokens=10)),
     "ladder (reduction 8)": ("ladder", dict(reduction=8)),
     "pasta (BOS + EOS)": ("pasta", dict(special_ids=[1, 2])),
     "mam (prefix 30, FFN adapter m 512, s 4)": ("mam", dict(num_virtual_tokens=30, reduction=8)),

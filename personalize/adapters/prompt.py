@@ -29,9 +29,10 @@ from personalize.adapters.llama_adapter import LlamaAdapter
 from personalize.adapters.mam import MAM
 from personalize.adapters.pasta import Pasta
 from personalize.adapters.ptuning import PTuning
+from personalize.adapters.unipelt import UniPELT
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam", "ladder")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam", "ladder", "unipelt")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -162,6 +163,7 @@ BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on th
 BUILDERS["pasta"] = Pasta  # hooks on decoder layers
 BUILDERS["mam"] = MAM  # prefix tuning + hooks on the feed-forward blocks
 BUILDERS["ladder"] = Ladder  # a side network on hooks of the decoder layers
+BUILDERS["unipelt"] = UniPELT  # gated prefix + LoRA + adapter, on hooks
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:

@@ -36,7 +36,8 @@ METHODS["diff-pruning"] = (None, ["--lr", "1e-2", "--set", "method_options={dens
 METHODS["pasta"] = (None, ["--lr", "5e-2"])
 METHODS["mam"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2"])
 METHODS["ladder"] = (None, ["--lr", "1e-2", "--set", "method_options={reduction: 2}"])
-LLM_ONLY = ("p-tuning", "mam")  # input prompts do not mix with LLaVA's image-token merge
+METHODS["unipelt"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2", "--set", "method_options={rank: 2}"])
+LLM_ONLY = ("p-tuning", "mam", "unipelt")  # input prompts do not mix with LLaVA's image-token merge
 
 
 def _image(path, color):

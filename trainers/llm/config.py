@@ -28,11 +28,12 @@ LLM_METHODS += (
     "mam",
     "fusion",
     "ladder",
+    "unipelt",
 )
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
 METHOD_RANK = {"increlora": 4}
-PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam")  # virtual tokens in the input or the cache
+PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam", "unipelt")  # virtual tokens in the input or the cache
 HOOKED = (*PROMPT, "llama-adapter", "pasta", "ladder")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
@@ -49,6 +50,7 @@ METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4}
 METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
 METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 alone)
 METHOD_LR["fusion"] = 5e-5  # the AdapterFusion paper's
+METHOD_LR["unipelt"] = 1e-3  # like mam: a prefix with LoRA and adapters
 METHOD_LR["ladder"] = 3e-3  # Ladder Side-Tuning's (a randomly initialized side network)
 
 
@@ -80,7 +82,8 @@ class LLMTrainConfig:
         "mam",
         "fusion",
         "ladder",
-    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam: language models only)")
+        "unipelt",
+    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam, unipelt: language models only)")
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(
@@ -160,7 +163,7 @@ def check(config: LLMTrainConfig) -> None:
         raise UserError(
             f"--packing cannot be used with {config.method} (the virtual tokens belong to one conversation)"
         )
-    if config.method in ("prefix-tuning", "mam") and config.gradient_checkpointing:
+    if config.method in ("prefix-tuning", "mam", "unipelt") and config.gradient_checkpointing:
         raise UserError(f"{config.method} keeps its prefixes in the cache, which gradient checkpointing disables")
     if config.method in PROMPT and config.quantize:
         raise UserError(f"--quantize is for weight adapters (QLoRA); {config.method} trains no weight of the base")

@@ -32,6 +32,7 @@ NATIVE = (
     "mam",
     "fusion",
     "ladder",
+    "unipelt",
 )
 
 
