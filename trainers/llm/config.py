@@ -58,32 +58,9 @@ METHOD_LR["ladder"] = 3e-3  # Ladder Side-Tuning's (a randomly initialized side 
 class LLMTrainConfig:
     model: str = option("tiny-llama", "base model: hub id, local folder with config.json, tiny-llama or tiny-llava")
     data: str = option("", "JSONL file: one conversation per line ({'messages': [...]} or {'prompt', 'completion'})")
-    method: Literal[
-        "lora",
-        "dora",
-        "loha",
-        "lokr",
-        "ia3",
-        "prompt-tuning",
-        "prefix-tuning",
-        "adalora",
-        "delta-lora",
-        "increlora",
-        "mpo",
-        "p-tuning",
-        "llama-adapter",
-        "houlsby",
-        "pfeiffer",
-        "compacter",
-        "fish-mask",
-        "child-tuning",
-        "diff-pruning",
-        "pasta",
-        "mam",
-        "fusion",
-        "ladder",
-        "unipelt",
-    ] = option("lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam, unipelt: language models only)")
+    method: Literal[LLM_METHODS] = option(  # type: ignore[valid-type]
+        "lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam, unipelt: language models only)"
+    )
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(

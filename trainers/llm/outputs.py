@@ -17,23 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from personalize.pipelines.peft_layout import PEFT_CONFIG, PEFT_FILE, PROMPT_TYPES, STATE_KEY, prompt_config
+from personalize.trainers.llm.config import LLM_METHODS
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
+PEFT_WRITTEN = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning", "adalora", "p-tuning")
+PEFT_WRITTEN += ("llama-adapter", *AS_LORA)
 # no other tool has them: personalize's own file (adapters.load_native reads it)
-NATIVE = (
-    "mpo",
-    "houlsby",
-    "pfeiffer",
-    "compacter",
-    "fish-mask",
-    "child-tuning",
-    "diff-pruning",
-    "pasta",
-    "mam",
-    "fusion",
-    "ladder",
-    "unipelt",
-)
+NATIVE = tuple(method for method in LLM_METHODS if method not in PEFT_WRITTEN)
 
 
 def save_adapter(
