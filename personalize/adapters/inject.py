@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from personalize.adapters import difffit, prompt, selective
-from personalize.adapters import prompt, selective
 from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
 from personalize.adapters.bottleneck import PLACEMENTS, Bottleneck, Compacter, Pfeiffer
@@ -29,8 +28,8 @@ from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
-from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.mpo import MPO
+from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
 from personalize.adapters.sparse import ChildTuning, DiffPruning, SparseDelta
 from personalize.adapters.targets import select

@@ -351,49 +351,6 @@ def _oft(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
         "bias": "none",
         "fan_in_fan_out": False,
         "init_weights": True,
-# --- methods with their own peft type (written from the canonical state dict + the method's options) ----
-
-
-def adalora_to_peft(
-    sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], *, base_model: str = "", task_type: str | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """AdaLoRA -> peft's ADALORA layout: lora_A / lora_E / lora_B cut to the kept triplets, whose
-    positions go in rank_pattern ("<path>.lora_E": [bool] * r0); peft's scale is lora_alpha / r0."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        path, _, param = key.rpartition(".")
-        groups.setdefault(path, {})[param] = value
-    tensors, pattern = {}, {}
-    for path, group in sorted(groups.items()):
-        kept = group["lora_E"].reshape(-1) != 0  # (r0,)
-        tensors[f"{PREFIX}{path}.lora_A"] = group["lora_A"][kept].contiguous()
-        tensors[f"{PREFIX}{path}.lora_E"] = group["lora_E"][kept].contiguous()
-        tensors[f"{PREFIX}{path}.lora_B"] = group["lora_B"][:, kept].contiguous()
-        pattern[f"{path}.lora_E"] = kept.tolist()
-    first = groups[next(iter(groups))]
-    init_r = int(first["lora_A"].shape[0])
-    steps = int(hyper.get("total_steps") or 1)
-    config = {
-        "peft_type": "ADALORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model or None,
-        "inference_mode": True,
-        "target_modules": sorted(groups),
-        "init_r": init_r,
-        "target_r": int(hyper.get("target_rank", 8)),
-        "lora_alpha": float(first["alpha"]),
-        "lora_dropout": 0.0,
-        "tinit": int(hyper.get("init_warmup", 0)),
-        "tfinal": int(hyper.get("final_warmup", 0)),
-        "deltaT": int(hyper.get("interval", 1)),
-        "beta1": float(hyper.get("beta1", 0.85)),
-        "beta2": float(hyper.get("beta2", 0.85)),
-        "orth_reg_weight": float(hyper.get("orth_reg_weight", 0.5)),
-        "total_step": max(steps, int(hyper.get("init_warmup", 0)) + int(hyper.get("final_warmup", 0)) + 1),
-        "rank_pattern": pattern,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
     }
     return tensors, config
 
@@ -509,6 +466,56 @@ def _read_vera(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -
     for path in {k.rpartition(".")[0] for k in list(out)}:
         out[f"{path}.vera_A"] = shared["vera_A"]
         out[f"{path}.vera_B"] = shared["vera_B"][: out[f"{path}.vera_lambda_b"].shape[0]]
+    return out
+
+
+# --- methods with their own peft type (written from the canonical state dict + the method's options) ----
+
+
+def adalora_to_peft(
+    sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], *, base_model: str = "", task_type: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdaLoRA -> peft's ADALORA layout: lora_A / lora_E / lora_B cut to the kept triplets, whose
+    positions go in rank_pattern ("<path>.lora_E": [bool] * r0); peft's scale is lora_alpha / r0."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        path, _, param = key.rpartition(".")
+        groups.setdefault(path, {})[param] = value
+    tensors, pattern = {}, {}
+    for path, group in sorted(groups.items()):
+        kept = group["lora_E"].reshape(-1) != 0  # (r0,)
+        tensors[f"{PREFIX}{path}.lora_A"] = group["lora_A"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_E"] = group["lora_E"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_B"] = group["lora_B"][:, kept].contiguous()
+        pattern[f"{path}.lora_E"] = kept.tolist()
+    first = groups[next(iter(groups))]
+    init_r = int(first["lora_A"].shape[0])
+    steps = int(hyper.get("total_steps") or 1)
+    config = {
+        "peft_type": "ADALORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": sorted(groups),
+        "init_r": init_r,
+        "target_r": int(hyper.get("target_rank", 8)),
+        "lora_alpha": float(first["alpha"]),
+        "lora_dropout": 0.0,
+        "tinit": int(hyper.get("init_warmup", 0)),
+        "tfinal": int(hyper.get("final_warmup", 0)),
+        "deltaT": int(hyper.get("interval", 1)),
+        "beta1": float(hyper.get("beta1", 0.85)),
+        "beta2": float(hyper.get("beta2", 0.85)),
+        "orth_reg_weight": float(hyper.get("orth_reg_weight", 0.5)),
+        "total_step": max(steps, int(hyper.get("init_warmup", 0)) + int(hyper.get("final_warmup", 0)) + 1),
+        "rank_pattern": pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+    return tensors, config
+
+
 def adaption_prompt_to_peft(
     sd: Mapping[str, torch.Tensor], *, base_model: str = "", task_type: str | None = "CAUSAL_LM"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
