@@ -44,8 +44,10 @@ class JobResult:
 def _plan_memory(prepared: list[jobs.Job]) -> dict[str, str]:
     """Estimated peak memory per job from `personalize.plan` (plan(model, Settings) -> Estimate), when this
     version has the planner; a job it cannot size (a family it does not describe) shows '-'."""
+    import importlib
+
     try:
-        from personalize import plan as planner  # type: ignore[attr-defined]
+        planner = importlib.import_module("personalize.plan")
     except ImportError:
         return {}
     if not (callable(getattr(planner, "plan", None)) and dataclasses.is_dataclass(getattr(planner, "Settings", None))):
