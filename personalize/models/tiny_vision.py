@@ -1,4 +1,5 @@
-"""A tiny CLIP image encoder (CLIPVisionModelWithProjection) built in code, for IP-Adapter tests and demos.
+"""Tiny vision models built in code: a CLIP image encoder (IP-Adapter tests), a whole CLIP and a ViT
+(few-shot classification: `--model tiny-clip | tiny-vit`).
 
 Sizes follow diffusers' own IP-Adapter tests (hidden 32, 5 layers, 4 heads, projection 32, 32 px
 images); patches of 4 px keep it fast. Seeded: the same weights on every call.
@@ -30,3 +31,40 @@ def tiny_clip_vision(projection_dim: int = 32) -> Any:
         torch.manual_seed(0)
         model = CLIPVisionModelWithProjection(config)
     return model.eval()
+
+
+def tiny_clip() -> tuple[Any, Any]:
+    """A CLIPModel (text + vision towers, seed 0) and the tiny CLIP tokenizer, for few-shot classification."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from personalize.models.tiny_diffusion import _clip_text_config
+    from personalize.models.tiny_tokenizers import tiny_clip_tokenizer
+
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4}
+    vision.update(image_size=TINY_IMAGE_SIZE, patch_size=4)
+    config = CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    return model.eval(), tiny_clip_tokenizer()
+
+
+def tiny_vit() -> Any:
+    """A ViTModel (no pooler, seed 0): 32 px images in 4 px patches, hidden 32, 5 layers, 4 heads."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+TINY_VISION = {"tiny-clip": tiny_clip, "tiny-vit": tiny_vit}
