@@ -17,14 +17,21 @@ import torch
 from torch import nn
 
 from personalize.adapters import difffit, prompt, selective
+from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
+from personalize.adapters.bottleneck import PLACEMENTS, Bottleneck, Compacter, Pfeiffer
+from personalize.adapters.delta_lora import DeltaLoRA
+from personalize.adapters.fusion import Fusion
 from personalize.adapters.ia3 import IA3
+from personalize.adapters.increlora import IncreLoRA
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
+from personalize.adapters.mpo import MPO
 from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
+from personalize.adapters.sparse import ChildTuning, DiffPruning, SparseDelta
 from personalize.adapters.targets import select
 from personalize.adapters.vera import VeRA, shared_projections
 from personalize.config import nearest
@@ -56,6 +63,17 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "oft": OFT,
     "boft": BOFT,
     "vera": VeRA,
+    "adalora": AdaLoRA,
+    "delta-lora": DeltaLoRA,
+    "increlora": IncreLoRA,
+    "mpo": MPO,
+    "houlsby": Bottleneck,
+    "pfeiffer": Pfeiffer,
+    "compacter": Compacter,
+    "fish-mask": SparseDelta,
+    "child-tuning": ChildTuning,
+    "diff-pruning": DiffPruning,
+    "fusion": Fusion,
 }
 METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS + ("difffit",)
 
@@ -139,7 +157,9 @@ def inject(
             freeze_base(model)
         return [f"{prompt.REGISTRY_ATTRIBUTE}.{name}"]
     _check_hyper(method, hyper)
-    targets = targets if targets is not None else DEFAULT_TARGETS[model_kind(model)]
+    if targets is None and hasattr(BUILDERS[method], "default_targets"):  # AdapterFusion: where its tasks are
+        targets = BUILDERS[method].default_targets(model, **hyper)
+    targets = targets if targets is not None else PLACEMENTS.get(method) or DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
     if method == "vera":  # one pair of frozen random matrices for every layer of this adapter
         layers = [getattr(model.get_submodule(p), "base_layer", model.get_submodule(p)) for p in paths]
@@ -155,6 +175,8 @@ def inject(
         layer.add(name, BUILDERS[method](layer.base_layer, **options), scale)
         if layer is not module:
             _set_module(model, path, layer)
+    if hasattr(BUILDERS[method], "after_inject"):  # Compacter's shared rules, AdapterFusion's task adapters
+        BUILDERS[method].after_inject(model, paths, name)
     if freeze:
         freeze_base(model)
     return paths
@@ -316,7 +338,10 @@ def state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tenso
         parameters = dict(model.named_parameters())
         out.update({n: parameters[n].detach() for n in selective.registry(model)[name].originals})
     if name in prompt.names(model):
-        out[prompt.STATE_KEY] = prompt.registry(model)[name].prompt_embeddings.detach()
+        adapter = prompt.registry(model)[name]
+        out.update(
+            adapter.tensors() if hasattr(adapter, "tensors") else {prompt.STATE_KEY: adapter.prompt_embeddings.detach()}
+        )
     return out
 
 
@@ -352,8 +377,12 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
             for n in selective.registry(model)[name].originals:
                 parameters[n].copy_(tensors[n])
     if name in prompt.names(model):
-        with torch.no_grad():
-            prompt.registry(model)[name].prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
+        adapter = prompt.registry(model)[name]
+        if hasattr(adapter, "load_tensors"):
+            adapter.load_tensors(dict(tensors))
+        else:
+            with torch.no_grad():
+                adapter.prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

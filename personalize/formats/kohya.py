@@ -39,7 +39,10 @@ def write_prefix(component: str, family: str, text_encoders: int) -> str:
     if component == "unet":
         return "lora_unet"
     if component == "transformer":
-        return "lora_transformer"
+        from personalize.models.families import describe
+
+        described = describe(family)  # the single-file prefix ComfyUI maps for this DiT family
+        return described.single_file_prefix if described is not None else "lora_transformer"
     if component.startswith("text_encoder"):
         index = 1 if component == "text_encoder" else int(component.rsplit("_", 1)[1])
         return "lora_te" if text_encoders == 1 and family != "sdxl" else f"lora_te{index}"

@@ -218,9 +218,11 @@ def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
 def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA"):
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "ADALORA"):
         raise UserError(
-            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT, VERA)"
+            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT, "
+            "VERA, ADALORA; prompt and prefix tuning through `personalize generate`); stock peft loads it: "
+            "PeftModel.from_pretrained(base, FOLDER)"
         )
     if peft_type == "VERA":
         return _read_vera(tensors, config)
@@ -237,6 +239,8 @@ def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         return _read_oft(stripped, config)
     if peft_type == "BOFT":
         return _read_boft(stripped, config)
+    if peft_type == "ADALORA":
+        return _read_adalora(stripped, config)
     return _read_lycoris(stripped, config, peft_type)
 
 
@@ -462,4 +466,105 @@ def _read_vera(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -
     for path in {k.rpartition(".")[0] for k in list(out)}:
         out[f"{path}.vera_A"] = shared["vera_A"]
         out[f"{path}.vera_B"] = shared["vera_B"][: out[f"{path}.vera_lambda_b"].shape[0]]
+    return out
+
+
+# --- methods with their own peft type (written from the canonical state dict + the method's options) ----
+
+
+def adalora_to_peft(
+    sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], *, base_model: str = "", task_type: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdaLoRA -> peft's ADALORA layout: lora_A / lora_E / lora_B cut to the kept triplets, whose
+    positions go in rank_pattern ("<path>.lora_E": [bool] * r0); peft's scale is lora_alpha / r0."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        path, _, param = key.rpartition(".")
+        groups.setdefault(path, {})[param] = value
+    tensors, pattern = {}, {}
+    for path, group in sorted(groups.items()):
+        kept = group["lora_E"].reshape(-1) != 0  # (r0,)
+        tensors[f"{PREFIX}{path}.lora_A"] = group["lora_A"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_E"] = group["lora_E"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_B"] = group["lora_B"][:, kept].contiguous()
+        pattern[f"{path}.lora_E"] = kept.tolist()
+    first = groups[next(iter(groups))]
+    init_r = int(first["lora_A"].shape[0])
+    steps = int(hyper.get("total_steps") or 1)
+    config = {
+        "peft_type": "ADALORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": sorted(groups),
+        "init_r": init_r,
+        "target_r": int(hyper.get("target_rank", 8)),
+        "lora_alpha": float(first["alpha"]),
+        "lora_dropout": 0.0,
+        "tinit": int(hyper.get("init_warmup", 0)),
+        "tfinal": int(hyper.get("final_warmup", 0)),
+        "deltaT": int(hyper.get("interval", 1)),
+        "beta1": float(hyper.get("beta1", 0.85)),
+        "beta2": float(hyper.get("beta2", 0.85)),
+        "orth_reg_weight": float(hyper.get("orth_reg_weight", 0.5)),
+        "total_step": max(steps, int(hyper.get("init_warmup", 0)) + int(hyper.get("final_warmup", 0)) + 1),
+        "rank_pattern": pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+    return tensors, config
+
+
+def adaption_prompt_to_peft(
+    sd: Mapping[str, torch.Tensor], *, base_model: str = "", task_type: str | None = "CAUSAL_LM"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """LLaMA-Adapter -> peft's ADAPTION_PROMPT layout (the keys are already peft's; peft puts the adapters in
+    the top `adapter_layers` self_attn modules, which is where ours are)."""
+    prompts = [value for key, value in sd.items() if key.endswith(".adaption_prompt")]
+    config = {
+        "peft_type": "ADAPTION_PROMPT",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": "self_attn",
+        "adapter_len": int(prompts[0].shape[1]),
+        "adapter_layers": len(prompts),
+    }
+    return {PREFIX + key: value for key, value in sd.items()}, config
+
+
+def p_tuning_config(prompt_part: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """peft's P_TUNING adapter_config.json from the prompt-tuning one of the same model and n. In inference
+    mode peft reads the saved prompt_embeddings as the prompt itself (no encoder)."""
+    config = {key: value for key, value in prompt_part.items() if key != "prompt_tuning_init"}
+    config.update(
+        peft_type="P_TUNING",
+        encoder_reparameterization_type=str(hyper.get("encoder", "mlp")).upper(),
+        encoder_hidden_size=int(hyper.get("encoder_hidden_size") or prompt_part["token_dim"]),
+        encoder_num_layers=int(hyper.get("encoder_num_layers", 2)),
+        encoder_dropout=float(hyper.get("encoder_dropout", 0.0)),
+    )
+    return config
+
+
+def _read_adalora(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """peft ADALORA -> the canonical LoRA of the same function: down = lambda Q over the kept triplets, up = P,
+    alpha = lora_alpha * r_kept / init_r (peft's scale lora_alpha / init_r stays after pruning)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".")
+        if param not in ("lora_A", "lora_E", "lora_B"):
+            raise UserError(f"peft AdaLoRA key '{PREFIX}{key}' is not one this toolkit reads (lora_A/lora_E/lora_B)")
+        groups.setdefault(path, {})[param] = value
+    init_r = int(config.get("init_r", 12))
+    alpha = float(config.get("lora_alpha") or init_r)
+    out = {}
+    for path, group in groups.items():
+        kept = int(group["lora_A"].shape[0])
+        if kept == 0:  # every triplet pruned: the module adds nothing
+            continue
+        out[f"{path}.lora_down.weight"] = group["lora_A"] * group["lora_E"]  # (r, in)
+        out[f"{path}.lora_up.weight"] = group["lora_B"]  # (out, r)
+        out[f"{path}.alpha"] = torch.tensor(alpha * kept / init_r)
     return out

@@ -1,5 +1,4 @@
-"""Tiny vision models built in code: a CLIP image encoder (IP-Adapter tests), a whole CLIP and a ViT
-(few-shot classification: `--model tiny-clip | tiny-vit`).
+"""A tiny CLIP image encoder (CLIPVisionModelWithProjection) built in code, for IP-Adapter tests and demos.
 
 Sizes follow diffusers' own IP-Adapter tests (hidden 32, 5 layers, 4 heads, projection 32, 32 px
 images); patches of 4 px keep it fast. Seeded: the same weights on every call.
@@ -33,16 +32,35 @@ def tiny_clip_vision(projection_dim: int = 32) -> Any:
     return model.eval()
 
 
-def tiny_clip() -> tuple[Any, Any]:
-    """A CLIPModel (text + vision towers, seed 0) and the tiny CLIP tokenizer, for few-shot classification."""
+def tiny_dino() -> Any:
+    """A ViT-S/16-style DINO backbone at toy size (ViTModel, no pooler), random (seed 0) weights, eval mode."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+def tiny_clip(projection_dim: int = 16) -> tuple[Any, Any]:
+    """(CLIPModel, tokenizer): text and image towers at toy size, random (seed 0) weights, eval mode."""
     from transformers import CLIPConfig, CLIPModel
 
     from personalize.models.tiny_diffusion import _clip_text_config
     from personalize.models.tiny_tokenizers import tiny_clip_tokenizer
 
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4}
-    vision.update(image_size=TINY_IMAGE_SIZE, patch_size=4)
-    config = CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision, projection_dim=32)
+    text = _clip_text_config().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vision.update(image_size=TINY_IMAGE_SIZE, patch_size=8)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CLIPModel(config)
@@ -50,7 +68,8 @@ def tiny_clip() -> tuple[Any, Any]:
 
 
 def tiny_vit() -> Any:
-    """A ViTModel (no pooler, seed 0): 32 px images in 4 px patches, hidden 32, 5 layers, 4 heads."""
+    """A ViTModel (no pooler, seed 0) for few-shot classification: 32 px images in 4 px patches, hidden 32,
+    5 layers, 4 heads."""
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
@@ -67,4 +86,4 @@ def tiny_vit() -> Any:
     return model.eval()
 
 
-TINY_VISION = {"tiny-clip": tiny_clip, "tiny-vit": tiny_vit}
+TINY_VISION = {"tiny-clip": tiny_clip, "tiny-vit": tiny_vit}  # `--task classify --model tiny-clip | tiny-vit`
