@@ -65,7 +65,7 @@ def test_coop_and_tip_adapter_beat_zero_shot_and_predict_prints_probabilities(pe
     ("model", "method", "lr"),
     [
         ("tiny-vit", "vpt-deep", "5e-2"),
-        ("tiny-clip", "lora", "1e-2"),
+        pytest.param("tiny-clip", "lora", "1e-2", marks=pytest.mark.slow),
         pytest.param("tiny-clip", "clip-adapter", "1e-2", marks=pytest.mark.slow),
         pytest.param("tiny-clip", "tip-adapter-f", "1e-2", marks=pytest.mark.slow),
         pytest.param("tiny-vit", "vpt-shallow", "5e-2", marks=pytest.mark.slow),
