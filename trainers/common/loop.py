@@ -249,7 +249,8 @@ def load_checkpoint(accelerator: Any, state: TrainState, folder: Path) -> None:
     if state.ema is not None and saved["ema"] is not None:
         state.ema.load_state_dict(saved["ema"])
     state.step = int(saved["loop"]["step"])
-    state.stream.consumed = int(saved["loop"]["consumed"])
+    consumed = saved["loop"]["consumed"]  # a list for paired streams (prior preservation: instance, class)
+    state.stream.consumed = [int(value) for value in consumed] if isinstance(consumed, list) else int(consumed)
     state.losses = list(saved["loop"].get("losses", []))
     rng = checkpoints.read_rng(folder, accelerator.process_index)
     if rng is not None:

@@ -18,7 +18,11 @@ from personalize.errors import UserError
 from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+METHODS = (
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "difffit"),
+    *("bitfit", "norm", "full"),
+    *CONDITIONING_METHODS,
+)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -35,7 +39,12 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "lokr": (8, 1e-4, 500, "attention"),
     "krona": (None, 1e-3, 500, "attention"),
     "ia3": (None, 1e-3, 500, "attention+ff"),
+    # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
+    "oft": (None, 1e-4, 500, "attention"),
+    "boft": (None, 1e-4, 500, "attention"),
+    "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
+    "difffit": (None, 1e-3, 500, ""),  # biases, norms and branch gammas; '' = DiffFit's own branch layers
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
     **CONDITIONING_DEFAULTS,
@@ -59,6 +68,10 @@ class TrainConfig:
         "lokr",
         "krona",
         "ia3",
+        "oft",
+        "boft",
+        "vera",
+        "difffit",
         "bitfit",
         "norm",
         "full",
@@ -163,6 +176,20 @@ class TrainConfig:
         "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
     )
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
+    # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
+    weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
+        "",
+        "flow matching: timestep density / loss weighting; '' = the family's (SD3: logit_normal, Flux: none)",
+    )
+    logit_mean: float = option(0.0, "flow matching, logit_normal: mean of u before the sigmoid")
+    logit_std: float = option(1.0, "flow matching, logit_normal: standard deviation of u")
+    mode_scale: float = option(1.29, "flow matching, mode: the scale s of the mode density")
+    guidance_scale: float | None = option(None, "Flux.1-dev: the distilled guidance input while training; None: 3.5")
+    precondition_outputs: bool | None = option(
+        None, "flow matching: compare x0 = x_t - sigma * prediction with x0 (SD3's default); None: the family's"
+    )
+    allow_distilled: bool = option(False, "train a timestep-distilled model (FLUX.1-schnell) anyway")
+    vram: str = option("", "fit this GPU memory (e.g. 16GB): the planner (personalize.plan) picks the settings")
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -322,7 +349,7 @@ def check_token_options(config: TrainConfig) -> None:
         )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
-    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"
