@@ -142,7 +142,7 @@ def merge_adapters(
     output = Path(output)
     if isinstance(sink, BaseSink):
         try:
-            files = write_into_base(model, staged, output, report)
+            files = write_into_base(model, staged, output, report, source=base)
         finally:
             sink.restore_weights()
     else:
