@@ -91,5 +91,10 @@ def page(browser, server):
     page.set_default_timeout(30_000)
     page.goto(server[1])
     page.get_by_role("tab", name="Train").wait_for()  # the page is built by the browser after load
+    # the page's load event (which sets the run name to the newest run's) has come back once the timer
+    # has filled in the status: typing a run name before that would be overwritten
+    page.locator("#train-status").get_by_text("Job", exact=False).or_(
+        page.locator("#train-status").get_by_text("No training job")
+    ).first.wait_for()
     yield page
     context.close()

@@ -47,10 +47,9 @@ def test_page_has_four_tabs_and_shows_a_bad_upload_with_its_reason(page, server,
 def test_edited_caption_is_written_beside_the_image(page, server):
     root, _url = server
     upload_photos(page, "captions", CAT[:1])
-    page.locator("#intake").get_by_text("a photo of sks captions").wait_for()
-    cell = page.locator("#intake").get_by_text("a photo of sks captions")
+    cell = page.locator("#intake").get_by_text("a photo of sks captions").filter(visible=True).first
     cell.dblclick()
-    editor = page.locator("#intake textarea, #intake input[type=text]").last
+    editor = page.locator("#intake textarea[aria-label='Edit cell']").last
     editor.fill("sks captions sitting on a red chair")
     editor.press("Enter")
     page.locator("#save-captions").click()
