@@ -1,0 +1,47 @@
+"""The tabs' actions end to end without a browser: real tiny training runs through the queue (slow)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from personalize.ui import runs
+from personalize.ui.jobs import DONE, JobQueue
+from personalize.ui.workspace import GenerateOptions, TrainOptions, Workspace
+
+pytestmark = pytest.mark.slow
+
+
+def _photos(folder, count=2):
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (80, 64), (40 * index, 120, 200)).save(folder / f"photo-{index}.png")
+
+
+def test_two_training_runs_on_one_device_run_one_after_the_other_then_generate(tmp_path):
+    workspace = Workspace(tmp_path / "root", queue=JobQueue(tmp_path / "root" / ".state", devices=["cpu"]))
+    _photos(workspace.root / "photos" / "toy")
+    first = workspace.start_training(TrainOptions(images="photos/toy", run="a", steps=2))
+    second = workspace.start_training(TrainOptions(images="photos/toy", run="b", steps=2, sample_every=1))
+    done_first, done_second = workspace.queue.wait(first.id, 600), workspace.queue.wait(second.id, 600)
+    assert (done_first.status, done_second.status) == (DONE, DONE), done_second.error_line()
+    assert done_second.started >= done_first.finished  # queued behind the first, never beside it
+
+    run = workspace.root / "runs" / "b"
+    assert [step for step, _ in runs.losses(run)] == [1, 2]  # metrics.json
+    live = runs.losses_from_log(Path(done_second.log).read_text())  # what the page plotted while it ran
+    assert [step for step, _ in live] == [1, 2] and live[-1][1] == pytest.approx(runs.losses(run)[-1][1], abs=1e-4)
+    assert [path.name for path in runs.samples(run)] == ["step-000001.png", "step-000002.png"]
+    assert (run / "pytorch_lora_weights.safetensors") in runs.adapter_files(run)
+    assert "class_word: toy" in (run / "config.yaml").read_text()  # the picked folder's name, as the CLI does
+
+    options = GenerateOptions(
+        model="tiny-sd15", prompt="a photo of sks toy", adapters=[("runs/b", 0.7)], num_images=2, steps=2
+    )
+    finished = workspace.queue.wait(workspace.start_generation(options).id, 600)
+    assert finished.status == DONE, finished.error_line()
+    folder = Path(finished.output)
+    assert sorted(path.name for path in folder.glob("*.png")) == ["000_seed0.png", "001_seed1.png", "grid.png"]
+    metadata = json.loads(Image.open(folder / "000_seed0.png").text["personalize"])
+    assert metadata["adapters"][0]["scale"] == 0.7
