@@ -82,6 +82,8 @@ def _misfit(module: nn.Module, tensors: dict[str, Any], component: str) -> str:
 
 def _inject_selective(module: nn.Module, tensors: dict[str, Any], name: str, scale: float, component: str) -> None:
     """bitfit / norm values: the named parameters become a selective adapter (scalable, unloadable)."""
+    if any(key.endswith(".difffit_gamma") for key in tensors):
+        return _inject_difffit(module, tensors, name, scale)
     present = dict(module.named_parameters())
     wrong = [key for key, value in tensors.items() if key not in present or present[key].shape != value.shape]
     if wrong:
@@ -94,6 +96,20 @@ def _inject_selective(module: nn.Module, tensors: dict[str, Any], name: str, sca
     adapters.set_scale(module, name, scale)
     for key in tensors:  # loaded for inference: nothing to train
         present[key].requires_grad_(False)
+
+
+def _inject_difffit(module: nn.Module, tensors: dict[str, Any], name: str, scale: float) -> None:
+    """DiffFit: its gamma layers where the file has them, then its biases and norms (strict keys and shapes)."""
+    layers = sorted(key.rsplit(".", 1)[0] for key in tensors if key.endswith(".difffit_gamma"))
+    adapters.inject(module, "difffit", targets=layers, name=name, freeze=False)
+    try:
+        adapters.load_state_dict(module, tensors, name)
+    except UserError:
+        adapters.remove(module, name)
+        raise
+    adapters.set_scale(module, name, scale)
+    for parameter in adapters.trainable_parameters(module, name):  # loaded for inference: nothing to train
+        parameter.requires_grad_(False)
 
 
 def _inject(

@@ -8,8 +8,9 @@ from typing import Any
 
 
 def train(config: Any = None, **options: Any) -> Any:
-    """See personalize.trainers.diffusion.dreambooth.train, .textual_inversion.train (--method textual-inversion or
-    pivotal) and .conditioning.train (controlnet, t2i-adapter, ip-adapter); imported lazily:
+    """See personalize.trainers.diffusion.dreambooth.train, .flow_matching.train (SD3 / Flux models),
+    .textual_inversion.train (--method textual-inversion or pivotal) and .conditioning.train (controlnet,
+    t2i-adapter, ip-adapter); imported lazily:
     `import personalize.trainers` stays cheap."""
     from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
@@ -18,10 +19,21 @@ def train(config: Any = None, **options: Any) -> Any:
         from personalize.trainers.diffusion.textual_inversion import train as run
     elif method in CONDITIONING_METHODS:
         from personalize.trainers.conditioning.recipe import train as run
+    elif _flow_model(config, options):
+        from personalize.trainers.diffusion.flow_matching import train as run
     else:
         from personalize.trainers.diffusion.dreambooth import train as run
 
     return run(config, **options)
+
+
+def _flow_model(config: Any, options: dict[str, Any]) -> bool:
+    """SD3 / Flux (a described DiT family: personalize.models.families) train with the flow-matching recipe."""
+    from personalize.models.families import described_family
+    from personalize.trainers.diffusion.config import DEFAULT_MODEL
+
+    model = getattr(config, "model", None) or options.get("model") or DEFAULT_MODEL
+    return described_family(model, options.get("pipe")) is not None
 
 
 __all__ = ["train"]

@@ -55,14 +55,15 @@ def layout_of(data: Mapping[str, Any], where: str = "") -> str:
 
 def selective_method(metadata: Mapping[str, str]) -> str | None:
     """'bitfit' / 'norm' / 'unfreeze' for a selective file of ours, 'full' for a full fine-tune's weights
-    (both are trained values of named parameters; from the `personalize` metadata), else None."""
+    (both are trained values of named parameters; from the `personalize` metadata), 'difffit' for DiffFit
+    (those plus its gamma layers), else None."""
     from personalize.adapters.selective import SELECTIVE_METHODS
 
     try:
         method = json.loads(metadata.get("personalize", "{}")).get("method")
     except (ValueError, AttributeError):
         return None
-    return method if method in (*SELECTIVE_METHODS, "full") else None
+    return method if method in (*SELECTIVE_METHODS, "full", "difffit") else None
 
 
 def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:

@@ -39,7 +39,10 @@ def write_prefix(component: str, family: str, text_encoders: int) -> str:
     if component == "unet":
         return "lora_unet"
     if component == "transformer":
-        return "lora_transformer"
+        from personalize.models.families import describe
+
+        described = describe(family)  # the single-file prefix ComfyUI maps for this DiT family
+        return described.single_file_prefix if described is not None else "lora_transformer"
     if component.startswith("text_encoder"):
         index = 1 if component == "text_encoder" else int(component.rsplit("_", 1)[1])
         return "lora_te" if text_encoders == 1 and family != "sdxl" else f"lora_te{index}"
@@ -93,7 +96,7 @@ def kohya_metadata(
     alphas = [alpha_of(g) for g in groups if alpha_of(g) is not None]
     args: dict[str, Any] = {}
     if method not in NETWORK_MODULE:
-        args["algo"] = "lokr" if method == "krona" else method
+        args["algo"] = {"krona": "lokr", "oft": "diag-oft"}.get(method, method)
     args.update({k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))})
     conv_ranks = [rank_of(g) for g in groups if any(v.dim() == 4 for v in g.values()) and rank_of(g)]
     if conv_ranks:

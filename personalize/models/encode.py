@@ -77,16 +77,11 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": _clip_last_hidden(pipe.tokenizer, pipe.text_encoder, prompts)}
     if family == "sdxl":
         return _sdxl(pipe, prompts)
-    if family == "sd3":
-        device, _ = _device_dtype(pipe.text_encoder)
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, do_classifier_free_guidance=False
-        )
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if family == "flux":
-        device, _ = _device_dtype(pipe.text_encoder_2)
-        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    from personalize.models.families import describe
+
+    described = describe(family)  # DiT families: their description says how a prompt becomes embeddings
+    if described is not None:
+        return described.encode_prompt(pipe, prompts)
     raise ValueError(f"encode_text does not support the {family} family")
 
 

@@ -18,11 +18,12 @@ FAMILIES = DIFFUSION_FAMILIES + LANGUAGE_FAMILIES
 
 
 def family_from_denoiser_config(config: Mapping[str, Any]) -> str | None:
-    """UNet / DiT config -> family. Flux is checked before SD3: both have joint_attention_dim."""
-    if "axes_dims_rope" in config or "guidance_embeds" in config:
-        return "flux"
-    if "joint_attention_dim" in config and "caption_projection_dim" in config:
-        return "sd3"
+    """UNet / DiT config -> family; DiT families from their descriptions (personalize.models.families)."""
+    from personalize.models.families import family_of_config
+
+    described = family_of_config(config)
+    if described is not None:
+        return described.name
     if "cross_attention_dim" in config:
         if config.get("addition_embed_type") == "text_time":
             return "sdxl"

@@ -66,24 +66,37 @@ def model_kind(model: nn.Module) -> str:
     return "llm"
 
 
+def presets_of(model: nn.Module) -> dict[str, list[str]]:
+    """A described DiT family's own presets (personalize.models.families), else its kind's."""
+    from personalize.models.families import family_of_module
+
+    described = family_of_module(model)
+    if described is not None:
+        return {**described.targets, "all": described.targets["all-linear"]}
+    return PRESETS[model_kind(model)]
+
+
 def preset_names(model: nn.Module) -> list[str]:
-    return list(PRESETS[model_kind(model)])
+    return list(presets_of(model))
 
 
 def is_preset(model: nn.Module, name: str) -> bool:
-    return any(name in presets for presets in PRESETS.values()) and name in PRESETS[model_kind(model)]
+    return name in all_preset_names() and name in presets_of(model)
 
 
 def preset_patterns(model: nn.Module, name: str) -> list[str]:
-    kind = model_kind(model)
-    if name not in PRESETS[kind]:
-        names = list(PRESETS[kind])
+    presets = presets_of(model)
+    if name not in presets:
+        names = list(presets)
         raise UserError(
             f"target preset '{name}' does not exist for a {type(model).__name__}{nearest(name, names)}; "
             f"presets: {', '.join(names)}"
         )
-    return PRESETS[kind][name]
+    return presets[name]
 
 
 def all_preset_names() -> set[str]:
-    return {name for presets in PRESETS.values() for name in presets}
+    from personalize.models.families import FLOW_FAMILIES
+
+    names = {name for presets in PRESETS.values() for name in presets}
+    return names | {name for family in FLOW_FAMILIES.values() for name in family.targets}

@@ -282,6 +282,7 @@ def tiny_flux():
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,  # FLUX.1-dev's layout (guidance-distilled): the one people train
     )
     text_encoder_2, tokenizer_2 = _tiny_t5_encoder()
     return FluxPipeline(

@@ -29,8 +29,17 @@ def _dit_call(transformer, flux: bool):
     if flux:
         hidden = torch.randn(1, 16, cfg.in_channels, generator=g)
         ids = torch.zeros(16, 3)
+        guidance = torch.tensor([3.5]) if cfg.guidance_embeds else None  # tiny-flux has FLUX.1-dev's guidance input
         return lambda m: (
-            m(hidden, context, pooled, timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(6, 3)).sample
+            m(
+                hidden,
+                context,
+                pooled,
+                timestep=torch.tensor([0.5]),
+                img_ids=ids,
+                txt_ids=torch.zeros(6, 3),
+                guidance=guidance,
+            ).sample
         )
     hidden = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
     return lambda m: m(hidden, context, pooled, timestep=torch.tensor([10])).sample

@@ -10,26 +10,17 @@ from PIL import Image
 
 from personalize.cli import main
 from personalize.pipelines import load_adapter, unload_adapter
+from personalize.trainers.conditioning.config import CONDITIONING_METHODS
+from personalize.trainers.diffusion import config
 
 from .conftest import CAT
 
 QUICK = ["--model", "tiny-sd15", "--steps", "2", "--lr", "1e-2", "--resolution", "64"]
 QUICK += ["--set", "validation_images=0", "--set", "checkpoint_every=0"]
 DEFAULT_RUN = ("lora", "bitfit", "norm", "full", "textual-inversion")
-METHODS = (
-    "lora",
-    "locon",
-    "dora",
-    "loha",
-    "lokr",
-    "krona",
-    "ia3",
-    "bitfit",
-    "norm",
-    "full",
-    "textual-inversion",
-    "pivotal",
-)
+# Every method `personalize train` takes for a text-to-image model, except the conditioning adapters
+# (ControlNet & co. are loaded with their own flags, not as adapters).
+METHODS = tuple(m for m in (*config.METHODS, *config.TOKEN_METHODS) if m not in CONDITIONING_METHODS)
 
 
 def _unet_output(pipe) -> torch.Tensor:

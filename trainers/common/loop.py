@@ -85,6 +85,8 @@ class LoopSettings:
     native_cpu_conv: bool = False
     lean_cpu_allocator: bool = False
     cpu_threads: str = "auto"  # on a CPU: auto | all | N (see cpu_threads below)
+    report_to: str = "none"  # accelerate tracker (personalize.eval.logs): loss, lr, grad norm per step
+    run_dir: Path | None = None  # where loss.png goes at the end (and the TensorBoard logs/)
 
     @classmethod
     def from_config(cls, config: Any, checkpoint_root: Path, **more: Any) -> LoopSettings:
@@ -98,6 +100,8 @@ class LoopSettings:
             checkpoint_root=checkpoint_root,
             validate_every=getattr(config, "validate_every", 0),
             cpu_threads=str(getattr(config, "cpu_threads", "auto")),
+            report_to=getattr(config, "report_to", "none"),
+            run_dir=checkpoint_root.parent,
             **more,
         )
 
@@ -245,7 +249,8 @@ def load_checkpoint(accelerator: Any, state: TrainState, folder: Path) -> None:
     if state.ema is not None and saved["ema"] is not None:
         state.ema.load_state_dict(saved["ema"])
     state.step = int(saved["loop"]["step"])
-    state.stream.consumed = int(saved["loop"]["consumed"])
+    consumed = saved["loop"]["consumed"]  # a list for paired streams (prior preservation: instance, class)
+    state.stream.consumed = [int(value) for value in consumed] if isinstance(consumed, list) else int(consumed)
     state.losses = list(saved["loop"].get("losses", []))
     rng = checkpoints.read_rng(folder, accelerator.process_index)
     if rng is not None:
@@ -263,6 +268,10 @@ def train_loop(
     """Run optimizer steps from state.step to settings.steps; returns the state (losses per step)."""
     from tqdm.auto import tqdm
 
+    from personalize.eval import logs
+
+    if settings.run_dir is not None:
+        logs.start_trackers(accelerator, settings.report_to, settings.run_dir)
     bar = tqdm(
         total=settings.steps,
         initial=state.step,
@@ -291,8 +300,11 @@ def train_loop(
                     step_loss += float(loss.detach()) / settings.grad_accum
             if accelerator.num_processes > 1 and settings.average_gradients:
                 average_gradients(settings.average_gradients, accelerator.num_processes)
+            grad_norm = None
             if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)  # the norm before clipping
+            elif accelerator.trackers:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, clips nothing
             state.optimizer.step()
             state.lr_scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -301,7 +313,12 @@ def train_loop(
             state.step += 1
             state.losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
+            lr = state.lr_scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            values = {"loss": step_loss, "lr": lr}
+            logs.log_values(
+                accelerator, values if grad_norm is None else {**values, "grad_norm": float(grad_norm)}, state.step
+            )
             saved = None
             if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and settings.checkpoint_root:
                 saved = save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
@@ -313,6 +330,8 @@ def train_loop(
             if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
                 on_validate(state.step)
     bar.close()
+    if settings.run_dir is not None and accelerator.is_main_process:
+        logs.write_loss_plot(state.losses, settings.run_dir / "loss.png", say=bar.write)
     return state
 
 

@@ -12,6 +12,7 @@ loop is about to start, so a run that fails earlier leaves the folder as it was.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -197,3 +198,19 @@ def write_metrics(output: Path, metrics: dict[str, Any], state: Any) -> Path:
     path = output / "metrics.json"
     path.write_text(json.dumps({**metrics, "losses": state.losses}, indent=1, default=str))
     return path
+
+
+class PhaseClock:
+    """Seconds per phase of a run, in order: `mark(name)` closes the phase that began at the previous mark.
+
+    The recipe's metrics (and metrics.json) carry them as `phases`; `personalize batch` adds them up per job.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now

@@ -18,7 +18,11 @@ from personalize.errors import UserError
 from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+METHODS = (
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "difffit"),
+    *("bitfit", "norm", "full"),
+    *CONDITIONING_METHODS,
+)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -35,7 +39,12 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "lokr": (8, 1e-4, 500, "attention"),
     "krona": (None, 1e-3, 500, "attention"),
     "ia3": (None, 1e-3, 500, "attention+ff"),
+    # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
+    "oft": (None, 1e-4, 500, "attention"),
+    "boft": (None, 1e-4, 500, "attention"),
+    "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
+    "difffit": (None, 1e-3, 500, ""),  # biases, norms and branch gammas; '' = DiffFit's own branch layers
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
     **CONDITIONING_DEFAULTS,
@@ -59,6 +68,10 @@ class TrainConfig:
         "lokr",
         "krona",
         "ia3",
+        "oft",
+        "boft",
+        "vera",
+        "difffit",
         "bitfit",
         "norm",
         "full",
@@ -125,6 +138,12 @@ class TrainConfig:
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
     validation_steps: int | None = option(None, "denoising steps of each validation image (None: 25, tiny models 10)")
     validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
+    eval: str = option(
+        "", "after training, run `personalize eval` on the output: 'dreambench' or a prompt file; '' = off"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", "log loss, lr, grad norm and sample grids to tensorboard or wandb (accelerate's trackers)"
+    )
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
@@ -157,6 +176,20 @@ class TrainConfig:
         "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
     )
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
+    # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
+    weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
+        "",
+        "flow matching: timestep density / loss weighting; '' = the family's (SD3: logit_normal, Flux: none)",
+    )
+    logit_mean: float = option(0.0, "flow matching, logit_normal: mean of u before the sigmoid")
+    logit_std: float = option(1.0, "flow matching, logit_normal: standard deviation of u")
+    mode_scale: float = option(1.29, "flow matching, mode: the scale s of the mode density")
+    guidance_scale: float | None = option(None, "Flux.1-dev: the distilled guidance input while training; None: 3.5")
+    precondition_outputs: bool | None = option(
+        None, "flow matching: compare x0 = x_t - sigma * prediction with x0 (SD3's default); None: the family's"
+    )
+    allow_distilled: bool = option(False, "train a timestep-distilled model (FLUX.1-schnell) anyway")
+    vram: str = option("", "fit this GPU memory (e.g. 16GB): the planner (personalize.plan) picks the settings")
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
@@ -241,8 +274,10 @@ def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[st
         if getattr(data, key):
             updates[key] = str(Path(getattr(data, key)).expanduser().absolute())
     data = dataclasses.replace(data, **updates)
+    evaluation = config.eval if config.eval in ("", "dreambench") else str(Path(config.eval).expanduser().absolute())
     resolved = dataclasses.replace(
         config,
+        eval=evaluation,
         data=data,
         rank=config.rank if config.rank is not None else rank,
         lr=config.lr if config.lr is not None else lr,
@@ -286,6 +321,15 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
     if config.method in TOKEN_METHODS:
         check_token_options(config)
+    if config.eval and config.method in (*TOKEN_METHODS, *CONDITIONING_METHODS):
+        raise UserError(
+            f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
+        )
+    from personalize.eval.logs import check_report_to
+
+    check_report_to(config.report_to)  # a missing tracker package: one line now, not after the model loads
+    if config.eval not in ("", "dreambench") and not Path(config.eval).expanduser().is_file():
+        raise UserError(f"--eval {config.eval}: not 'dreambench' and not a prompt file (one prompt a line)")
     if len(config.adam_betas) != 2:
         raise UserError(f"adam_betas must be two numbers, e.g. [0.9, 0.999] (got {config.adam_betas})")
 
@@ -305,7 +349,7 @@ def check_token_options(config: TrainConfig) -> None:
         )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
-    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import (
     idle_until_validation,
@@ -39,7 +40,7 @@ from personalize.trainers.common.loop import (
     train_loop,
 )
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
+from personalize.trainers.common.run import PhaseClock, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -61,15 +62,18 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """
     config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
+    clock = PhaseClock()
 
     # --- base model ---------------------------------------------------------------------------
     base = load_frozen_base(config, accelerator, pipe)
     config = with_model_resolution(config, base.pipe, say)
     pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
     weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
+    clock.mark("load")
 
     # --- data ---------------------------------------------------------------------------------
     instance_data, class_data = _datasets(config, pipe, output, say)
+    clock.mark("data")  # scanning the images, generating missing class images
     cache_text = not config.train_text_encoder  # a trained text encoder must run every step
     if config.cache_latents:
         from personalize.data import cache_dataset
@@ -79,6 +83,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         if class_data is not None:
             class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
         idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
+    clock.mark("cache")
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original_unet = pipe.unet
@@ -142,9 +147,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
+    clock.mark("setup")
     started = time.perf_counter()
     memory = step_memory_settings(config, device, weight_dtype, frozen=[unet])
     settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync, **memory)
@@ -152,6 +159,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.train()
     train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)
     seconds = time.perf_counter() - started
+    clock.mark("train")
     for model in models:
         model.eval()
 
@@ -176,7 +184,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             )
         if needs_final_samples(state, samples):
             validate(state.step)
-    metrics = run_metrics(state, seconds)
+    clock.mark("save")  # the adapter files and the final samples
+    metrics = {**run_metrics(state, seconds), "phases": clock.seconds}
     if accelerator.is_main_process:
         card = render_model_card(
             base_model=config.model,
@@ -201,9 +210,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
+    if config.eval and accelerator.is_main_process and not state.stopped_early:  # score it as a user loads it
+        from personalize.eval import EvalSettings, evaluate
+
+        device = str(accelerator.device)
+        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
+        evaluation = evaluate(output, settings, say=say)
+        metrics["eval"] = evaluation.figures
+        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
+        logs.log_values(accelerator, numbers, state.step)
+        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)

@@ -1,0 +1,409 @@
+"""Memory planner for flow-matching DiT training (SD3, Flux): peak device memory before anything is loaded.
+
+Reads no weights: the transformer is built on PyTorch's meta device from its config (a published config
+by hub id, or the folder's config.json), so every shape is exact and no memory is taken; the adapter is
+injected there too, so its parameter count is exact for every method. The rest is arithmetic:
+
+    frozen weights   each parameter x bytes of its storage: compute dtype (fp32 4, bf16 2), NF4 0.5 + 4/64
+                     (one fp32 absmax per 64 weights), int8 1 + 4/out-row; layers `--quantize` skips stay
+    trained          n x 4 (fp32 weights) + n x 4 (gradients) + optimizer states: AdamW 8n, 8-bit AdamW 2n,
+                     Prodigy 16n
+    activations      what autograd keeps for backward: one forward of the full model on the meta device under
+                     saved-tensor hooks, summed without the parameters themselves and without the (N x N)
+                     attention matrices of the math kernel (the fused kernels PyTorch uses keep none);
+                     with gradient checkpointing: every block's inputs + the largest block's activations
+    workspace        the largest saved tensor twice (its gradient and one temporary during backward) + the fp32
+                     loss terms
+    caches           the text encoders + VAE while latents and embeddings are cached, before the transformer
+                     arrives (a separate phase: the peak is the larger of the two)
+    runtime          CPU only: the resident size of Python + torch + diffusers (measured: about 0.55 GB)
+
+`plan(...)` returns the parts and the peak; `fit(...)` walks settings from the cheapest change to the
+most expensive until the peak fits `--vram`. Checked against measured peaks on CPU (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.errors import UserError
+from personalize.models.families import FamilyDescription, family_of_config, transformer_config
+
+GB = 1024**3
+CPU_RUNTIME = 0.55 * GB
+DTYPE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+# what a published family's text encoders and VAE hold (parameters of the released files)
+ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What changes the peak: the run's memory-relevant options (TrainConfig keys of the same names)."""
+
+    method: str = "lora"
+    rank: int = 4
+    targets: str = ""
+    resolution: int = 512
+    batch_size: int = 1
+    quantize: str = ""
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    method_options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class Estimate:
+    family: str
+    settings: Settings
+    parts: dict[str, float] = field(default_factory=dict)  # bytes of the training phase
+    caching: float = 0.0  # bytes of the caching phase
+    device: str = "cuda"
+
+    @property
+    def training(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def peak(self) -> float:
+        return max(self.training, self.caching)
+
+    def lines(self) -> list[str]:
+        rows = [f"{name:<34}{value / GB:8.2f} GB" for name, value in self.parts.items()]
+        rows.append(f"{'training phase':<34}{self.training / GB:8.2f} GB")
+        rows.append(f"{'caching phase (encoders + VAE)':<34}{self.caching / GB:8.2f} GB")
+        rows.append(f"{'peak':<34}{self.peak / GB:8.2f} GB")
+        return rows
+
+
+def parse_size(text: str) -> float:
+    """'16GB', '12 GiB', '24g', '8000MB' -> bytes (GB means GiB, as GPU specs are read)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([gGmM])?(i?[bB])?\s*", str(text))
+    if not match:
+        raise UserError(f"--vram {text!r} is not a size; write it like 16GB or 12GB")
+    value = float(match.group(1))
+    return value * (1024**2 if (match.group(2) or "g").lower() == "m" else GB)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny(model: str) -> Any:
+    from personalize.models import build_tiny
+
+    return build_tiny(model)
+
+
+def vae_factor(model: str) -> int:
+    """How much the VAE downsamples: 2^(blocks - 1) from its config (8 for every published SD3/Flux VAE)."""
+    if model.startswith("tiny-"):
+        blocks = len(_tiny(model).vae.config.block_out_channels)
+    else:
+        file = Path(model).expanduser() / "vae" / "config.json"
+        blocks = len(json.loads(file.read_text())["block_out_channels"]) if file.is_file() else 4
+    return 2 ** (blocks - 1)
+
+
+def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
+    """(family, transformer config) of what --model names, read without weights."""
+    config = dict(_tiny(model).transformer.config) if model.startswith("tiny-") else transformer_config(model)
+    family = family_of_config(config) if config is not None else None
+    if family is None or config is None:
+        raise UserError(
+            f"cannot plan for {model}: its transformer config is not readable here (the planner knows SD3 and Flux "
+            "models by hub id, a local diffusers folder, or a tiny model)"
+        )
+    return family, dict(config)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one meta-device forward tells: parameter counts by storage, trainable count, saved activations."""
+
+    quantizable: float  # elements of the Linear weights --quantize stores in 4/8 bits
+    quantizable_rows: float  # their output rows (int8 keeps one fp32 scale per row)
+    other: float  # elements of every other frozen parameter
+    trainable: float
+    activations: float  # saved for backward, no checkpointing
+    checkpointed: float  # block inputs + the largest block's activations
+    workspace: float
+
+
+@functools.lru_cache(maxsize=16)
+def _trace(
+    family_name: str,
+    config_json: str,
+    method: str,
+    hyper: tuple,
+    targets: str,
+    resolution: int,
+    batch: int,
+    half: bool,
+    downsample: int,
+) -> Trace:
+    """One training forward of the transformer on the meta device (no memory, no weights)."""
+    from diffusers import models as diffusers_models
+    from diffusers.utils import logging as diffusers_logging
+
+    from personalize import adapters
+    from personalize.models.families import describe
+
+    family = describe(family_name)
+    assert family is not None
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(bfloat16) on a model warns about float32 modules it has none of
+    try:
+        with torch.device("meta"):
+            transformer = getattr(diffusers_models, family.transformer_class).from_config(config)
+        if half and method != "full":
+            transformer.to(torch.bfloat16)  # the frozen base in the compute dtype, as the recipe places it
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    skip = [re.compile(pattern) for pattern in family.full_precision]
+    quantizable = rows = 0.0
+    for path, module in transformer.named_modules():
+        if type(module) is torch.nn.Linear and not any(p.fullmatch(path) for p in skip):
+            quantizable += module.weight.numel()
+            rows += module.weight.shape[0]
+    other = sum(p.numel() for p in transformer.parameters()) - quantizable
+    transformer.requires_grad_(method == "full")
+    if method != "full":
+        adapters.inject(transformer, method, targets=targets or family.default_targets, **dict(hyper))
+    trainable = 0.0
+    for param in transformer.parameters():
+        if param.requires_grad:  # what trains is fp32, as in the recipe
+            param.data = param.data.float()
+            trainable += param.numel()
+    latent = resolution // downsample
+    saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
+    return Trace(quantizable, rows, other, trainable, *saved)
+
+
+def _activations(
+    transformer: torch.nn.Module,
+    family: FamilyDescription,
+    config: Mapping[str, Any],
+    size: int,
+    batch: int,
+    dtype: torch.dtype,
+) -> tuple[float, float, float]:
+    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
+    (in total, with checkpointing, workspace)."""
+    latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
+    text = torch.zeros(batch, family.text_tokens(config), int(config["joint_attention_dim"]), device="meta")
+    pooled = torch.zeros(batch, int(config["pooled_projection_dim"]), device="meta")
+    embeds = {"prompt_embeds": text.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
+    tokens = family.image_tokens(config, size, size) + text.shape[1]
+    parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
+    per_block: dict[str, float] = {}
+    largest = [0.0]
+    block_inputs = [0.0]
+    current = ["outside"]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(tensor) in parameters or id(base) in parameters:
+            return tensor
+        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == tokens:  # math-kernel attention matrix
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
+        largest[0] = max(largest[0], nbytes)
+        return tensor
+
+    def enter(name: str) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            current[0] = name
+            block_inputs[0] += sum(
+                t.numel() * t.element_size() for t in (*args, *kwargs.values()) if torch.is_tensor(t)
+            )
+
+        return hook
+
+    handles = []
+    for name, module in transformer.named_modules():
+        if re.fullmatch(r"(single_)?transformer_blocks\.\d+", name):
+            handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            timesteps = torch.full((batch,), 500.0, device="meta")
+            output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
+    finally:
+        for handle in handles:
+            handle.remove()
+    outside = per_block.pop("outside", 0.0)
+    blocks = list(per_block.values()) or [0.0]
+    loss_terms = output.numel() * 4 * 4  # fp32 prediction, target, difference, square
+    return outside + sum(blocks), outside + block_inputs[0] + max(blocks), 2 * largest[0] + loss_terms
+
+
+def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
+    """The peak memory of training `model` with `settings` on `device` ('cuda' or 'cpu'), by parts."""
+    family, config = model_config(model)
+    half = DTYPE_BYTES[settings.mixed_precision] == 2
+    hyper = {**dict(settings.method_options)}
+    if settings.method in ("lora", "dora", "loha", "lokr"):
+        hyper.update(rank=settings.rank, alpha=settings.rank)
+    try:
+        trace = _trace(
+            family.name,
+            json.dumps(config, sort_keys=True),
+            settings.method,
+            tuple(sorted(hyper.items())),
+            settings.targets,
+            settings.resolution,
+            settings.batch_size,
+            half,
+            vae_factor(model),
+        )
+    except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
+        raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
+    estimate = Estimate(family.name, settings, device=device)
+    compute = 2 if half and settings.method != "full" else 4
+    if settings.method == "full":
+        estimate.parts["trained weights (fp32, all)"] = (trace.quantizable + trace.other) * 4
+    elif settings.quantize == "int8":
+        estimate.parts["frozen weights (int8)"] = trace.quantizable + 4 * trace.quantizable_rows + trace.other * compute
+    elif settings.quantize:
+        quantized = trace.quantizable * (0.5 + 4 / 64)  # 4 bits + one fp32 absmax per block of 64
+        estimate.parts[f"frozen weights ({settings.quantize})"] = quantized + trace.other * compute
+    else:
+        estimate.parts[f"frozen weights ({'bf16' if half else 'fp32'})"] = (trace.quantizable + trace.other) * compute
+    if settings.method != "full":
+        estimate.parts["trained weights (fp32)"] = trace.trainable * 4
+    estimate.parts["gradients (fp32)"] = trace.trainable * 4
+    states = OPTIMIZER_STATE_BYTES[settings.optimizer]
+    estimate.parts[f"optimizer states ({settings.optimizer})"] = trace.trainable * states
+    if settings.gradient_checkpointing:
+        estimate.parts["activations (with checkpointing)"] = trace.checkpointed
+    else:
+        estimate.parts["activations (without checkpointing)"] = trace.activations
+    estimate.parts["workspace"] = trace.workspace
+    encoders = _encoder_bytes(model, family, settings)
+    if device == "cpu":
+        estimate.parts["runtime (Python, torch)"] = CPU_RUNTIME
+        estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
+    else:
+        estimate.caching = encoders
+    return estimate
+
+
+def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
+    """Text encoders in the compute dtype + the fp32 VAE, from the folder's file headers or the published sizes."""
+    folder = Path(model).expanduser()
+    compute = DTYPE_BYTES[settings.mixed_precision]
+    if model.startswith("tiny-"):
+        pipe = _tiny(model)
+        modules = [getattr(pipe, name) for name in (*family.text_encoders, "vae")]
+        return sum(sum(p.numel() for p in module.parameters()) * compute for module in modules)
+    if folder.is_dir():
+        total = 0.0
+        for name in (*family.text_encoders, "vae"):
+            total += _folder_parameters(folder / name) * (4 if name == "vae" else compute)
+        return total
+    return ENCODER_PARAMETERS.get(family.name, 0.0) * compute
+
+
+def _folder_parameters(folder: Path) -> float:
+    """Parameter count from safetensors headers (8-byte length + JSON): nothing else is read."""
+    import struct
+
+    count = 0.0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= dim
+                count += numel
+    return count
+
+
+# --- fitting a stated memory -------------------------------------------------------------------
+
+# memory savings and what each costs (precision, speed): a fit takes the cheapest combination that fits
+SAVINGS: tuple[tuple[dict[str, Any], str, int], ...] = (
+    ({"mixed_precision": "bf16"}, "bf16 frozen base", 1),
+    ({"optimizer": "adamw8bit"}, "8-bit AdamW", 1),
+    ({"gradient_checkpointing": True}, "gradient checkpointing", 2),
+    ({"quantize": "nf4"}, "NF4 frozen transformer", 3),
+)
+
+
+def candidates(settings: Settings) -> list[tuple[Settings, list[str]]]:
+    """Every combination of the savings the settings do not have yet, cheapest first."""
+    open_savings = [
+        saving
+        for saving in SAVINGS
+        if not all(getattr(settings, key) == value for key, value in saving[0].items())
+        and not (settings.method == "full" and "quantize" in saving[0])
+    ]
+    options = []
+    for mask in range(2 ** len(open_savings)):
+        chosen = [saving for index, saving in enumerate(open_savings) if mask >> index & 1]
+        changes = {key: value for change, _, _ in chosen for key, value in change.items()}
+        cost = (sum(c for _, _, c in chosen), len(chosen))
+        options.append((cost, dataclasses.replace(settings, **changes), [label for _, label, _ in chosen]))
+    return [(option, labels) for _, option, labels in sorted(options, key=lambda item: item[0])]
+
+
+def fit(model: str, settings: Settings, vram: float, device: str = "cuda") -> tuple[Estimate, list[str]]:
+    """The cheapest settings whose peak fits `vram` bytes, and what was turned on; UserError when none fits."""
+    closest = None
+    for option, applied in candidates(settings):
+        estimate = plan(model, option, device)
+        if estimate.peak <= vram:
+            return estimate, applied
+        closest = (estimate, applied)
+    assert closest is not None
+    estimate, applied = closest
+    raise UserError(
+        f"nothing fits {vram / GB:.0f} GB: the closest ({', '.join(applied) or 'as given'}) needs "
+        f"{estimate.peak / GB:.1f} GB; lower --resolution or --batch-size, or use a larger GPU"
+    )
+
+
+def settings_of(config: Any) -> Settings:
+    """Planner settings from a TrainConfig."""
+    return Settings(
+        method=config.method,
+        rank=config.rank or 4,
+        targets=config.targets,
+        resolution=config.data.resolution,
+        batch_size=config.batch_size,
+        quantize=config.quantize,
+        mixed_precision=config.mixed_precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer,
+        method_options=tuple(sorted(config.method_options.items())),
+    )
+
+
+def apply_vram(config: Any, family: FamilyDescription) -> tuple[Any, str]:
+    """`personalize train --vram`: the config with the cheapest settings that fit, and a note saying which."""
+    from personalize.trainers.common.run import cpu_only
+
+    vram = parse_size(config.vram)
+    estimate, applied = fit(config.model, settings_of(config), vram, "cpu" if cpu_only() else "cuda")
+    chosen = estimate.settings
+    config = dataclasses.replace(
+        config,
+        mixed_precision=chosen.mixed_precision,
+        gradient_checkpointing=chosen.gradient_checkpointing,
+        optimizer=chosen.optimizer,
+        quantize=chosen.quantize,
+    )
+    what = ", ".join(applied) if applied else "the settings as given"
+    return config, f"{what} (planned peak {estimate.peak / GB:.1f} GB)"

@@ -1,0 +1,417 @@
+"""Flow-matching DiT personalization (SD3 / SD3.5, Flux.1): the `personalize train` recipe for those models.
+
+Reads top to bottom like dreambooth.py: resolve the config (with the family's defaults), load the base,
+check what the model can take, build the data (class images for prior preservation), cache latents and
+text embeddings (the VAE and text encoders then leave the device), quantize / inject / unfreeze the
+transformer, run the shared loop, then write the adapter, samples, config.yaml and README.md.
+Everything that differs per family comes from its description (personalize.models.families).
+
+    from personalize.trainers import train
+    result = train(images="photos/cat", model="tiny-flux", method="lora", steps=50, resolution=32)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.errors import UserError
+from personalize.models.families import FamilyDescription, transformer_config
+from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.frozen_base import idle_until_validation, place
+from personalize.trainers.common.loop import LoopSettings, TrainState, train_loop
+from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.common.step_memory import step_memory_settings
+from personalize.trainers.diffusion import flow_step, losses, unet_step
+from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
+from personalize.trainers.diffusion.dreambooth import (
+    TrainResult,
+    _card_settings,
+    _datasets,
+    _hyperparameters,
+    _param_groups,
+    _set_attention,
+    _stream,
+    _summary,
+    _trainable,
+    _validate,
+    instance_data_prompt,
+)
+
+FLOW_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")
+
+
+def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
+    """Run the recipe; `options` are TrainConfig keys (data keys flat). A passed `pipe` is left as it was."""
+    config = config if config is not None else config_from_options(options)
+    family = _family(config, pipe)
+    config, notes = resolve(with_family_defaults(config, family))
+    _check_method(config, family)
+    caveat = _check_distilled(
+        config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
+    )
+    if caveat:
+        notes.append(caveat.split(";")[0])
+    if config.vram:
+        from personalize.plan import apply_vram
+
+        config, applied = apply_vram(config, family)
+        notes.append(f"--vram {config.vram}: {applied}")
+    accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
+
+    # --- base model ---------------------------------------------------------------------------
+    own_pipe = pipe is None
+    if own_pipe:
+        from personalize.models import load_pipeline
+
+        pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
+    device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
+    config = _check_model(config, family, pipe, say)
+    text_encoders = {name: getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None)}
+    for module in (pipe.transformer, pipe.vae, *text_encoders.values()):
+        module.requires_grad_(False)
+    place(pipe.vae, device, torch.float32)
+    for encoder in text_encoders.values():
+        place(encoder, device, weight_dtype)
+
+    # --- data: cache latents and embeddings once, then the encoders leave the device -----------
+    instance_data, class_data = _datasets(config, pipe, output, say)
+    cache_text = not config.train_text_encoder  # a trained text encoder must run every step
+    idle = [pipe.vae, *(text_encoders.values() if cache_text else ())]
+    if config.cache_latents:
+        from personalize.data import cache_dataset
+
+        cache_dir = config.data.cache_dir or None
+        instance_data = cache_dataset(instance_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
+        if class_data is not None:
+            class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
+        idle_until_validation(idle, device, own_pipe)
+
+    # --- model: quantize, inject / unfreeze ---------------------------------------------------
+    original = pipe.transformer
+    changes_base = config.method == "full" or bool(config.quantize)  # a caller's transformer must stay as it was
+    transformer = copy.deepcopy(original) if (changes_base and not own_pipe) else original
+    pipe.transformer = transformer
+    hyper = _hyperparameters(config)
+    trained: dict[str, torch.nn.Module] = {"transformer": transformer}
+    if config.method == "full":
+        place(transformer, device, torch.float32).requires_grad_(True)
+    else:
+        from personalize import adapters
+
+        if config.quantize:
+            _quantize(transformer, family, config.quantize, weight_dtype, own_pipe, device)
+        place(transformer, device, weight_dtype)
+        adapters.inject(transformer, config.method, targets=config.targets, name=config.adapter_name, **hyper)
+        if config.train_text_encoder:
+            for name in family.trainable_text_encoders:
+                adapters.inject(text_encoders[name], config.method, targets="text", name=config.adapter_name, **hyper)
+                trained[name] = text_encoders[name]
+    named = _trainable(trained)
+    for param in named.values():  # what trains is fp32, whatever the base is
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        for name in trained:
+            if name != "transformer":
+                trained[name].gradient_checkpointing_enable()
+    _set_attention(transformer, config.attention)
+
+    # --- optimizer, schedule, loop state ------------------------------------------------------
+    groups = _param_groups(trained, config)
+    optimizer = build_optimizer(
+        config.optimizer,
+        groups,
+        lr=config.lr,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )  # type: ignore[arg-type]
+    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    prepared, optimizer = accelerator.prepare(transformer, optimizer)  # DDP wraps the transformer only
+    models = [prepared, *[module for name, module in trained.items() if name != "transformer"]]
+    unwrapped_sync = [param for name, param in named.items() if not name.startswith("transformer.")]
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
+    stream = _stream(instance_data, class_data, config, accelerator)
+    ema = EMA(list(named.values()), config.ema_decay) if config.ema else None
+    state = TrainState(named, optimizer, lr_scheduler, stream, generator, ema)
+    begin_training(accelerator, state, resume_from, config, output, say)
+    _summary(say, config, family.name, instance_data, class_data, named)
+    say(f"objective   flow matching, weighting {config.weighting_scheme}" + _objective_note(config))
+
+    # --- train --------------------------------------------------------------------------------
+    settings = flow_step.FlowSettings(
+        weighting_scheme=config.weighting_scheme,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        precondition_outputs=bool(config.precondition_outputs),
+        guidance_scale=config.guidance_scale,
+    )
+    schedule = flow_step.flow_schedule(pipe.scheduler.config)
+    compute_loss = _loss_function(pipe, family, models[0], schedule, settings, generator, config, weight_dtype)
+    prompts = config.validation_prompts or [instance_data_prompt(instance_data)]
+    samples: list[Path] = []
+
+    def validate(step: int) -> None:
+        if accelerator.is_main_process and config.validation_images > 0:
+            samples.append(_validate(pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator))
+            if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
+                idle_until_validation(idle, device, own_pipe)
+
+    started = time.perf_counter()
+    memory = step_memory_settings(config, device, weight_dtype, frozen=[transformer])
+    loop_settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync, **memory)
+    for model in models:
+        model.train()
+    train_loop(accelerator, models, compute_loss, state, loop_settings, on_validate=validate)
+    seconds = time.perf_counter() - started
+    for model in models:
+        model.eval()
+
+    # --- outputs ------------------------------------------------------------------------------
+    files = _write_outputs(accelerator, config, family, trained, hyper, ema, state, output, samples, validate, prompts)
+    metrics = run_metrics(state, seconds)
+    if accelerator.is_main_process:
+        _write_card(config, family, files, output, samples, metrics, hyper, trained, prompts, state)
+        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
+        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
+        for path in files + samples[-1:]:
+            say(f"  {path}")
+    accelerator.wait_for_everyone()
+    if not own_pipe:
+        _restore_pipe(pipe, original, trained, config)
+    accelerator.free_memory()
+    return TrainResult(output, files, samples, metrics)
+
+
+# --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def _family(config: TrainConfig, pipe: Any) -> FamilyDescription:
+    from personalize.models.families import described_family
+
+    family = described_family(config.model, pipe)
+    if family is None:
+        raise UserError(f"{config.model} is not a flow-matching DiT model (SD3, Flux); use the DreamBooth recipe")
+    return family
+
+
+def with_family_defaults(config: TrainConfig, family: FamilyDescription) -> TrainConfig:
+    """The family's reference defaults for what the user left unset (before the method defaults fill the rest)."""
+    updates: dict[str, Any] = {}
+    defaults = family.method_defaults(config.method)
+    if defaults is not None:
+        rank, lr, steps = defaults
+        for key, value in (("rank", rank), ("lr", lr), ("steps", steps)):
+            if getattr(config, key) is None:
+                updates[key] = value
+    if not config.targets and config.method in RANKED_METHODS:
+        updates["targets"] = family.default_targets
+    if not config.weighting_scheme:
+        updates["weighting_scheme"] = family.weighting_scheme
+    if config.precondition_outputs is None:
+        updates["precondition_outputs"] = family.precondition_outputs
+    if config.guidance_scale is None and family.guidance_scale is not None:
+        updates["guidance_scale"] = family.guidance_scale
+    return dataclasses.replace(config, **updates)
+
+
+def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
+    if config.method not in FLOW_METHODS:
+        raise UserError(
+            f"--method {config.method} is not available for {family.name} models; choose one of "
+            f"{', '.join(FLOW_METHODS)}"
+        )
+
+
+def _check_distilled(config: TrainConfig, family: FamilyDescription, transformer_config: Any) -> str | None:
+    """A distilled model (FLUX.1-schnell) trains only with consent (before anything is loaded when the
+    config can be read without the weights)."""
+    caveat = family.distilled(dict(transformer_config)) if transformer_config is not None else None
+    if caveat and not config.allow_distilled:
+        raise UserError(caveat)
+    return caveat
+
+
+def _check_model(config: TrainConfig, family: FamilyDescription, pipe: Any, say: Any) -> TrainConfig:
+    """What the model itself rules out: a distilled model without consent, a resolution it cannot take."""
+    transformer_config = dict(pipe.transformer.config)
+    _check_distilled(config, family, transformer_config)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * family.latent_multiple(transformer_config)
+    data = config.data
+    if data.resolution % multiple:
+        nearest = max(multiple, round(data.resolution / multiple) * multiple)
+        raise UserError(
+            f"--resolution {data.resolution} is not a multiple of {multiple} (VAE x{vae_factor} times the "
+            f"transformer's patch of {multiple // vae_factor}); use e.g. {nearest}"
+        )
+    if data.bucketing and data.bucket_step % multiple:
+        raise UserError(f"data.bucket_step {data.bucket_step} must be a multiple of {multiple} for this model")
+    if data.bucketing and data.bucket_step > data.resolution:  # tiny resolutions: buckets in the model's steps
+        config = dataclasses.replace(config, data=dataclasses.replace(data, bucket_step=math.lcm(multiple, 8)))
+    return config
+
+
+def _quantize(
+    transformer: torch.nn.Module, family: FamilyDescription, mode: str, dtype: torch.dtype, from_disk: bool, device: Any
+) -> None:
+    """The frozen transformer's Linear layers in 4/8 bits (bitsandbytes), read one weight at a time from its
+    files when this run loaded it; the embedders and the final projection stay in full precision."""
+    from personalize import adapters
+    from personalize.models.mapped import tensor_reader
+    from personalize.trainers.common.step_memory import return_freed_memory
+
+    reader = tensor_reader(transformer) if from_disk else None
+    adapters.quantize(transformer, mode, family.full_precision, dtype, read_weight=reader, device=device)
+    return_freed_memory()
+
+
+def _objective_note(config: TrainConfig) -> str:
+    parts = []
+    if config.weighting_scheme == "logit_normal":
+        parts.append(f" (mean {config.logit_mean:g}, std {config.logit_std:g})")
+    if config.weighting_scheme == "mode":
+        parts.append(f" (scale {config.mode_scale:g})")
+    if config.precondition_outputs:
+        parts.append(", preconditioned outputs")
+    if config.guidance_scale is not None:
+        parts.append(f", guidance {config.guidance_scale:g}")
+    return "".join(parts)
+
+
+def _loss_function(
+    pipe: Any,
+    family: FamilyDescription,
+    transformer: torch.nn.Module,
+    schedule: flow_step.FlowSchedule,
+    settings: flow_step.FlowSettings,
+    generator: torch.Generator,
+    config: TrainConfig,
+    compute_dtype: torch.dtype,
+) -> Any:
+    from personalize.models.encode import encode_images
+
+    device = next(transformer.parameters()).device
+
+    def encode(batch: dict[str, Any]) -> dict[str, Any]:
+        """Fill in what the cache did not provide: latents from pixels, embeddings from prompts."""
+        batch = dict(batch)
+        if "latents" not in batch:
+            with torch.no_grad():
+                batch["latents"] = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
+        if "prompt_embeds" not in batch:
+            with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
+                batch.update(family.encode_prompt(pipe, list(batch["prompt"])))
+        return batch
+
+    def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
+        per_sample, weights, is_class = [], [], []
+        keep = ("latents", "is_class", *unet_step.TEXT_KEYS)
+        for group in unet_step.concat_batches([{k: item[k] for k in keep if k in item} for item in batches]):
+            latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w)
+            embeds = {key: group[key] for key in unet_step.TEXT_KEYS}
+            values, sample_weights = flow_step.per_sample_loss(
+                family, transformer, latents, embeds, schedule, settings, generator, compute_dtype
+            )
+            per_sample.append(values)
+            weights.append(sample_weights)
+            is_class.append(group["is_class"].to(device))
+        return losses.combine(
+            torch.cat(per_sample), torch.cat(weights), torch.cat(is_class), prior_weight=config.prior_loss_weight
+        )
+
+    return compute_loss
+
+
+def _write_outputs(
+    accelerator: Any,
+    config: TrainConfig,
+    family: FamilyDescription,
+    trained: dict[str, torch.nn.Module],
+    hyper: dict[str, Any],
+    ema: EMA | None,
+    state: TrainState,
+    output: Path,
+    samples: list[Path],
+    validate: Any,
+    prompts: list[str],
+) -> list[Path]:
+    from personalize.trainers.common.outputs import save_outputs
+
+    files: list[Path] = []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
+            validate(state.step)
+        with ema.swap() if ema is not None else nullcontext():
+            components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
+            files = save_outputs(
+                output,
+                method=config.method,
+                family=family.name,
+                base_model=config.model,
+                components=components,
+                adapter_name=config.adapter_name,
+                hyper=hyper,
+                resolution=config.data.resolution,
+            )
+    return files
+
+
+def _write_card(
+    config: TrainConfig,
+    family: FamilyDescription,
+    files: list[Path],
+    output: Path,
+    samples: list[Path],
+    metrics: dict[str, Any],
+    hyper: dict[str, Any],
+    trained: dict[str, torch.nn.Module],
+    prompts: list[str],
+    state: TrainState,
+) -> None:
+    from personalize.trainers.common.model_card import render_model_card
+
+    settings = _card_settings(config)
+    settings.update(weighting_scheme=config.weighting_scheme, guidance_scale=config.guidance_scale or "")
+    settings.update(precondition_outputs=config.precondition_outputs, defaults_from=family.defaults_source)
+    card = render_model_card(
+        base_model=config.model,
+        family=family.name,
+        method=config.method,
+        trigger=config.data.token,
+        prompt=prompts[0],
+        settings=settings,
+        files=files,
+        output_dir=output,
+        samples=samples,
+        metrics=metrics,
+        adapter={"hyper": hyper, "targets": config.targets, "components": list(trained), "name": config.adapter_name},
+    )
+    (output / "README.md").write_text(card)
+    (output / "metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=1))
+
+
+def _restore_pipe(
+    pipe: Any, original: torch.nn.Module, trained: dict[str, torch.nn.Module], config: TrainConfig
+) -> None:
+    """Leave a caller's pipeline as it was: its own transformer back (when a copy trained), adapters removed."""
+    from personalize import adapters
+
+    for name, module in trained.items():
+        if name == "transformer" and module is not original:
+            pipe.transformer = original
+        elif config.method != "full":
+            adapters.remove(module, config.adapter_name)
