@@ -10,6 +10,7 @@ Layout under ROOT:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,7 @@ class Workspace:
         except (yaml.YAMLError, csv_module.Error) as error:
             raise UserError(f"the job file does not parse: {str(error).splitlines()[0]}") from None
         for _key, value in _paths_in(tree):
-            glob_free = str(value).split("*", 1)[0] or "."
+            glob_free = re.split(r"[*?\[]", str(value), maxsplit=1)[0] or "."
             candidate = Path(glob_free).expanduser()
             inside_root(self.root, candidate if candidate.is_absolute() else folder / candidate)
 
@@ -242,7 +243,7 @@ class Workspace:
 
 def _paths_in(tree: Any, key: str = "") -> list[tuple[str, Any]]:
     """(key, value) of every path-valued entry of a parsed job file."""
-    path_keys = {"images", "output", "class_dir", "config", "data"}
+    path_keys = {"images", "output", "class_dir", "cache_dir", "folder", "reference", "config", "data"}
     if isinstance(tree, dict):
         found = []
         for name, value in tree.items():

@@ -45,3 +45,22 @@ def test_two_training_runs_on_one_device_run_one_after_the_other_then_generate(t
     assert sorted(path.name for path in folder.glob("*.png")) == ["000_seed0.png", "001_seed1.png", "grid.png"]
     metadata = json.loads(Image.open(folder / "000_seed0.png").text["personalize"])
     assert metadata["adapters"][0]["scale"] == 0.7
+
+
+def test_batch_tab_checks_then_runs_a_job_file_through_personalize_batch(tmp_path):
+    workspace = Workspace(tmp_path / "root", queue=JobQueue(tmp_path / "root" / ".state", devices=["cpu"]))
+    _photos(workspace.root / "photos" / "toy")
+    _photos(workspace.root / "photos" / "mug")
+    text = "model: tiny-sd15\nsteps: 2\njobs:\n  - images: ../photos/*\n"
+    saved = workspace.save_job_file("two.yaml", text)
+    check = workspace.queue.wait(workspace.start_batch(saved, dry_run=True).id, 600)
+    assert check.status == DONE, check.error_line()
+    log = Path(check.log).read_text()
+    assert "toy" in log and "mug" in log
+
+    finished = workspace.queue.wait(workspace.start_batch(saved).id, 900)
+    assert finished.status == DONE, finished.error_line()
+    report = json.loads((workspace.root / "batch" / "two" / "batch.json").read_text())
+    jobs = report["jobs"] if isinstance(report, dict) else report
+    assert sorted(job["status"] for job in jobs) == ["done", "done"]
+    assert len(workspace.run_names()) >= 2  # the batch's runs show in Results
