@@ -358,7 +358,7 @@ def build(workspace: Workspace) -> Any:
                     value=0, precision=0, label="Sample every N steps (0: at the end)", elem_id="sample-every"
                 )
                 overwrite = gr.Checkbox(label="Replace a finished run (--overwrite)", elem_id="overwrite")
-            with gr.Accordion("Memory plan", open=False):
+            with gr.Accordion("Memory plan (personalize plan: SD3 and Flux bases)", open=False):
                 vram = gr.Textbox(label="GPU memory to fit (e.g. 16GB, optional)", elem_id="vram")
                 plan_button = gr.Button("Plan", elem_id="plan")
                 plan_text = gr.Markdown(elem_id="plan-text")

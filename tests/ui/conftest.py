@@ -98,3 +98,19 @@ def page(browser, server):
     ).first.wait_for()
     yield page
     context.close()
+
+
+@pytest.fixture
+def launch():
+    """launch(root, *flags) -> url of a `personalize ui` server, stopped after the test."""
+    pytest.importorskip("gradio", reason="the ui extra (gradio) is in the test extra")
+    started = []
+
+    def start(root: Path, *extra: str) -> str:
+        process, url = start_server(root, *extra)
+        started.append(process)
+        return url
+
+    yield start
+    for process in started:
+        stop_server(process)

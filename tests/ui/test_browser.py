@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,7 @@ def test_page_has_four_tabs_and_shows_a_bad_upload_with_its_reason(page, server,
     assert stored == [CAT[0].name, CAT[1].name]  # refused files never reach the run's folder
 
 
+@pytest.mark.slow
 def test_edited_caption_is_written_beside_the_image(page, server):
     root, _url = server
     upload_photos(page, "captions", CAT[:1])
@@ -103,3 +105,22 @@ def test_train_in_the_browser_then_load_the_adapter_with_stock_diffusers(page, s
     page.get_by_role("option", name="runs/cat").click()
     page.locator("#result-card").get_by_text("final loss").wait_for()
     assert page.locator("#result-samples img").count() == 2
+
+    # Generate: the new run as an adapter at weight 0.8, two images and their grid
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#refresh-adapters").click()
+    name = page.locator("#gen-adapters").get_by_text("runs/cat").filter(visible=True).first
+    row = name.evaluate("cell => cell.closest('[role=gridcell]').dataset.row")
+    page.locator(f"#gen-adapters [data-testid='cell-{row}-1']").filter(visible=True).first.dblclick()
+    editor = page.locator("#gen-adapters textarea[aria-label='Edit cell']").last
+    editor.fill("0.8")
+    editor.press("Enter")
+    page.locator("#gen-count input").fill("2")
+    page.locator("#gen-steps input").fill("2")
+    page.locator("#generate").click()
+    page.locator("#gen-status").get_by_text("done").wait_for(timeout=300_000)
+    page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 3")
+    generated = sorted((root / "generated").glob("*/*.png"))
+    assert [path.name for path in generated] == ["000_seed0.png", "001_seed1.png", "grid.png"]
+    metadata = json.loads(Image.open(generated[0]).text["personalize"])
+    assert metadata["adapters"][0]["scale"] == 0.8 and metadata["adapters"][0]["path"].endswith("runs/cat")

@@ -64,3 +64,28 @@ def test_batch_tab_checks_then_runs_a_job_file_through_personalize_batch(tmp_pat
     jobs = report["jobs"] if isinstance(report, dict) else report
     assert sorted(job["status"] for job in jobs) == ["done", "done"]
     assert len(workspace.run_names()) >= 2  # the batch's runs show in Results
+
+
+def test_memory_plan_button_runs_the_planner():
+    from personalize.ui.app import memory_plan
+
+    text = memory_plan("tiny-flux", "lora", 64, "")
+    assert "peak" in text and "GB" in text
+
+
+def test_listen_with_auth_serves_only_after_login(tmp_path, launch):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = launch(tmp_path / "root", "--listen", "--auth", "ann:secret")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "config", timeout=10)
+    assert refused.value.code == 401
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    wrong = urllib.parse.urlencode({"username": "ann", "password": "guess"}).encode()
+    with pytest.raises(urllib.error.HTTPError):
+        opener.open(url + "login", data=wrong, timeout=10)
+    right = urllib.parse.urlencode({"username": "ann", "password": "secret"}).encode()
+    assert opener.open(url + "login", data=right, timeout=10).status == 200
+    assert opener.open(url + "config", timeout=10).status == 200
