@@ -89,3 +89,30 @@ def test_listen_with_auth_serves_only_after_login(tmp_path, launch):
     right = urllib.parse.urlencode({"username": "ann", "password": "secret"}).encode()
     assert opener.open(url + "login", data=right, timeout=10).status == 200
     assert opener.open(url + "config", timeout=10).status == 200
+
+
+def test_stop_saves_the_adapter_and_resume_finishes_the_run(tmp_path):
+    import time
+
+    from personalize.ui.jobs import STOPPED
+
+    workspace = Workspace(tmp_path / "root", queue=JobQueue(tmp_path / "root" / ".state", devices=["cpu"]))
+    _photos(workspace.root / "photos" / "toy")
+    options = TrainOptions(images="photos/toy", run="long", steps=40)
+    job = workspace.start_training(options)
+    deadline = time.monotonic() + 600
+    while not runs.losses_from_log(Path(job.log).read_text() if Path(job.log).is_file() else ""):
+        assert time.monotonic() < deadline and workspace.queue.get(job.id).status in ("queued", "running")
+        time.sleep(0.2)
+    assert "stopping" in workspace.queue.stop(job.id)
+    stopped = workspace.queue.wait(job.id, 600)
+    run = workspace.root / "runs" / "long"
+    assert (stopped.status, stopped.returncode) == (STOPPED, 130)
+    assert "--resume" in stopped.error_line()  # the CLI's own line: where the adapter and checkpoint are
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and any((run / "checkpoints").iterdir())
+    done_at = len(runs.metrics(run)["losses"])
+    assert 0 < done_at < 40
+
+    resumed = workspace.queue.wait(workspace.start_training(options, resume=True).id, 600)
+    assert resumed.status == DONE, resumed.error_line()
+    assert len(runs.metrics(run)["losses"]) == 40
