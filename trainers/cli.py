@@ -24,7 +24,7 @@ FLAG_KEYS = {
     "reference": "conditioning.reference",
     "image_encoder": "conditioning.image_encoder",
 }
-NOT_CONFIG = {"command", "run", "preset", "config", "set"}
+NOT_CONFIG = {"command", "run", "preset", "config", "set", "task", "val_split"}
 
 
 def register(subparsers: Any) -> None:
@@ -106,6 +106,9 @@ def register(subparsers: Any) -> None:
     add("--stop-embedding-after", type=float, metavar="F", help="freeze the token after this fraction of the steps")
     add("--learnable-property", help="textual-inversion: object (default) or style prompt templates")
     add("--pivotal-method", help="pivotal: the adapter trained with the token (default lora)")
+    # few-shot image classification (routed to trainers/vision/classify.py)
+    add("--task", help="classify: few-shot image classification on CLIP/ViT (--images holds one folder per class)")
+    add("--val-split", type=float, metavar="F", help="classify: share of each class held out for the accuracy")
     add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
     add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
@@ -128,8 +131,17 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from personalize.config import build
+    from personalize.errors import UserError
     from personalize.trainers.llm.cli import is_language_run, run_language
 
+    if args.task is not None:
+        if args.task != "classify":
+            raise UserError(f"--task must be 'classify' (got '{args.task}'); leave it out to personalize a model")
+        from personalize.trainers.vision.cli import run_classify
+
+        return run_classify(args)
+    if args.val_split is not None:
+        raise UserError("--val-split is for --task classify")
     if is_language_run(args):
         return run_language(args, flags_to_config(args))
     from personalize.trainers import train

@@ -168,7 +168,7 @@ def encode_world(pipe, count: int, rng: np.random.Generator) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds), torch.cat(ids)
 
 
-def train_denoiser(pipe, latents, stds, ids, steps: int, batch: int, log, save) -> None:
+def train_denoiser(pipe, latents, stds, ids, steps: int, batch: int, log, save, peak: float = 1e-3) -> None:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -187,7 +187,7 @@ def train_denoiser(pipe, latents, stds, ids, steps: int, batch: int, log, save) 
         context = pipe.text_encoder(ids[index])[0]  # (B, T, 32)
         loss = torch.nn.functional.mse_loss(pipe.unet(noisy, t, context).sample, noise)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
+            group["lr"] = lr_at(step, steps, peak)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decoder-steps", type=int, default=0, help="then fine-tune the VAE decoder this long")
     parser.add_argument("--decoder-only", action="store_true", help="only fine-tune the decoder of --output")
+    parser.add_argument("--more", type=Path, default=None, help="continue the denoiser of this pretrained folder")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the denoiser")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -231,20 +233,30 @@ def main(argv: list[str] | None = None) -> None:
         (args.output / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
         log(f"saved {args.output} with the fine-tuned decoder")
         return
-    pipe = build_pipeline()
-    train_vae(pipe.vae, args.vae_steps, args.vae_batch, rng, log)
-    means, stds, ids = encode_world(pipe, args.images, rng)
-    pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
-    log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")
+    done_before = 0
+    if args.more is not None:  # the VAE (encoder, scaling factor) stays: the latents are the same as before
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.more)
+        done_before = json.loads((args.more / "pretrain.json").read_text())["unet_steps_done"]
+        rng = np.random.default_rng(done_before)  # other world images than the first run's
+        means, stds, ids = encode_world(pipe, args.images, rng)
+    else:
+        pipe = build_pipeline()
+        train_vae(pipe.vae, args.vae_steps, args.vae_batch, rng, log)
+        means, stds, ids = encode_world(pipe, args.images, rng)
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")
 
     def save(unet_steps: int) -> None:
         pipe.save_pretrained(args.output, safe_serialization=True)
-        info = {**vars(args), "output": str(args.output), "unet_steps_done": unet_steps}
+        info = {**vars(args), "output": str(args.output), "unet_steps_done": done_before + unet_steps}
+        info["more"] = str(args.more) if args.more else None
         info["seconds"] = round(time.perf_counter() - start)
         (args.output / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
         log(f"saved {args.output} after {unet_steps} denoiser steps")
 
-    train_denoiser(pipe, means, stds, ids, args.unet_steps, args.batch, log, save)
+    train_denoiser(pipe, means, stds, ids, args.unet_steps, args.batch, log, save, peak=args.lr)
     if args.decoder_steps:
         finetune_decoder(pipe.vae, args.decoder_steps, args.vae_batch, rng, log)
     save(args.unet_steps)

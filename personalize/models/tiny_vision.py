@@ -65,3 +65,25 @@ def tiny_clip(projection_dim: int = 16) -> tuple[Any, Any]:
         torch.manual_seed(0)
         model = CLIPModel(config)
     return model.eval(), tiny_clip_tokenizer()
+
+
+def tiny_vit() -> Any:
+    """A ViTModel (no pooler, seed 0) for few-shot classification: 32 px images in 4 px patches, hidden 32,
+    5 layers, 4 heads."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+TINY_VISION = {"tiny-clip": tiny_clip, "tiny-vit": tiny_vit}  # `--task classify --model tiny-clip | tiny-vit`

@@ -24,7 +24,11 @@ def _perturb(model, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd3", "tiny-flux"])
+# the UNet also trains through the CLI (tests/trainers/test_difffit_train.py); SD3 shares Flux's block names
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("tiny-sd15", marks=pytest.mark.slow), pytest.param("tiny-sd3", marks=pytest.mark.slow), "tiny-flux"],
+)
 def test_difffit_injects_trains_saves_and_loads(tiny_pipelines, name):
     pipe = tiny_pipelines(name)
     ours = copy_pipeline(pipe) if name == "tiny-sd15" else copy.deepcopy(pipe)

@@ -14,23 +14,38 @@ CAT = Path(__file__).resolve().parents[2] / "examples" / "cat"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_pipelines):
+def trained(tmp_path_factory, tiny_pipelines):
+    """One tiny run for the whole module, trained with --eval (a one-prompt file) as a user would."""
     from personalize.trainers import train
 
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("eval") / "cat"
-    train(
+    folder = tmp_path_factory.mktemp("eval")
+    prompts = folder / "p.txt"
+    prompts.write_text("a {token} {class} at night\n")
+    return train(
         pipe=copy.deepcopy(tiny_pipelines("tiny-sd15")),
         images=str(CAT),
         model="tiny-sd15",
         steps=2,
         lr=1e-2,
         resolution=64,
-        output=str(out),
+        output=str(folder / "cat"),
         validation_images=0,
+        validation_steps=1,
         checkpoint_every=0,
+        eval=str(prompts),
     )
-    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    return trained.output_dir
+
+
+def test_train_with_eval_writes_the_evaluation(trained):
+    assert (trained.output_dir / "eval" / "eval.json").is_file()
+    assert set(trained.metrics["eval"]) >= {"dino", "clip_i", "clip_t", "drift"}
+    assert (trained.output_dir / "loss.png").is_file()  # every run plots its loss
 
 
 def test_eval_writes_figures_table_and_contact_sheet(run_dir, tmp_path, capsys):
@@ -102,25 +117,3 @@ def test_train_eval_flag_checks_its_prompt_file_before_training(tmp_path, capsys
     assert code == 2
     assert "not 'dreambench' and not a prompt file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_train_with_eval_writes_the_evaluation(tmp_path, tiny_pipelines):
-    from personalize.trainers import train
-
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a {token} {class} at night\n")
-    result = train(
-        pipe=copy.deepcopy(tiny_pipelines("tiny-sd15")),
-        images=str(CAT),
-        model="tiny-sd15",
-        steps=1,
-        resolution=64,
-        output=str(tmp_path / "run"),
-        validation_images=0,
-        validation_steps=1,
-        checkpoint_every=0,
-        eval=str(prompts),
-    )
-    assert (tmp_path / "run" / "eval" / "eval.json").is_file()
-    assert (tmp_path / "run" / "loss.png").is_file()  # every run plots its loss
-    assert set(result.metrics["eval"]) >= {"dino", "clip_i", "clip_t", "drift"}

@@ -37,6 +37,8 @@ METHODS["pasta"] = (None, ["--lr", "5e-2"])
 METHODS["mam"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2"])
 METHODS["ladder"] = (None, ["--lr", "1e-2", "--set", "method_options={reduction: 2}"])
 METHODS["unipelt"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2", "--set", "method_options={rank: 2}"])
+# the tiny-llava runs take as long again: -m slow (they pass; the default run stays short)
+PRESETS = ["tiny-llama", pytest.param("tiny-llava", marks=pytest.mark.slow)]
 LLM_ONLY = ("p-tuning", "mam", "unipelt")  # input prompts do not mix with LLaVA's image-token merge
 
 
@@ -75,7 +77,7 @@ def _loss(model, processor, data, vlm):
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llava"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path):
     vlm = preset == "tiny-llava"
@@ -114,7 +116,7 @@ def test_cli_trains_the_method_and_stock_peft_loads_it(method, preset, tmp_path)
     assert _loss(trained, processor, data, vlm) < before - 0.05
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llava"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_cli_fuses_two_trained_adapters(preset, tmp_path):
     vlm = preset == "tiny-llava"
     data = _data(tmp_path, vlm)

@@ -18,7 +18,7 @@ from personalize.cli import main
 from .conftest import CAT
 
 
-@pytest.mark.parametrize(("method", "shape_dims"), [("oft", 3), ("boft", 4)])
+@pytest.mark.parametrize(("method", "shape_dims"), [("oft", 3), pytest.param("boft", 4, marks=pytest.mark.slow)])
 def test_cli_trains_oft_and_the_file_loads_in_lycoris_and_diffusers(
     method, shape_dims, tmp_path, cache_dir, tiny_pipelines
 ):

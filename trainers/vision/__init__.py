@@ -1,0 +1,1 @@
+"""Few-shot image classification on CLIP / ViT backbones (`personalize train --task classify`)."""
