@@ -8,7 +8,6 @@ Peak memory is one input file plus one layer per input, not the sum of the input
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from personalize.adapters.from_weights import PARAM_NAMES
 from personalize.errors import UserError
 from personalize.formats.embeddings import Embeddings
+from personalize.models.mapped import DTYPES, _header
 
 
 @dataclass
@@ -86,20 +86,6 @@ def module_order(staged: list[StagedInput]) -> list[str]:
     return list(dict.fromkeys(m for s in staged for m in s.modules))
 
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 class LayerReader:
     """Every scratch file open at once; `layer(module)` -> per input: its parameters there, or None.
 
@@ -114,10 +100,9 @@ class LayerReader:
 
     def __enter__(self) -> LayerReader:
         for item in self.staged:
-            stream = open(item.file, "rb")  # noqa: SIM115 - closed in __exit__
-            self.files.append(stream)
-            size = int.from_bytes(stream.read(8), "little")
-            self.headers.append((8 + size, json.loads(stream.read(size))))
+            header, start = _header(item.file)
+            self.headers.append((start, header))
+            self.files.append(open(item.file, "rb"))  # noqa: SIM115 - closed in __exit__
         return self
 
     def __exit__(self, *_: object) -> None:
