@@ -11,9 +11,18 @@ CONSTRAINTS ?= constraints.txt
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-all lint clean constraints
+.PHONY: setup browser demo test test-all lint clean constraints
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The web UI's browser tests (tests/ui) drive Debian's chromium through Playwright (never a downloaded
+# browser): installed here when missing, where apt-get runs as root; elsewhere those tests skip, saying why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "could not install chromium: the browser tests will be skipped"; \
+	fi
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,10 +47,10 @@ demo: $(STAMP)
 	$(BIN)/personalize train --images examples/cat --preset tiny --output demo-out/cat --overwrite
 	@echo "demo: adapter, samples/, config.yaml and README.md written to demo-out/cat/"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 lint: $(STAMP)

@@ -2,8 +2,8 @@
 
 Each input is read once (any layout `personalize.formats.read_adapter` reads), written to a scratch
 safetensors file in canonical keys ("<component>.<module path>.<param>"), and released; the merge then
-opens every scratch file memory-mapped and reads one layer of each at a time. Peak memory is one input
-file plus one layer per input, not the sum of the inputs.
+opens every scratch file and reads one layer of each at a time (plain reads at the tensors' offsets).
+Peak memory is one input file plus one layer per input, not the sum of the inputs.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from personalize.adapters.from_weights import PARAM_NAMES
 from personalize.errors import UserError
 from personalize.formats.embeddings import Embeddings
+from personalize.models.mapped import DTYPES, _header
 
 
 @dataclass
@@ -87,24 +87,45 @@ def module_order(staged: list[StagedInput]) -> list[str]:
 
 
 class LayerReader:
-    """Open every scratch file once; `layer(module)` -> per input: its parameters there, or None."""
+    """Every scratch file open at once; `layer(module)` -> per input: its parameters there, or None.
+
+    Tensors are read with plain reads at their offsets rather than through a memory map: the pages of a
+    mapped file count in the process's resident memory once touched, so reading all inputs through maps
+    would make the peak grow with their total size again."""
 
     def __init__(self, staged: list[StagedInput]) -> None:
         self.staged = staged
-        self.handles: list[Any] = []
+        self.files: list[Any] = []
+        self.headers: list[tuple[int, dict[str, Any]]] = []
 
     def __enter__(self) -> LayerReader:
-        self.handles = [safe_open(str(s.file), framework="pt") for s in self.staged]
+        for item in self.staged:
+            header, start = _header(item.file)
+            self.headers.append((start, header))
+            self.files.append(open(item.file, "rb"))  # noqa: SIM115 - closed in __exit__
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.handles = []
+        for stream in self.files:
+            stream.close()
+        self.files, self.headers = [], []
+
+    def _tensor(self, index: int, key: str) -> torch.Tensor:
+        start, header = self.headers[index]
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        stream = self.files[index]
+        stream.seek(start + begin)
+        data = bytearray(stream.read(end - begin))
+        if not data:
+            return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        return torch.frombuffer(data, dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def layer(self, module: str) -> list[dict[str, torch.Tensor] | None]:
         groups: list[dict[str, torch.Tensor] | None] = []
-        for staged, handle in zip(self.staged, self.handles):
+        for index, staged in enumerate(self.staged):
             keys = staged.modules.get(module)
-            groups.append(None if keys is None else {k[len(module) + 1 :]: handle.get_tensor(k) for k in keys})
+            groups.append(None if keys is None else {k[len(module) + 1 :]: self._tensor(index, k) for k in keys})
         return groups
 
     def __iter__(self) -> Iterator[str]:

@@ -110,13 +110,28 @@ def write_lora(
     return files + _write_all(output, {}, {REPORT_FILE: json.dumps(report, indent=2, sort_keys=True, default=str)})
 
 
-def write_into_base(model: Any, staged: list[StagedInput], output: Path, report: Mapping[str, Any]) -> list[Path]:
-    """The base with merged weights as a model folder (safetensors): a diffusers pipeline or a transformers model."""
+def write_into_base(
+    model: Any, staged: list[StagedInput], output: Path, report: Mapping[str, Any], source: Any = None
+) -> list[Path]:
+    """The base with merged weights as a model folder (safetensors): a diffusers pipeline or a transformers
+    model (whose tokenizer files, when the base was a folder, are copied beside it)."""
     from personalize.formats.io import _write_all, embeddings_files
 
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output), safe_serialization=True)
+    if isinstance(model, nn.Module) and isinstance(source, (str, Path)) and Path(source).is_dir():
+        _copy_tokenizer_files(Path(source), output)
     files = sorted(p for p in output.rglob("*") if p.is_file())
     found = embeddings_of(staged)
     extra = {name: (tensors, {}) for name, tensors in embeddings_files(found).items()} if found else {}
     return files + _write_all(output, extra, {REPORT_FILE: json.dumps(report, indent=2, sort_keys=True, default=str)})
+
+
+def _copy_tokenizer_files(source: Path, output: Path) -> None:
+    """Everything of a transformers folder that is not weights or what save_pretrained wrote (tokenizer, template)."""
+    import shutil
+
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+    for file in source.iterdir():
+        if file.is_file() and not file.name.endswith(weights) and not (output / file.name).exists():
+            shutil.copy2(file, output / file.name)

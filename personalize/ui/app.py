@@ -19,7 +19,12 @@ from personalize.ui.jobs import RUNNING, personalize_command
 from personalize.ui.safety import MAX_UPLOAD_BYTES
 from personalize.ui.workspace import GenerateOptions, TrainOptions, Workspace, importlib_spec
 
-MODELS = ["tiny-sd15", "tiny-sdxl", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"]
+MODELS = [
+    "tiny-sd15",
+    "tiny-sdxl",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+]
 METHODS = ["", "lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full"]
 METHODS += ["textual-inversion", "pivotal", "controlnet", "t2i-adapter", "ip-adapter"]
 JOB_HEADERS = ["id", "kind", "what", "status", "device", "time", "note"]
@@ -83,40 +88,58 @@ class Page:
             return "", _error(error), [], []
         lines = [f"- `{name}`: {reason}" for name, reason in refused]
         note = ("**Rejected uploads**\n" + "\n".join(lines)) if lines else ""
-        rows, crops, intake_note = self.intake(images, token, class_word, resolution)
+        rows, crops, intake_note = self.intake(images, run, token, class_word, resolution)
         return images, "\n\n".join(part for part in (note, intake_note) if part), rows, crops
 
-    def intake(self, images: str, token: str, class_word: str, resolution: float) -> tuple[list, list, str]:
+    def intake(self, images: str, run: str, token: str, class_word: str, resolution: float) -> tuple[list, list, str]:
         if not images:
             return [], [], ""
+        class_word = self.ws.class_word(images, run, class_word)
         try:
             rows, crops = intake_view(self.ws.path(images), token, class_word, int(resolution or 512))
         except UserError as error:
             return [], [], _error(error)
         skipped = [row for row in rows if row.status == "skipped"]
-        note = "\n".join([f"**Skipped by the intake** ({len(skipped)})"] + [f"- `{r.file}`: {r.detail}" for r in skipped])
+        note = "\n".join(
+            [f"**Skipped by the intake** ({len(skipped)})"] + [f"- `{r.file}`: {r.detail}" for r in skipped]
+        )
         table = [[row.file, row.status, row.detail, row.caption] for row in rows]
         return table, crops, note if skipped else f"{len(rows)} photos ready"
 
-    def pick_folder(self, folder: str, token: str, class_word: str, resolution: float) -> tuple:
-        rows, crops, note = self.intake(folder, token, class_word, resolution)
+    def pick_folder(self, folder: str, run: str, token: str, class_word: str, resolution: float) -> tuple:
+        rows, crops, note = self.intake(folder, run, token, class_word, resolution)
         return folder, note, rows, crops
 
-    def save_captions(self, images: str, table: list[list[Any]], token: str, class_word: str, resolution: float):
+    def save_captions(
+        self, images: str, table: list[list[Any]], run: str, token: str, class_word: str, resolution: float
+    ):
         if not images:
             return "no photos yet", [], []
-        _rows, _crops, _ = self.intake(images, token, class_word, resolution)
+        _rows, _crops, _ = self.intake(images, run, token, class_word, resolution)
         before = {row[0]: row[3] for row in _rows}
         changed = {row[0]: str(row[3]) for row in table or [] if row and row[0] in before and row[3] != before[row[0]]}
         try:
             written = save_captions(self.ws.path(images), changed)
         except UserError as error:
             return _error(error), _rows, _crops
-        rows, crops, _note = self.intake(images, token, class_word, resolution)
+        rows, crops, _note = self.intake(images, run, token, class_word, resolution)
         return f"{written} caption(s) saved beside the images", rows, crops
 
-    def train(self, resume: bool, images: str, run: str, model: str, preset: str, method: str, token: str,
-              class_word: str, resolution: float, steps: float, sample_every: float, overwrite: bool) -> str:  # fmt: skip
+    def train(
+        self,
+        resume: bool,
+        images: str,
+        run: str,
+        model: str,
+        preset: str,
+        method: str,
+        token: str,
+        class_word: str,
+        resolution: float,
+        steps: float,
+        sample_every: float,
+        overwrite: bool,
+    ) -> str:
         options = TrainOptions(
             images=images,
             run=run,
@@ -181,8 +204,17 @@ class Page:
     def adapter_table(self) -> list[list[Any]]:
         return [[name, 0.0] for name in self.ws.run_names()]
 
-    def generate(self, model: str, prompt: str, negative: str, seed: float, count: float, steps: float,
-                 guidance: float, table: list[list[Any]]) -> tuple[str, int]:  # fmt: skip
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        negative: str,
+        seed: float,
+        count: float,
+        steps: float,
+        guidance: float,
+        table: list[list[Any]],
+    ) -> tuple[str, int]:
         adapters = [(str(row[0]), float(row[1])) for row in table or [] if row and row[0] and float(row[1] or 0)]
         options = GenerateOptions(
             model=model,
@@ -305,21 +337,28 @@ def build(workspace: Workspace) -> Any:
                     images = gr.Textbox(label="Training images", interactive=False, elem_id="images")
             intake_note = gr.Markdown(elem_id="intake-note")
             intake_table = gr.Dataframe(
-                headers=INTAKE_HEADERS, type="array", interactive=True, label="As the intake sees them (captions editable)",
+                headers=INTAKE_HEADERS,
+                type="array",
+                interactive=True,
+                label="As the intake sees them (captions editable)",
                 elem_id="intake",
-            )  # fmt: skip
+            )
             save_captions_button = gr.Button("Save captions", elem_id="save-captions")
             crops = gr.Gallery(label="Training crops and buckets", columns=8, height=220, elem_id="crops")
             with gr.Row():
-                model = gr.Dropdown(MODELS, value="tiny-sd15", allow_custom_value=True, label="Base model", elem_id="model")
+                model = gr.Dropdown(
+                    MODELS, value="tiny-sd15", allow_custom_value=True, label="Base model", elem_id="model"
+                )
                 preset = gr.Dropdown(presets(), value="", label="Preset", elem_id="preset")
                 method = gr.Dropdown(METHODS, value="", label="Method (default: the preset's)", elem_id="method")
             with gr.Row():
                 resolution = gr.Number(value=64, precision=0, label="Resolution (px)", elem_id="resolution")
                 steps = gr.Number(value=0, precision=0, label="Steps (0: the method's default)", elem_id="steps")
-                sample_every = gr.Number(value=0, precision=0, label="Sample every N steps (0: at the end)", elem_id="sample-every")  # fmt: skip
+                sample_every = gr.Number(
+                    value=0, precision=0, label="Sample every N steps (0: at the end)", elem_id="sample-every"
+                )
                 overwrite = gr.Checkbox(label="Replace a finished run (--overwrite)", elem_id="overwrite")
-            with gr.Accordion("Memory plan", open=False):
+            with gr.Accordion("Memory plan (personalize plan: SD3 and Flux bases)", open=False):
                 vram = gr.Textbox(label="GPU memory to fit (e.g. 16GB, optional)", elem_id="vram")
                 plan_button = gr.Button("Plan", elem_id="plan")
                 plan_text = gr.Markdown(elem_id="plan-text")
@@ -351,19 +390,27 @@ def build(workspace: Workspace) -> Any:
                 dry_run = gr.Button("Check (--dry-run)", elem_id="dry-run", interactive=available)
                 run_job = gr.Button("Run batch", variant="primary", elem_id="run-batch", interactive=available)
             batch_note = gr.Markdown(elem_id="batch-note")
-            queue_table = gr.Dataframe(headers=JOB_HEADERS, type="array", interactive=False, label="Queue", elem_id="queue")
+            queue_table = gr.Dataframe(
+                headers=JOB_HEADERS, type="array", interactive=False, label="Queue", elem_id="queue"
+            )
             batch_table = gr.Markdown(elem_id="batch-table")
             batch_log = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="batch-log")
 
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
-                gen_model = gr.Dropdown(MODELS, value="tiny-sd15", allow_custom_value=True, label="Base", elem_id="gen-model")
+                gen_model = gr.Dropdown(
+                    MODELS, value="tiny-sd15", allow_custom_value=True, label="Base", elem_id="gen-model"
+                )
                 gen_prompt = gr.Textbox(value="a photo of sks cat", label="Prompt", elem_id="gen-prompt")
                 gen_negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
             adapters = gr.Dataframe(
-                value=page.adapter_table(), headers=["adapter (run folder)", "weight (0: off)"], type="array",
-                interactive=True, label="Adapters", elem_id="gen-adapters",
-            )  # fmt: skip
+                value=page.adapter_table(),
+                headers=["adapter (run folder)", "weight (0: off)"],
+                type="array",
+                interactive=True,
+                label="Adapters",
+                elem_id="gen-adapters",
+            )
             with gr.Row():
                 gen_seed = gr.Number(value=0, precision=0, label="Seed of the first image", elem_id="gen-seed")
                 gen_count = gr.Number(value=4, precision=0, label="Images", elem_id="gen-count")
@@ -384,15 +431,17 @@ def build(workspace: Workspace) -> Any:
             with gr.Row():
                 result_loss = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="result-loss")
                 result_samples = gr.Gallery(label="Samples", columns=3, height=300, elem_id="result-samples")
-            result_files = gr.File(label="Adapter files", file_count="multiple", interactive=False, elem_id="result-files")
+            result_files = gr.File(
+                label="Adapter files", file_count="multiple", interactive=False, elem_id="result-files"
+            )
             result_eval = gr.Markdown(elem_id="result-eval")
             result_figures = gr.Gallery(label="Loss and eval figures", columns=3, height=300, elem_id="result-figures")
             result_card = gr.Markdown(elem_id="result-card")
             result_spare = gr.Markdown(visible=False)
 
         # -- wiring --------------------------------------------------------------------------------------
-        view = [token, class_word, resolution]
-        photos.upload(page.upload, [photos, run, *view], [images, intake_note, intake_table, crops])
+        view = [run, token, class_word, resolution]
+        photos.upload(page.upload, [photos, *view], [images, intake_note, intake_table, crops])
         folder.select(page.pick_folder, [folder, *view], [images, intake_note, intake_table, crops])
         model.change(default_resolution, model, resolution)
         save_captions_button.click(
@@ -428,8 +477,9 @@ def build(workspace: Workspace) -> Any:
     return demo
 
 
-def serve(root: Path, port: int = 7860, host: str = "127.0.0.1", auth: tuple[str, str] | None = None,
-          block: bool = True) -> Any:  # fmt: skip
+def serve(
+    root: Path, port: int = 7860, host: str = "127.0.0.1", auth: tuple[str, str] | None = None, block: bool = True
+) -> Any:
     """Start the page on host:port; everything it reads and writes stays under root."""
     root = Path(root).expanduser().resolve()
     state = root / runs.STATE_DIR
@@ -440,8 +490,11 @@ def serve(root: Path, port: int = 7860, host: str = "127.0.0.1", auth: tuple[str
     workspace = Workspace(root)
     demo = build(workspace)
     demo.queue(default_concurrency_limit=4)
-    print(f"personalize ui: http://{host}:{port} (root {root}); Ctrl-C here stops the page and asks running jobs "
-          "to stop (each saves its adapter and a checkpoint: Resume continues it)", flush=True)  # fmt: skip
+    print(
+        f"personalize ui: http://{host}:{port} (root {root}); Ctrl-C here stops the page and asks running jobs "
+        "to stop (each saves its adapter and a checkpoint: Resume continues it)",
+        flush=True,
+    )
     demo.launch(
         server_name=host,
         server_port=port,

@@ -173,7 +173,9 @@ class JobQueue:
             self._run(job, device)
 
     def _run(self, job: Job, device: str) -> None:
-        env = dict(os.environ, **self.env, TQDM_MININTERVAL="0")  # a progress line per step: the live loss plot reads it
+        env = dict(
+            os.environ, **self.env, TQDM_MININTERVAL="0"
+        )  # a progress line per step: the live loss plot reads it
         if device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         Path(job.log).parent.mkdir(parents=True, exist_ok=True)

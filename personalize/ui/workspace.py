@@ -10,6 +10,7 @@ Layout under ROOT:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,14 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         return self.relative(folder), refused
 
+    def class_word(self, images: str, run: str, class_word: str) -> str:
+        """The class word given, else the CLI's default (the photo folder's name), except for the upload
+        folder runs/NAME/images, whose name says nothing: there the run's name."""
+        if class_word and class_word.strip():
+            return class_word.strip()
+        folder = Path(images or "")
+        return (run or "").strip() if folder.name == "images" and folder.parent.parent.name == "runs" else folder.name
+
     def train_command(self, options: TrainOptions, resume: bool = False) -> tuple[list[str], Path]:
         images = self.path(options.images) if options.images else None
         if images is None or not images.is_dir():
@@ -117,7 +126,7 @@ class Workspace:
             ("--preset", options.preset),
             ("--method", options.method),
             ("--token", options.token),
-            ("--class-word", options.class_word),
+            ("--class-word", self.class_word(options.images, options.run, options.class_word)),
         ):
             if value and str(value).strip():
                 arguments += [flag, str(value).strip()]
@@ -202,8 +211,8 @@ class Workspace:
                 tree = yaml.safe_load(text)
         except (yaml.YAMLError, csv_module.Error) as error:
             raise UserError(f"the job file does not parse: {str(error).splitlines()[0]}") from None
-        for key, value in _paths_in(tree):
-            glob_free = str(value).split("*", 1)[0] or "."
+        for _key, value in _paths_in(tree):
+            glob_free = re.split(r"[*?\[]", str(value), maxsplit=1)[0] or "."
             candidate = Path(glob_free).expanduser()
             inside_root(self.root, candidate if candidate.is_absolute() else folder / candidate)
 
@@ -234,7 +243,7 @@ class Workspace:
 
 def _paths_in(tree: Any, key: str = "") -> list[tuple[str, Any]]:
     """(key, value) of every path-valued entry of a parsed job file."""
-    path_keys = {"images", "output", "class_dir", "config", "data"}
+    path_keys = {"images", "output", "class_dir", "cache_dir", "folder", "reference", "config", "data"}
     if isinstance(tree, dict):
         found = []
         for name, value in tree.items():

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from personalize import adapters
 from personalize.formats import save_adapter
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def random_adapter(pipe, method, seed, components=("unet", "text_encoder"), std=0.1, unet_targets="attention", **hyper):
-    """{component: canonical state dict} of `method` with random non-zero weights."""
-    out = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for component in components:
-            module = copy.deepcopy(getattr(pipe, component))
-            targets = unet_targets if component == "unet" else None
-            adapters.inject(module, method, targets=targets, name="made", **hyper)
-            with torch.no_grad():
-                for parameter in adapters.trainable_parameters(module):
-                    parameter.normal_(0, std)
-            out[component] = adapters.state_dict(module, "made")
-    return out
+from merge_helpers import random_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="package")

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_adapter
+from merge_helpers import random_adapter
 
 from personalize.cli import main
 from personalize.formats import save_adapter

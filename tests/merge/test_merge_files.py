@@ -174,6 +174,22 @@ def test_llm_loras_merge_into_a_peft_folder(tmp_path):
         reference = expected(ids).logits
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "out"))
         assert close(loaded(ids).logits, reference, 1e-4)
+    # into a base folder: a transformers folder with the tokenizer, the exact sum folded in
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from personalize.models import save_tiny
+
+    save_tiny("tiny-llama", tmp_path / "base")
+    merge_adapters(
+        [tmp_path / "in1", tmp_path / "in2"],
+        method="linear",
+        base=str(tmp_path / "base"),
+        into_base=True,
+        output=tmp_path / "folded",
+    )
+    AutoTokenizer.from_pretrained(tmp_path / "folded")
+    with torch.no_grad():
+        assert close(AutoModelForCausalLM.from_pretrained(tmp_path / "folded")(ids).logits, reference, 1e-4)
 
 
 @pytest.mark.parametrize(
