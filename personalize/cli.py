@@ -73,6 +73,28 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("default", module="personalize")
 
 
+def subcommand_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    """Every option string (--steps, -o, ...) of one subcommand."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        sub = getattr(action, "choices", {}).get(command)
+        if sub is not None:
+            return [option for item in sub._actions for option in item.option_strings]
+    return []
+
+
+def unknown_arguments(unknown: Sequence[str], options: Sequence[str]) -> str:
+    """One line for arguments argparse did not take, with the nearest real flag (--stpes -> --steps)."""
+    from personalize.config import nearest_name
+
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+    keys = {option.lstrip("-").replace("-", "_"): option for option in options if option.startswith("--")}
+    if not flags:
+        return f"unexpected argument(s) {' '.join(unknown)} (see --help)"
+    match = nearest_name(flags[0].lstrip("-").replace("-", "_"), keys)
+    hint = f"; did you mean {keys[match]}?" if match else ""
+    return f"unknown flag {flags[0]}{hint} (see --help)"
+
+
 def _describe(error: BaseException) -> str:
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0][:300]}" if message else type(error).__name__
@@ -87,19 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_libraries()
     parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
+        args, unknown = parser.parse_known_args(args_list)
     except SystemExit as exit_:  # --help, --version, usage errors: argparse already printed
         return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return 2
+    if unknown:
+        print(f"error: {unknown_arguments(unknown, subcommand_options(parser, args.command))}", file=sys.stderr)
+        return UserError.exit_code
     try:
         return int(args.run(args) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; a run with checkpoints can continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a training run says what it saved and how to continue
+        print(str(interrupt) or "interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch

@@ -36,10 +36,38 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) ->
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+# Names users bring from diffusers' scripts, kohya's sd-scripts and peft, and the key they mean here.
+COMMON_SPELLINGS = {
+    "learning_rate": "lr",
+    "unet_lr": "lr",
+    "max_train_steps": "steps",
+    "num_train_steps": "steps",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "network_dim": "rank",
+    "lora_rank": "rank",
+    "lora_r": "rank",
+    "network_alpha": "alpha",
+    "lora_alpha": "alpha",
+    "output_dir": "output",
+    "pretrained_model_name_or_path": "model",
+    "instance_data_dir": "images",
+    "train_data_dir": "images",
+}
+
+
+def nearest_name(name: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to `name`, knowing the common spellings of other tools (learning_rate -> lr)."""
+    choices = list(choices)
+    spellings = {alias: key for alias, key in COMMON_SPELLINGS.items() if key in choices}
+    match = difflib.get_close_matches(name, choices + list(spellings), n=1, cutoff=0.5)
+    return spellings.get(match[0], match[0]) if match else None
+
+
 def nearest(name: str, choices: Iterable[str], prefix: str = "") -> str:
     """' (did you mean X?)' or '' -- for error messages."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+    match = nearest_name(name, choices)
+    return f" (did you mean '{prefix}{match}'?)" if match else ""
 
 
 # --- presets ---------------------------------------------------------------------------------

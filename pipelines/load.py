@@ -21,6 +21,7 @@ from torch import nn
 from personalize import adapters
 from personalize.config import nearest
 from personalize.errors import UserError
+from personalize.formats.detect import selective_method
 from personalize.pipelines import embeddings as ti
 from personalize.pipelines import fusion
 from personalize.pipelines.components import require_components
@@ -79,7 +80,43 @@ def _misfit(module: nn.Module, tensors: dict[str, Any], component: str) -> str:
     return f"{component}: the weights do not fit"
 
 
-def _inject(module: nn.Module, tensors: dict[str, Any], name: str, scale: float, component: str) -> None:
+def _inject_selective(module: nn.Module, tensors: dict[str, Any], name: str, scale: float, component: str) -> None:
+    """bitfit / norm values: the named parameters become a selective adapter (scalable, unloadable)."""
+    if any(key.endswith(".difffit_gamma") for key in tensors):
+        return _inject_difffit(module, tensors, name, scale)
+    present = dict(module.named_parameters())
+    wrong = [key for key, value in tensors.items() if key not in present or present[key].shape != value.shape]
+    if wrong:
+        raise UserError(
+            f"the adapter does not fit this pipeline's {component} ({component}.{wrong[0]} is not a parameter of "
+            "that shape); is it for another model family?"
+        )
+    adapters.inject(module, "unfreeze", targets=list(tensors), name=name, freeze=False)
+    adapters.load_state_dict(module, tensors, name)
+    adapters.set_scale(module, name, scale)
+    for key in tensors:  # loaded for inference: nothing to train
+        present[key].requires_grad_(False)
+
+
+def _inject_difffit(module: nn.Module, tensors: dict[str, Any], name: str, scale: float) -> None:
+    """DiffFit: its gamma layers where the file has them, then its biases and norms (strict keys and shapes)."""
+    layers = sorted(key.rsplit(".", 1)[0] for key in tensors if key.endswith(".difffit_gamma"))
+    adapters.inject(module, "difffit", targets=layers, name=name, freeze=False)
+    try:
+        adapters.load_state_dict(module, tensors, name)
+    except UserError:
+        adapters.remove(module, name)
+        raise
+    adapters.set_scale(module, name, scale)
+    for parameter in adapters.trainable_parameters(module, name):  # loaded for inference: nothing to train
+        parameter.requires_grad_(False)
+
+
+def _inject(
+    module: nn.Module, tensors: dict[str, Any], name: str, scale: float, component: str, selective: bool = False
+) -> None:
+    if selective:
+        return _inject_selective(module, tensors, name, scale, component)
     try:
         adapters.inject_from_state_dict(module, tensors, name=name, scale=scale)
     except UserError as error:
@@ -114,12 +151,13 @@ def load_adapter(
     if not weights and not source.embeddings:
         raise UserError(f"{source.label} holds no adapter weights and no embeddings")
     modules = require_components(pipe, list(weights))
+    selective = selective_method(source.metadata) is not None
     loaded_embeddings = [adapter.embeddings for adapter in registry.values()]
     per_encoder = ti.check(pipe, source.embeddings, ti.taken_tokens(loaded_embeddings))
     done: list[str] = []
     try:
         for component, tensors in weights.items():
-            _inject(modules[component], tensors, name, float(scale), component)
+            _inject(modules[component], tensors, name, float(scale), component, selective)
             done.append(component)
         if per_encoder:
             ti.rebuild(pipe, [*loaded_embeddings, per_encoder])

@@ -69,9 +69,43 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
 
 
+def _read_full(folder: Path) -> AdapterSource | None:
+    """A `--method full` run folder: the fine-tuned UNet's parameters (loaded like a selective adapter, so
+    it scales and unloads; its originals are kept aside)."""
+    import json
+
+    files = sorted((folder / "unet").glob("*.safetensors")) if (folder / "unet" / "config.json").is_file() else []
+    if not files:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(_read_safetensors(file)[0])
+    return AdapterSource({"unet": tensors}, {}, {"personalize": json.dumps({"method": "full"})}, str(folder))
+
+
+def _read_selective(path: Path) -> AdapterSource | None:
+    """A bitfit/norm run's `adapter.safetensors` (or its folder), or a full fine-tune's folder: trained
+    values of named parameters."""
+    from personalize.formats.detect import SELECTIVE_FILE, selective_method
+
+    if path.is_dir() and (full := _read_full(path)) is not None:
+        return full
+    file = path / SELECTIVE_FILE if path.is_dir() else path
+    if not file.is_file() or file.suffix.lower() != ".safetensors":
+        return None
+    tensors, metadata = _read_safetensors(file)
+    components = split_canonical(tensors)
+    if selective_method(metadata) is None or components is None:
+        return None
+    return AdapterSource(components, {}, metadata, str(path))
+
+
 def _read_path(path: Path, pipe: Any, allow_pickle: bool) -> AdapterSource:
     if not path.exists():
         raise UserError(f"adapter {path} does not exist; pass a run's output folder or an adapter file")
+    selective = _read_selective(path)
+    if selective is not None:
+        return selective
     formats_error = None
     try:
         from personalize.formats import read_adapter

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,27 @@ def test_a_user_error_is_one_line_whatever_the_dependencies_log():
     )
     assert verbose.returncode == 2
     assert "Skipping publisher trust check" in verbose.stderr and "a dependency's own warning" in verbose.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["train", "--images", "x", "--stpes", "3"], "--steps"),
+        (["train", "--images", "x", "--learning-rate", "1e-4"], "--lr"),
+        (["generate", "--model", "tiny-sd15", "--prompt", "x", "--seeed", "1"], "--seed"),
+    ],
+)
+def test_a_mistyped_flag_names_the_nearest_one(capsys, argv, suggestion):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown flag") and f"did you mean {suggestion}?" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_mistyped_config_key_knows_other_tools_spellings(capsys, tmp_path):
+    cat = str(Path(__file__).resolve().parents[1] / "examples" / "cat")
+    argv = ["train", "--images", cat, "--model", "tiny-sd15", "--output", str(tmp_path / "o")]
+    assert main([*argv, "--set", "learning_rat=1e-4"]) == 2
+    assert "did you mean 'lr'?" in capsys.readouterr().err
+    assert main([*argv, "--set", "data.resolutoin=64"]) == 2
+    assert "did you mean 'data.resolution'?" in capsys.readouterr().err

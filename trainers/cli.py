@@ -14,6 +14,7 @@ FLAG_KEYS = {
     "images": "data.images",
     "token": "data.token",
     "class_word": "data.class_word",
+    "instance_prompt": "data.instance_prompt",
     "resolution": "data.resolution",
     "class_images": "data.num_class_images",
     "class_dir": "data.class_dir",
@@ -40,9 +41,14 @@ def register(subparsers: Any) -> None:
     add("--token", help="trigger token (default: from the folder name, else 'sks')")
     add("--class-word", help="what the subject is, e.g. cat (default: the folder name)")
     add(
+        "--instance-prompt",
+        metavar="P",
+        help="the training prompt, e.g. 'a sks toy' (default: 'a photo of <token> <class>'; captions win)",
+    )
+    add(
         "--method",
-        help="lora, locon, dora, loha, lokr, krona, ia3, bitfit, norm, full, textual-inversion, pivotal, "
-        "controlnet, t2i-adapter or ip-adapter",
+        help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, vera, difffit, bitfit, norm, full, "
+        "textual-inversion, pivotal, controlnet, t2i-adapter or ip-adapter",
     )
     add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
     add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
@@ -69,8 +75,17 @@ def register(subparsers: Any) -> None:
     add("--ema", action="store_const", const=True, help="save an EMA of the trained weights")
     add("--validation-prompt", action="append", metavar="P", help="sample this prompt (repeatable)")
     add("--validate-every", type=int, metavar="N", help="sample every N steps (default: only at the end)")
+    add(
+        "--eval",
+        nargs="?",
+        const="dreambench",
+        metavar="PROMPTS",
+        help="after training, score the run (personalize eval): dreambench (default) or a prompt file",
+    )
+    add("--report-to", help="log the run to tensorboard or wandb (default none); every run writes loss.png")
     add("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (default 250)")
     add("--resume", action="store_const", const=True, help="continue from the newest checkpoint in --output")
+    add("--overwrite", action="store_const", const=True, help="replace a finished or interrupted run in --output")
     add("--attention", help="sdpa (default) or xformers")
     # flow-matching models (SD3, Flux: trainers/diffusion/flow_matching.py)
     add("--weighting-scheme", help="SD3/Flux: logit_normal, mode, cosmap, sigma_sqrt or none (default: the family's)")

@@ -20,22 +20,30 @@ from personalize.adapters.inject import (
     unmerge,
 )
 from personalize.adapters.layer import AdapterLayer
+from personalize.adapters.native import load_native, save_native
 from personalize.adapters.quant import QUANT_MODES, dequantized_weight, quantize, quantize_unet
+from personalize.adapters.training import calibrate, finish, follow_optimizer, regularization
 
 __all__ = [
     "METHODS",
     "QUANT_MODES",
     "AdapterLayer",
+    "calibrate",
     "dequantized_weight",
+    "finish",
+    "follow_optimizer",
+    "regularization",
     "describe",
     "group_by_module",
     "inject",
     "inject_from_state_dict",
+    "load_native",
     "load_state_dict",
     "merge",
     "quantize",
     "quantize_unet",
     "remove",
+    "save_native",
     "set_scale",
     "state_dict",
     "trainable_parameters",

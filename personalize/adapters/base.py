@@ -8,7 +8,8 @@ A method module holds its parameters under the names the kohya/LyCORIS file form
 - `delta_weight(base_weight)`: dW at scale 1, shaped like the base weight (merge and export).
 - `merged(weight, scale)` / `unmerged(weight, scale)`: W -> W' and back; additive by default.
 Methods that act on the layer input instead (IA3 on feed-forward inputs) set `acts_on_input` and
-implement `scale_input`.
+implement `scale_input`; one that also changes the output (peft's BOFT: rotate the input, rescale the
+output) sets `output_delta` too and gets `delta` called as well.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from personalize.errors import UserError
 class AdapterModule(nn.Module):
     method: ClassVar[str] = ""
     acts_on_input: ClassVar[bool] = False
+    output_delta: ClassVar[bool] = False
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
         raise NotImplementedError

@@ -10,13 +10,16 @@ from torch import nn
 
 from personalize.adapters import selective
 from personalize.adapters.base import base_weight_shape
+from personalize.adapters.difffit import DiffFitScale
 from personalize.adapters.ia3 import IA3
 from personalize.adapters.inject import _layers, _names, _set_module
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr
 from personalize.adapters.lora import LoRA
+from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.targets import wrappable_paths
+from personalize.adapters.vera import VeRA
 from personalize.errors import UserError
 
 # Parameter names per method, longest first so that "x.lora_down.weight" is not read as IA3's "weight".
@@ -37,6 +40,13 @@ PARAM_NAMES = (
     "lokr_w1",
     "lokr_w2",
     "lokr_t2",
+    "oft_blocks",
+    "rescale",
+    "difffit_gamma",
+    "vera_lambda_b",
+    "vera_lambda_d",
+    "vera_A",
+    "vera_B",
     "on_input",
     "alpha",
     "weight",
@@ -64,6 +74,13 @@ def _adapter_for(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module
     elif any(k.startswith("lokr_") for k in tensors):
         weight_shape = torch.Size(base_weight_shape(base))
         adapter = LoKr(base, **LoKr.hyper_from_tensors(tensors, weight_shape))
+    elif "difffit_gamma" in tensors:
+        adapter = DiffFitScale(base)
+    elif "vera_lambda_b" in tensors:
+        adapter = VeRA(base, **VeRA.hyper_from_tensors(tensors))
+    elif "oft_blocks" in tensors:
+        builder = OFT if tensors["oft_blocks"].dim() == 3 else BOFT
+        adapter = builder(base, **builder.hyper_from_tensors(tensors, torch.Size(base_weight_shape(base))))
     elif "weight" in tensors:
         adapter = IA3(base, **IA3.hyper_from_tensors(tensors))
     else:

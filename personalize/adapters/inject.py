@@ -16,15 +16,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from personalize.adapters import prompt, selective
+from personalize.adapters import difffit, prompt, selective
+from personalize.adapters.adalora import AdaLoRA
 from personalize.adapters.base import AdapterModule
+from personalize.adapters.bottleneck import PLACEMENTS, Bottleneck, Compacter, Pfeiffer
+from personalize.adapters.delta_lora import DeltaLoRA
+from personalize.adapters.fusion import Fusion
 from personalize.adapters.ia3 import IA3
+from personalize.adapters.increlora import IncreLoRA
 from personalize.adapters.layer import AdapterLayer
 from personalize.adapters.loha import LoHa
 from personalize.adapters.lokr import LoKr, krona
 from personalize.adapters.lora import LoRA
+from personalize.adapters.mpo import MPO
+from personalize.adapters.oft import BOFT, OFT
 from personalize.adapters.quant import dequantized_weight, quant_mode, warn_requantize, write_weight
+from personalize.adapters.sparse import ChildTuning, DiffPruning, SparseDelta
 from personalize.adapters.targets import select
+from personalize.adapters.vera import VeRA, shared_projections
 from personalize.config import nearest
 from personalize.errors import UserError
 from personalize.models.presets import model_kind
@@ -32,6 +41,7 @@ from personalize.models.presets import model_kind
 IA3_INPUT_SIDE = r"(.*\.)?(ff\.net\.2|fc2|down_proj|wo|proj_out)"
 DEFAULT_TARGETS = {"unet": "attention", "dit": "attention", "clip": "text", "t5": "text", "llm": "all-linear"}
 DEFAULT_TARGETS["vlm"] = "language"
+INPUT_SIDE_KINDS = ("llm", "vlm")  # OFT/BOFT rotate the input there, as peft does (the UNet: outputs, LyCORIS)
 
 
 def _lora(base: nn.Module, **hyper: Any) -> AdapterModule:
@@ -50,13 +60,28 @@ BUILDERS: dict[str, Callable[..., AdapterModule]] = {
     "lokr": LoKr,
     "krona": krona,
     "ia3": IA3,
+    "oft": OFT,
+    "boft": BOFT,
+    "vera": VeRA,
+    "adalora": AdaLoRA,
+    "delta-lora": DeltaLoRA,
+    "increlora": IncreLoRA,
+    "mpo": MPO,
+    "houlsby": Bottleneck,
+    "pfeiffer": Pfeiffer,
+    "compacter": Compacter,
+    "fish-mask": SparseDelta,
+    "child-tuning": ChildTuning,
+    "diff-pruning": DiffPruning,
+    "fusion": Fusion,
 }
-METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS
+METHODS = tuple(BUILDERS) + selective.SELECTIVE_METHODS + prompt.PROMPT_METHODS + ("difffit",)
 
 
 def _hyperparameters(builder: Callable[..., Any]) -> list[str]:
     target = LoRA if builder in (_lora, _dora) else builder
-    names = [p for p in inspect.signature(target).parameters if p not in ("self", "base_layer", "plan", "krona_init")]
+    internal = ("self", "base_layer", "plan", "krona_init", "projections")
+    names = [p for p in inspect.signature(target).parameters if p not in internal]
     return [n for n in names if not (builder is _dora and n == "dora")]
 
 
@@ -122,23 +147,36 @@ def inject(
         raise UserError(f"an adapter named '{name}' is already on this model; pick another name or remove it first")
     if method in selective.SELECTIVE_METHODS:
         return _inject_selective(model, method, targets, name, freeze)
+    if method == "difffit":
+        if hyper:
+            raise UserError(f"difffit has no options (got {', '.join(hyper)})")
+        return _inject_difffit(model, targets, name, scale, freeze)
     if method in prompt.PROMPT_METHODS:  # a forward hook on the whole model, not wrapped layers
         prompt.attach(model, method, name, scale, **hyper)
         if freeze:
             freeze_base(model)
         return [f"{prompt.REGISTRY_ATTRIBUTE}.{name}"]
     _check_hyper(method, hyper)
-    targets = targets if targets is not None else DEFAULT_TARGETS[model_kind(model)]
+    if targets is None and hasattr(BUILDERS[method], "default_targets"):  # AdapterFusion: where its tasks are
+        targets = BUILDERS[method].default_targets(model, **hyper)
+    targets = targets if targets is not None else PLACEMENTS.get(method) or DEFAULT_TARGETS[model_kind(model)]
     paths = select(model, targets)
+    if method == "vera":  # one pair of frozen random matrices for every layer of this adapter
+        layers = [getattr(model.get_submodule(p), "base_layer", model.get_submodule(p)) for p in paths]
+        hyper = {**hyper, "projections": shared_projections(layers, hyper.get("rank", 256), hyper.get("seed", 0))}
     for path in paths:
         module = model.get_submodule(path)
         layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
         options = dict(hyper)
         if method == "ia3" and "on_input" not in options:
             options["on_input"] = re.fullmatch(IA3_INPUT_SIDE, path) is not None
+        if method in ("oft", "boft") and "on_input" not in options:
+            options["on_input"] = model_kind(model) in INPUT_SIDE_KINDS
         layer.add(name, BUILDERS[method](layer.base_layer, **options), scale)
         if layer is not module:
             _set_module(model, path, layer)
+    if hasattr(BUILDERS[method], "after_inject"):  # Compacter's shared rules, AdapterFusion's task adapters
+        BUILDERS[method].after_inject(model, paths, name)
     if freeze:
         freeze_base(model)
     return paths
@@ -168,6 +206,30 @@ def _inject_selective(
     if freeze:
         freeze_base(model)
     return names
+
+
+def _inject_difffit(
+    model: nn.Module, targets: str | Sequence[str] | None, name: str, scale: float, freeze: bool
+) -> list[str]:
+    """DiffFit: a gamma on every residual branch's output layer (wrapped), then biases and norms (selective)."""
+    paths = select(model, targets or difffit.branch_targets(model))
+    for path in paths:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+        layer.add(name, difffit.DiffFitScale(layer.base_layer), scale)
+        if layer is not module:
+            _set_module(model, path, layer)
+    found = selective.selective_parameter_names(model, "bitfit") + selective.selective_parameter_names(model, "norm")
+    names = difffit.selected_parameters(model, found)
+    taken = {n for adapter in selective.registry(model).values() for n in adapter.originals}
+    if taken & set(names):
+        raise UserError(f"difffit: parameters already trained by another selective adapter: {sorted(taken)[:3]}")
+    selective.registry(model)[name] = selective.attach(model, "difffit", names)
+    if scale != 1.0:
+        selective.apply_scale(model, selective.registry(model)[name], float(scale))
+    if freeze:
+        freeze_base(model)
+    return paths + names
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:
@@ -247,6 +309,10 @@ def remove(model: nn.Module, name: str | None = None) -> None:
     An adapter that is merged stays folded in the weights (merge + remove = "merge and unload")."""
     if name is not None:
         _require(model, name)
+    registry = selective.registry(model)  # first: its parameter names still have the wrapped layers' paths
+    for adapter_name in [name] if name else list(registry):
+        if adapter_name in registry:
+            selective.detach(model, registry.pop(adapter_name))
     for path, layer in _layers(model, name):
         for adapter_name in [name] if name else list(layer.adapters):
             del layer.adapters[adapter_name]
@@ -255,10 +321,6 @@ def remove(model: nn.Module, name: str | None = None) -> None:
                 layer.merged.remove(adapter_name)
         if not len(layer.adapters):
             _set_module(model, path, layer.base_layer)
-    registry = selective.registry(model)
-    for adapter_name in [name] if name else list(registry):
-        if adapter_name in registry:
-            selective.detach(model, registry.pop(adapter_name))
     for adapter_name in [name] if name else prompt.names(model):
         if adapter_name in prompt.names(model):
             prompt.detach(model, adapter_name)
@@ -276,7 +338,10 @@ def state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tenso
         parameters = dict(model.named_parameters())
         out.update({n: parameters[n].detach() for n in selective.registry(model)[name].originals})
     if name in prompt.names(model):
-        out[prompt.STATE_KEY] = prompt.registry(model)[name].prompt_embeddings.detach()
+        adapter = prompt.registry(model)[name]
+        out.update(
+            adapter.tensors() if hasattr(adapter, "tensors") else {prompt.STATE_KEY: adapter.prompt_embeddings.detach()}
+        )
     return out
 
 
@@ -303,7 +368,8 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
         raise UserError(f"adapter '{name}' does not fit these weights: {'; '.join(problems)}")
     for path, layer in _layers(model, name):
         prefix = path + "."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = layer.adapters[name].state_dict().keys()  # not the layer's own (selective) parameters
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own}
         layer.adapters[name].load_state_dict(sub, strict=True)
     if name in selective.registry(model):
         parameters = dict(model.named_parameters())
@@ -311,8 +377,12 @@ def load_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], name:
             for n in selective.registry(model)[name].originals:
                 parameters[n].copy_(tensors[n])
     if name in prompt.names(model):
-        with torch.no_grad():
-            prompt.registry(model)[name].prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
+        adapter = prompt.registry(model)[name]
+        if hasattr(adapter, "load_tensors"):
+            adapter.load_tensors(dict(tensors))
+        else:
+            with torch.no_grad():
+                adapter.prompt_embeddings.copy_(tensors[prompt.STATE_KEY])
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

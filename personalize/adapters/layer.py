@@ -43,7 +43,7 @@ class AdapterLayer(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs)
         out = base_out
         for name, adapter in active:
-            if not adapter.acts_on_input:
+            if not adapter.acts_on_input or adapter.output_delta:
                 out = out + adapter.delta(x, base_out, self.base_layer, self.scales[name]).to(out.dtype)
         return out
 

@@ -24,9 +24,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from personalize.adapters.ladder import Ladder
+from personalize.adapters.llama_adapter import LlamaAdapter
+from personalize.adapters.mam import MAM
+from personalize.adapters.pasta import Pasta
+from personalize.adapters.ptuning import PTuning
+from personalize.adapters.unipelt import UniPELT
 from personalize.errors import UserError
 
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter", "pasta", "mam", "ladder", "unipelt")
 REGISTRY_ATTRIBUTE = "personalize_prompts"
 STATE_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100
@@ -152,7 +158,12 @@ def _extend_mask(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
     return kwargs
 
 
-BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning}
+BUILDERS = {"prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning, "p-tuning": PTuning}
+BUILDERS["llama-adapter"] = LlamaAdapter  # hooks on attention layers, not on the input
+BUILDERS["pasta"] = Pasta  # hooks on decoder layers
+BUILDERS["mam"] = MAM  # prefix tuning + hooks on the feed-forward blocks
+BUILDERS["ladder"] = Ladder  # a side network on hooks of the decoder layers
+BUILDERS["unipelt"] = UniPELT  # gated prefix + LoRA + adapter, on hooks
 
 
 def registry(model: nn.Module) -> nn.ModuleDict:
@@ -172,7 +183,9 @@ def _forward_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
 
 
 def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper: Any) -> nn.Module:
-    if not hasattr(model, "get_input_embeddings") or "ForConditionalGeneration" in type(model).__name__:
+    vlm = "ForConditionalGeneration" in type(model).__name__
+    takes_input = not getattr(BUILDERS[method], "any_model", False)  # LLaMA-Adapter checks its own layers
+    if takes_input and (not hasattr(model, "get_input_embeddings") or vlm):
         raise UserError(
             f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__}; use lora"
         )
@@ -181,7 +194,8 @@ def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper
     try:
         adapter = BUILDERS[method](model, **hyper)
     except TypeError as error:
-        raise UserError(f"{method}: {error}; options: num_virtual_tokens, init_text (prompt-tuning)") from None
+        options = inspect.signature(BUILDERS[method]).parameters
+        raise UserError(f"{method}: {error}; options: {', '.join(p for p in options if p != 'model')}") from None
     registry(model)[name] = adapter
     model.__dict__.setdefault("_personalize_prompt_scales", {})[name] = float(scale)
     handle = model.register_forward_pre_hook(_forward_hook, with_kwargs=True)
@@ -196,6 +210,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
 
 
 def detach(model: nn.Module, name: str) -> None:
+    getattr(registry(model)[name], "release", lambda: None)()  # adapters with hooks of their own
     del registry(model)[name]
     model.__dict__["_personalize_prompt_scales"].pop(name)
     model.__dict__["_personalize_prompt_hooks"].pop(name).remove()

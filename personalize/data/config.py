@@ -15,7 +15,11 @@ class DataConfig:
     class_word: str = option("", "what the subject is (cat, person, ...); builds 'a photo of {token} {class_word}'")
     instance_prompt: str = option("", "overrides the built prompt; '[trigger]' in prompts and captions -> token")
     caption_extension: str = option(".txt", "sidecar caption file next to each image (then .caption); else the prompt")
-    resolution: int = option(512, "training side length in pixels: buckets keep about resolution^2 pixels")
+    resolution: int | None = option(
+        None,
+        "training side length in pixels (buckets keep about resolution^2 pixels); None: the model's own "
+        "(512 for SD1.5, 768 for SD2, 1024 for SDXL, 64 for the tiny models)",
+    )
     bucketing: bool = option(True, "aspect-ratio buckets (no squashing, little cropping); off: square center crops")
     bucket_step: int = option(64, "bucket sides are multiples of this (VAE 8x times UNet 8x downsampling)")
     max_aspect: float = option(2.0, "widest/tallest bucket aspect ratio; images beyond it are cropped to it")

@@ -8,6 +8,7 @@ alone and identical in every worker process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from personalize.data.buckets import Size, choose_bucket
 from personalize.data.config import DataConfig
 from personalize.data.decode import MAX_PIXELS, BadImage, decode, parse_color, read_bytes
-from personalize.data.sources import Candidate, subsets_of
+from personalize.data.sources import Candidate, orphan_sidecars, subsets_of
 from personalize.data.sources import candidates as list_candidates
 from personalize.data.transforms import Plan, apply_plan, decide_flip, make_plan, mask_tensor, to_tensor
 from personalize.errors import UserError
@@ -55,6 +56,13 @@ class Record:
     flip: float
     repeats: int
     bucket: Size  # (H, W)
+
+
+DEFAULT_RESOLUTION = 512  # for callers of personalize.data without a model; the trainers use the model's
+
+
+def _sized(config: DataConfig) -> DataConfig:
+    return config if config.resolution else dataclasses.replace(config, resolution=DEFAULT_RESOLUTION)
 
 
 def _check(config: DataConfig) -> None:
@@ -111,6 +119,7 @@ def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Rec
 
 def scan(config: DataConfig) -> tuple[list[Record], DataReport]:
     """Decode every candidate file once: usable ones become records, the rest are reported."""
+    config = _sized(config)
     _check(config)
     report = DataReport()
     records: list[Record] = []
@@ -123,6 +132,8 @@ def scan(config: DataConfig) -> tuple[list[Record], DataReport]:
             if record is not None:
                 records.append(record)
                 taken += 1
+        for orphan in orphan_sidecars(subset):
+            report.skipped.append((orphan, f"not an image, and no image named {orphan.stem}.* for it to caption"))
         if subset.limit and taken < subset.limit:
             report.warnings.append(
                 f"{subset.folder} has {taken} usable images, {subset.limit} were asked for "
@@ -193,6 +204,7 @@ class ImageDataset(Dataset):
 
 def build_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
     """Scan the configured images; UserError when none is usable. Skips and warnings are logged once."""
+    config = _sized(config)
     records, report = scan(config)
     if not any(not record.is_class for record in records):
         where = config.images

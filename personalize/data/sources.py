@@ -192,6 +192,20 @@ def _files(subset: Subset) -> list[Path]:
     return files
 
 
+def orphan_sidecars(subset: Subset) -> list[Path]:
+    """Caption-like files (notes.txt, a.caption) with no image of the same name: they train nothing."""
+    pattern = "**/*" if subset.recursive else "*"
+    images = {path.with_suffix("") for path in _files(subset)}
+    return [
+        path
+        for path in sorted(subset.folder.glob(pattern))
+        if path.is_file()
+        and path.suffix.lower() in SIDECAR_SUFFIXES | {subset.caption_extension.lower()}
+        and not any(path.is_relative_to(excluded) for excluded in subset.exclude)
+        and path.with_suffix("") not in images
+    ]
+
+
 def caption_for(path: Path, subset: Subset, token: str) -> str:
     """The sidecar caption (`caption_extension`, then .txt, then .caption) or the subset prompt."""
     for extension in dict.fromkeys([subset.caption_extension, ".txt", ".caption"]):

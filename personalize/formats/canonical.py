@@ -18,17 +18,23 @@ from personalize.errors import UserError
 Components = dict[str, dict[str, torch.Tensor]]
 
 LORA_METHODS = ("lora", "locon", "dora")
-LYCORIS_METHODS = ("loha", "lokr", "krona", "ia3")
+LYCORIS_METHODS = ("loha", "lokr", "krona", "ia3", "oft", "boft")
 
 
 def method_of(group: Mapping[str, torch.Tensor]) -> str:
-    """The method of one module's parameters: lora, dora, loha, lokr or ia3."""
+    """The method of one module's parameters: lora, dora, loha, lokr, oft, boft, vera or ia3."""
     if "lora_down.weight" in group:
         return "dora" if "dora_scale" in group else "lora"
     if "hada_w1_a" in group:
         return "loha"
     if any(key.startswith("lokr_") for key in group):
         return "lokr"
+    if "vera_lambda_b" in group:
+        return "vera"
+    if "difffit_gamma" in group:
+        return "difffit"
+    if "oft_blocks" in group:
+        return "oft" if group["oft_blocks"].dim() == 3 else "boft"
     if "weight" in group:
         return "ia3"
     raise UserError(f"cannot tell the adapter method from the parameters {sorted(group)}")

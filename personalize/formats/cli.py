@@ -11,7 +11,9 @@ from typing import Any
 
 from personalize.errors import UserError
 
-TARGET_LAYOUTS = ("diffusers", "kohya", "peft", "lora-svd", "lora")  # "lora": short for lora-svd
+# "lora": short for lora-svd; "lycoris": kohya keys with every LoKr/KronA module in a layout LyCORIS's own
+# loader rebuilds (formats/lycoris_compat.py: exact, no approximation).
+TARGET_LAYOUTS = ("diffusers", "kohya", "lycoris", "peft", "lora-svd", "lora")
 
 
 def register_convert(subparsers: Any) -> None:
@@ -19,7 +21,9 @@ def register_convert(subparsers: Any) -> None:
         "convert",
         help="convert an adapter between diffusers, kohya/LyCORIS and peft layouts",
         description="Read an adapter in any supported layout and write it in another. LoHa/LoKr/KronA/IA3 have "
-        "no diffusers layout: --to lora-svd approximates them (or DoRA) by a LoRA of --rank R and reports the error.",
+        "no diffusers layout: --to lora-svd approximates them (or DoRA) by a LoRA of --rank R and reports the error. "
+        "--to lycoris rewrites LoKr/KronA factors that LyCORIS's loader cannot rebuild (e.g. KronA a1=64, a2=8) "
+        "into an exactly equal layout it can.",
     )
     parser.add_argument("input", help="adapter file or folder (diffusers, kohya/LyCORIS, peft, embeddings)")
     parser.add_argument("output", help="a folder, or a .safetensors file for --to diffusers/kohya")
@@ -27,8 +31,10 @@ def register_convert(subparsers: Any) -> None:
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank for --to lora-svd (default 16)")
     parser.add_argument(
         "--model",
+        "--base",
         default=None,
-        help="base model (tiny name, folder or hub id): checks the names; needed for --to lora-svd",
+        help="base model (tiny name, folder or hub id): checks the names; needed for --to lora-svd "
+        "(for a --method full run folder, default: the base named in its config.yaml)",
     )
     parser.add_argument("--family", default=None, help="sd1, sd2, sdxl, sd3, flux, llm, vlm (default: guessed)")
     parser.add_argument("--allow-pickle", action="store_true", help="read .pt/.bin/.ckpt (weights_only=True)")
@@ -90,9 +96,12 @@ def _unet_config(model: Any) -> Any:
 def run_convert(args: argparse.Namespace) -> int:
     from personalize.formats import diffusers, kohya, peft
     from personalize.formats.io import _write_all, embeddings_files, model_components, read_adapter
+    from personalize.formats.lycoris_compat import to_lycoris_readable
     from personalize.formats.svd import adapter_to_lora
 
     args.to = "lora-svd" if args.to == "lora" else args.to
+    if args.to == "lora-svd" and full_finetune_unet(Path(args.input)) is not None:
+        return extract_lora(Path(args.input), Path(args.output), args.model, args.rank or 16)
     model = load_model(args.model) if args.model else None
     if args.to == "lora-svd" and model is None:
         raise UserError("--to lora-svd needs the base model (--model) to compute each module's weight delta")
@@ -123,13 +132,13 @@ def run_convert(args: argparse.Namespace) -> int:
     if components and layout == "diffusers":
         tensors, metadata = diffusers.to_diffusers(components)
         files[output.name if single_file else diffusers.DIFFUSERS_FILE] = (tensors, {**metadata, **ours})
-    elif components and layout == "kohya":
+    elif components and layout in ("kohya", "lycoris"):
         ss = kohya.kohya_metadata(components, method=method, family=family, hyper={}, output_name=output.stem)
-        config = _unet_config(model)
-        files[output.name if single_file else f"{output.name}.safetensors"] = (
-            kohya.to_kohya(components, family, config),
-            {**ss, **ours},
-        )
+        tensors = kohya.to_kohya(components, family, _unet_config(model))
+        if layout == "lycoris":
+            tensors, rewritten = to_lycoris_readable(tensors)
+            print(f"{len(rewritten)} LoKr/KronA module(s) rewritten for LyCORIS's loader (exact: factor 1)")
+        files[output.name if single_file else f"{output.name}.safetensors"] = (tensors, {**ss, **ours})
     elif components:
         for component, sd in components.items():
             prefix = "" if len(components) == 1 else f"{component}/"
@@ -152,6 +161,61 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def full_finetune_unet(folder: Path) -> Path | None:
+    """The `unet/` folder of a `personalize train --method full` output, else None."""
+    unet = folder / "unet"
+    return unet if folder.is_dir() and unet.is_dir() and any(unet.glob("*.safetensors")) else None
+
+
+def extract_lora(folder: Path, output: Path, base: str | None, rank: int) -> int:
+    """A full fine-tune's UNet minus its base, per layer, as a rank-R LoRA (diffusers + kohya files).
+
+    The base is `--base`/`--model`, else the model named in the run's config.yaml; the report gives each
+    layer's relative error ||dW - up @ down||_F / ||dW||_F and the overall one."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from personalize.formats.io import save_adapter
+    from personalize.formats.svd import checkpoint_deltas, deltas_to_lora
+    from personalize.models import detect_family
+
+    if base is None:
+        config = folder / "config.yaml"
+        base = (yaml.safe_load(config.read_text()) or {}).get("model") if config.is_file() else None
+        if not base:
+            raise UserError(f"{folder} has no config.yaml naming its base; pass --base MODEL")
+    if output.suffix == ".safetensors":
+        raise UserError("a LoRA extracted from a full fine-tune is written as a folder (diffusers + kohya files)")
+    tuned: dict = {}
+    for file in sorted(full_finetune_unet(folder).glob("*.safetensors")):  # type: ignore[union-attr]
+        tuned.update(load_file(file))
+    pipe = load_model(base)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UserError(f"{base} has no UNet to subtract; pass --base with the model {folder} was trained from")
+    deltas = checkpoint_deltas(tuned, unet.state_dict())
+    if not deltas:
+        raise UserError(f"{folder}/unet equals {base}: there is no difference to extract")
+    lora, report = deltas_to_lora(deltas, rank)
+    files = save_adapter(
+        output,
+        {"unet": lora},
+        method="lora",
+        family=detect_family(pipe),
+        hyper={"rank": rank, "alpha": rank},
+        base_model=base,
+        output_name=output.name,
+        unet_config=_unet_config(pipe),
+    )
+    for path in files:
+        print(path)
+    for layer, error in report.items():
+        if layer != "overall":
+            print(f"unet.{layer}: {error:.2e}")
+    print(f"unet overall relative error: {report['overall']:.3e} ({len(deltas)} layers, rank {rank})")
+    return 0
+
+
 def target_name(module: str) -> str:
     """A layer's name inside its block: "...transformer_blocks.0.attn1.to_q" -> "attn1.to_q"."""
     return re.sub(r"^(.*\.)?\w*(blocks|layers|attentions|resnets|layer|h)\.\d+\.", "", module)
@@ -161,6 +225,21 @@ def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def adapter_files(path: Path) -> list[Path]:
+    """The files an adapter consists of: the file itself, or in a run folder the adapter and embedding
+    files read from it (not its checkpoints, samples or cards)."""
+    from personalize.formats import detect, peft
+
+    if path.is_file():
+        return [path]
+    adapter, embedding_files = detect.folder_files(path)
+    files = list(embedding_files)
+    if adapter is not None:
+        layout, where = adapter
+        files.append(where / peft.WEIGHTS_FILE if layout == "peft" else where)
+    return files
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -177,7 +256,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"method       {found.method}")
     print(f"family guess {guess_family(found)}")
     print(f"parameters   {parameter_count(found.components):,}")
-    print(f"file size    {_size(path) / 1e6:.2f} MB")
+    size = sum(_size(file) for file in adapter_files(path))
+    folder = f" (the whole folder: {_size(path) / 1e6:.2f} MB)" if path.is_dir() else ""
+    print(f"file size    {size / 1e6:.2f} MB{folder}")
     rows: Counter = Counter()
     targets: dict[tuple, Counter] = defaultdict(Counter)
     modules = []

@@ -16,6 +16,7 @@ from personalize.errors import UserError
 from personalize.formats import diffusers, embeddings, kohya, peft
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+SELECTIVE_FILE = "adapter.safetensors"  # bitfit / norm runs: "<component>.<parameter name>" -> trained value
 COMPONENT_HEADS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "model")
 
 
@@ -50,6 +51,19 @@ def layout_of(data: Mapping[str, Any], where: str = "") -> str:
         f"{where or 'this file'} is not an adapter layout this toolkit reads (diffusers, kohya/LyCORIS, peft, "
         f"embeddings); keys seen: {shown}"
     )
+
+
+def selective_method(metadata: Mapping[str, str]) -> str | None:
+    """'bitfit' / 'norm' / 'unfreeze' for a selective file of ours, 'full' for a full fine-tune's weights
+    (both are trained values of named parameters; from the `personalize` metadata), 'difffit' for DiffFit
+    (those plus its gamma layers), else None."""
+    from personalize.adapters.selective import SELECTIVE_METHODS
+
+    try:
+        method = json.loads(metadata.get("personalize", "{}")).get("method")
+    except (ValueError, AttributeError):
+        return None
+    return method if method in (*SELECTIVE_METHODS, "full", "difffit") else None
 
 
 def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:

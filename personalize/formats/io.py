@@ -149,6 +149,7 @@ def save_adapter(
                 f"'{method}' adapters have no shared file format (diffusers, kohya and peft hold "
                 f"{', '.join(LORA_METHODS + LYCORIS_METHODS)})"
             )
+        _refuse_input_side(components)
         if method in LORA_METHODS:
             tensors, diffusers_metadata = diffusers.to_diffusers(components)
             files[diffusers.DIFFUSERS_FILE] = (tensors, {**diffusers_metadata, **metadata})
@@ -168,6 +169,17 @@ def save_adapter(
         raise UserError("nothing to save: the adapter has no weights and there are no embeddings")
     folder.mkdir(parents=True, exist_ok=True)
     return _write_all(folder, files, texts)
+
+
+def _refuse_input_side(components: Components) -> None:
+    """kohya/LyCORIS OFT rotates output channels; an input-side (peft-style) rotation would be misread."""
+    for component, sd in components.items():
+        for path, group in group_by_module(sd).items():
+            if "oft_blocks" in group and "on_input" in group:
+                raise UserError(
+                    f"{component}.{path}: OFT/BOFT on input channels (peft's form) has no kohya/LyCORIS layout; "
+                    "train it with on_input=False for A1111/ComfyUI"
+                )
 
 
 def embeddings_files(found: Embeddings) -> dict[str, dict[str, torch.Tensor]]:
@@ -393,8 +405,32 @@ def check_fits(component: str, sd: Mapping[str, torch.Tensor], targets: Mapping[
                 f"{component}.{path}.{key} has shape {tuple(group[key].shape)} (a {implied[0]}x{implied[1]} update), "
                 f"but the layer's weight is {tuple(shape)}"
             )
-        if implied is None and group["weight"].numel() not in (shape[0], shape[1]):
+        if "oft_blocks" in group:
+            _check_orthogonal(component, path, group, shape)
+        elif "difffit_gamma" in group:
+            if group["difffit_gamma"].numel() != shape[0]:
+                raise UserError(f"{component}.{path}.difffit_gamma does not fit the layer's weight {tuple(shape)}")
+        elif "vera_lambda_b" in group:
+            if group["vera_lambda_b"].shape[0] != shape[0] or group["vera_A"].shape[1] < shape[1]:
+                raise UserError(
+                    f"{component}.{path}: VeRA vectors for a {group['vera_lambda_b'].shape[0]}-output layer with "
+                    f"projections {tuple(group['vera_A'].shape)}, but the layer's weight is {tuple(shape)}"
+                )
+        elif implied is None and group["weight"].numel() not in (shape[0], shape[1]):
             raise UserError(
                 f"{component}.{path}.weight has shape {tuple(group['weight'].shape)}, "
                 f"but the layer's weight is {tuple(shape)}"
             )
+
+
+def _check_orthogonal(component: str, path: str, group: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+    """OFT/BOFT blocks cover the output channels (LyCORIS), or the input channels with `on_input` (peft)."""
+    blocks = group["oft_blocks"]
+    on_input = bool(group.get("on_input", torch.tensor(False)))
+    channels = shape[1] if on_input else shape[0]
+    if blocks.shape[-3] * blocks.shape[-1] != channels:
+        side = "input" if on_input else "output"
+        raise UserError(
+            f"{component}.{path}.oft_blocks has shape {tuple(blocks.shape)}, but the layer has {channels} {side} "
+            f"channels (weight {tuple(shape)})"
+        )

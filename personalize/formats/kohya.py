@@ -96,7 +96,7 @@ def kohya_metadata(
     alphas = [alpha_of(g) for g in groups if alpha_of(g) is not None]
     args: dict[str, Any] = {}
     if method not in NETWORK_MODULE:
-        args["algo"] = "lokr" if method == "krona" else method
+        args["algo"] = {"krona": "lokr", "oft": "diag-oft"}.get(method, method)
     args.update({k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))})
     conv_ranks = [rank_of(g) for g in groups if any(v.dim() == 4 for v in g.values()) and rank_of(g)]
     if conv_ranks:

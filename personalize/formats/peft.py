@@ -9,6 +9,13 @@ Keys are "base_model.model.<module path>.<peft name>" (the adapter name is not i
           LyCORIS/ComfyUI/we use 1), and peft rebuilds the factor shapes from (r, decompose_factor,
           decompose_both), so every module gets an r that makes peft pick the same shapes
     IA3   ia3_l = 1 + weight (peft multiplies by the vector itself), (out, 1) or (1, in) on feed-forward inputs
+    OFT   oft_R.weight (k, b(b-1)/2) = the upper triangle of -Q (peft's exact Cayley is (I - Q)(I + Q)^-1:
+          written with use_cayley_neumann = false, the approximation peft uses by default)
+    BOFT  boft_R (1, k, b, b) = Q with each block's channels in peft's order (ours pairs them as LyCORIS's
+          butterfly stage 0 does), boft_s (out, 1) = rescale; one butterfly stage (what peft builds on CPU)
+    OFT/BOFT only in their input-side form (`on_input`), which is peft's.
+    VeRA  vera_lambda_b / vera_lambda_d per module; the shared frozen matrices once, as `base_model.vera_A`
+          (r, max in) and `base_model.vera_B` (max out, r) (save_projection = true): each module's slices
 
 Per-module ranks and alphas go in rank_pattern / alpha_pattern with exact-path regexes.
 """
@@ -32,7 +39,18 @@ from personalize.formats.diffusers import canonical_magnitude, lora_config, patt
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
+SHARED_PREFIX = "base_model."  # model-level tensors shared by every layer (VeRA's projections)
+SHARED_KEYS = ("vera_A", "vera_B")
+PEFT_TYPES = {
+    "lora": "LORA",
+    "dora": "LORA",
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "ia3": "IA3",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "vera": "VERA",
+}
 
 
 def _exact(path: str) -> str:
@@ -62,7 +80,8 @@ def to_peft(
     if not kinds <= {"lora", "dora"} and len(kinds) > 1:
         raise UserError(f"one peft adapter holds one method, but this one mixes {', '.join(sorted(kinds))}")
     method = "lora" if kinds <= {"lora", "dora"} else next(iter(kinds))
-    writer = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3}[method]
+    writers = {"lora": _lora, "loha": _loha, "lokr": _lokr, "ia3": _ia3, "oft": _oft, "boft": _boft, "vera": _vera}
+    writer = writers[method]
     tensors, config = writer(groups, embedding_paths) if method == "lora" else writer(groups)
     config.update(
         {
@@ -73,7 +92,8 @@ def to_peft(
             "target_modules": sorted(groups),
         }
     )
-    return {PREFIX + k: v.contiguous() for k, v in tensors.items()}, config
+    prefixed = {(SHARED_PREFIX if k in SHARED_KEYS else PREFIX) + k: v.contiguous() for k, v in tensors.items()}
+    return prefixed, config
 
 
 def _lora(groups: Mapping[str, Mapping[str, torch.Tensor]], embedding_paths: frozenset[str]) -> tuple[dict, dict]:
@@ -198,8 +218,14 @@ def _ia3(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
 def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """peft tensors + adapter_config.json -> canonical state dict (effective alphas)."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
-        raise UserError(f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3)")
+    if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "ADALORA"):
+        raise UserError(
+            f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT, "
+            "VERA, ADALORA; prompt and prefix tuning through `personalize generate`); stock peft loads it: "
+            "PeftModel.from_pretrained(base, FOLDER)"
+        )
+    if peft_type == "VERA":
+        return _read_vera(tensors, config)
     stripped = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -209,6 +235,12 @@ def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         return _read_lora(stripped, config)
     if peft_type == "IA3":
         return _read_ia3(stripped, config)
+    if peft_type == "OFT":
+        return _read_oft(stripped, config)
+    if peft_type == "BOFT":
+        return _read_boft(stripped, config)
+    if peft_type == "ADALORA":
+        return _read_adalora(stripped, config)
     return _read_lycoris(stripped, config, peft_type)
 
 
@@ -270,4 +302,269 @@ def _read_ia3(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
             on_input = True
         out[f"{path}.weight"] = value.reshape(-1).float() - 1
         out[f"{path}.on_input"] = torch.tensor(on_input)
+    return out
+
+
+def _peft_order(size: int) -> torch.Tensor:
+    """Channel j of a block in our (LyCORIS) butterfly stage 0 is channel order[j] of the block in peft."""
+    return torch.arange(size).unflatten(0, (2, size // 2)).transpose(0, 1).reshape(-1)
+
+
+def _skew(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks - blocks.transpose(-1, -2)
+
+
+def _orthogonal_groups(groups: Mapping[str, Mapping[str, torch.Tensor]], method: str) -> int:
+    """Check every module is in peft's form; returns the one block size peft's config can hold."""
+    sizes = set()
+    for path, group in groups.items():
+        if "on_input" not in group:
+            raise UserError(
+                f"{path}: {method.upper()} on output channels (LyCORIS's form) has no peft equivalent; "
+                "train with on_input=True for peft, or save the kohya/LyCORIS layout"
+            )
+        if float(group.get("alpha", torch.tensor(0.0))) != 0.0:
+            raise UserError(f"{path}: {method.upper()} with a norm constraint (alpha > 0) has no peft equivalent")
+        sizes.add(int(group["oft_blocks"].shape[-1]))
+    if len(sizes) > 1:
+        raise UserError(f"peft's {method.upper()} config holds one block size, this adapter has {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _oft(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    size = _orthogonal_groups(groups, "oft")
+    rows, cols = torch.triu_indices(size, size, 1)
+    tensors = {}
+    for path, group in groups.items():
+        if "rescale" in group:
+            raise UserError(f"{path}: peft's OFT has no rescale vector")
+        tensors[f"{path}.oft_R.weight"] = -_skew(group["oft_blocks"].float())[:, rows, cols]  # (k, b(b-1)/2)
+    config = {
+        "r": 0,
+        "oft_block_size": size,
+        "module_dropout": 0.0,
+        "coft": False,
+        "eps": 6e-5,
+        "block_share": False,
+        "use_cayley_neumann": False,
+        "num_cayley_neumann_terms": 5,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _boft(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    size = _orthogonal_groups(groups, "boft")
+    order = torch.argsort(_peft_order(size))
+    tensors = {}
+    for path, group in groups.items():
+        blocks = group["oft_blocks"]
+        if blocks.shape[0] != 1 or "rescale" not in group:
+            raise UserError(
+                f"{path}: peft reads BOFT with one butterfly stage and a rescale vector (stages=1, rescaled=True); "
+                f"this one has {blocks.shape[0]} stages"
+            )
+        tensors[f"{path}.boft_R"] = _skew(blocks.float())[..., order, :][..., :, order]  # (1, k, b, b)
+        tensors[f"{path}.boft_s"] = group["rescale"].reshape(-1, 1)
+    config = {
+        "boft_block_size": size,
+        "boft_block_num": 0,
+        "boft_n_butterfly_factor": 1,
+        "boft_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _read_oft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if config.get("use_cayley_neumann", True) or config.get("coft") or config.get("block_share"):
+        raise UserError(
+            "this peft OFT adapter uses the Cayley-Neumann approximation, COFT or block sharing; this toolkit reads "
+            "OFT with the exact Cayley transform only (use_cayley_neumann=false, coft=false, block_share=false)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.endswith(".oft_R.weight"):
+            raise UserError(f"peft OFT key '{PREFIX}{key}' is not one this toolkit reads (oft_R.weight)")
+        path = key[: -len(".oft_R.weight")]
+        size = int(round((1 + math.sqrt(1 + 8 * value.shape[-1])) / 2))
+        rows, cols = torch.triu_indices(size, size, 1)
+        upper = torch.zeros(value.shape[0], size, size, dtype=torch.float32)
+        upper[:, rows, cols] = value.float()
+        out[f"{path}.oft_blocks"] = -_skew(upper) / 2  # A with A - A^T = Q = -Q_peft
+        out[f"{path}.alpha"] = torch.tensor(0.0)
+        out[f"{path}.on_input"] = torch.tensor(True)
+    return out
+
+
+def _read_boft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".")
+        if param == "boft_s":
+            out[f"{path}.rescale"] = value.reshape(-1, 1).float()
+            continue
+        if param != "boft_R":
+            raise UserError(f"peft BOFT key '{PREFIX}{key}' is not one this toolkit reads (boft_R, boft_s)")
+        if value.shape[0] != 1:
+            raise UserError(
+                f"{path}: peft BOFT with {value.shape[0]} butterfly factors; this toolkit reads one (what peft builds "
+                "without its CUDA kernel)"
+            )
+        order = _peft_order(value.shape[-1])
+        skew = 0.5 * _skew(value.float())  # peft's Q
+        out[f"{path}.oft_blocks"] = skew[..., order, :][..., :, order] / 2
+        out[f"{path}.alpha"] = torch.tensor(0.0)
+        out[f"{path}.on_input"] = torch.tensor(True)
+    return out
+
+
+def _vera(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[dict, dict]:
+    a = max((group["vera_A"] for group in groups.values()), key=lambda t: t.shape[1])  # (r, in max)
+    b = max((group["vera_B"] for group in groups.values()), key=lambda t: t.shape[0])  # (out max, r)
+    tensors: dict[str, torch.Tensor] = {"vera_A": a, "vera_B": b}
+    for path, group in groups.items():
+        in_features, out_features = group["vera_A"].shape[1], group["vera_B"].shape[0]
+        if not (torch.equal(group["vera_A"], a[:, :in_features]) and torch.equal(group["vera_B"], b[:out_features])):
+            raise UserError(f"{path}: VeRA modules of one peft adapter share one pair of matrices; this one differs")
+        tensors[f"{path}.vera_lambda_b"] = group["vera_lambda_b"]
+        tensors[f"{path}.vera_lambda_d"] = group["vera_lambda_d"]
+    config = {
+        "r": int(a.shape[0]),
+        "projection_prng_key": 0,
+        "save_projection": True,
+        "vera_dropout": 0.0,
+        "d_initial": 0.1,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _read_vera(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Each module gets the shared matrices (B cut to its outputs; A is cut to its inputs when attached)."""
+    shared = {key: tensors.get(SHARED_PREFIX + key) for key in SHARED_KEYS}
+    if any(value is None for value in shared.values()):
+        raise UserError(
+            "this peft VeRA file holds no projection matrices (saved with save_projection=false); they would have "
+            "to be redrawn from projection_prng_key, which this toolkit does not do: save with save_projection=true"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(PREFIX):
+            param = key.rpartition(".")[2]
+            if param not in ("vera_lambda_b", "vera_lambda_d"):
+                raise UserError(f"peft VeRA key '{key}' is not one this toolkit reads (vera_lambda_b/_d)")
+            out[key[len(PREFIX) :]] = value
+        elif key[len(SHARED_PREFIX) :] not in SHARED_KEYS:
+            raise UserError(f"peft key '{key}' does not start with '{PREFIX}'; is this a peft adapter file?")
+    for path in {k.rpartition(".")[0] for k in list(out)}:
+        out[f"{path}.vera_A"] = shared["vera_A"]
+        out[f"{path}.vera_B"] = shared["vera_B"][: out[f"{path}.vera_lambda_b"].shape[0]]
+    return out
+
+
+# --- methods with their own peft type (written from the canonical state dict + the method's options) ----
+
+
+def adalora_to_peft(
+    sd: Mapping[str, torch.Tensor], hyper: Mapping[str, Any], *, base_model: str = "", task_type: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdaLoRA -> peft's ADALORA layout: lora_A / lora_E / lora_B cut to the kept triplets, whose
+    positions go in rank_pattern ("<path>.lora_E": [bool] * r0); peft's scale is lora_alpha / r0."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        path, _, param = key.rpartition(".")
+        groups.setdefault(path, {})[param] = value
+    tensors, pattern = {}, {}
+    for path, group in sorted(groups.items()):
+        kept = group["lora_E"].reshape(-1) != 0  # (r0,)
+        tensors[f"{PREFIX}{path}.lora_A"] = group["lora_A"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_E"] = group["lora_E"][kept].contiguous()
+        tensors[f"{PREFIX}{path}.lora_B"] = group["lora_B"][:, kept].contiguous()
+        pattern[f"{path}.lora_E"] = kept.tolist()
+    first = groups[next(iter(groups))]
+    init_r = int(first["lora_A"].shape[0])
+    steps = int(hyper.get("total_steps") or 1)
+    config = {
+        "peft_type": "ADALORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": sorted(groups),
+        "init_r": init_r,
+        "target_r": int(hyper.get("target_rank", 8)),
+        "lora_alpha": float(first["alpha"]),
+        "lora_dropout": 0.0,
+        "tinit": int(hyper.get("init_warmup", 0)),
+        "tfinal": int(hyper.get("final_warmup", 0)),
+        "deltaT": int(hyper.get("interval", 1)),
+        "beta1": float(hyper.get("beta1", 0.85)),
+        "beta2": float(hyper.get("beta2", 0.85)),
+        "orth_reg_weight": float(hyper.get("orth_reg_weight", 0.5)),
+        "total_step": max(steps, int(hyper.get("init_warmup", 0)) + int(hyper.get("final_warmup", 0)) + 1),
+        "rank_pattern": pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+    return tensors, config
+
+
+def adaption_prompt_to_peft(
+    sd: Mapping[str, torch.Tensor], *, base_model: str = "", task_type: str | None = "CAUSAL_LM"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """LLaMA-Adapter -> peft's ADAPTION_PROMPT layout (the keys are already peft's; peft puts the adapters in
+    the top `adapter_layers` self_attn modules, which is where ours are)."""
+    prompts = [value for key, value in sd.items() if key.endswith(".adaption_prompt")]
+    config = {
+        "peft_type": "ADAPTION_PROMPT",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model or None,
+        "inference_mode": True,
+        "target_modules": "self_attn",
+        "adapter_len": int(prompts[0].shape[1]),
+        "adapter_layers": len(prompts),
+    }
+    return {PREFIX + key: value for key, value in sd.items()}, config
+
+
+def p_tuning_config(prompt_part: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """peft's P_TUNING adapter_config.json from the prompt-tuning one of the same model and n. In inference
+    mode peft reads the saved prompt_embeddings as the prompt itself (no encoder)."""
+    config = {key: value for key, value in prompt_part.items() if key != "prompt_tuning_init"}
+    config.update(
+        peft_type="P_TUNING",
+        encoder_reparameterization_type=str(hyper.get("encoder", "mlp")).upper(),
+        encoder_hidden_size=int(hyper.get("encoder_hidden_size") or prompt_part["token_dim"]),
+        encoder_num_layers=int(hyper.get("encoder_num_layers", 2)),
+        encoder_dropout=float(hyper.get("encoder_dropout", 0.0)),
+    )
+    return config
+
+
+def _read_adalora(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """peft ADALORA -> the canonical LoRA of the same function: down = lambda Q over the kept triplets, up = P,
+    alpha = lora_alpha * r_kept / init_r (peft's scale lora_alpha / init_r stays after pruning)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".")
+        if param not in ("lora_A", "lora_E", "lora_B"):
+            raise UserError(f"peft AdaLoRA key '{PREFIX}{key}' is not one this toolkit reads (lora_A/lora_E/lora_B)")
+        groups.setdefault(path, {})[param] = value
+    init_r = int(config.get("init_r", 12))
+    alpha = float(config.get("lora_alpha") or init_r)
+    out = {}
+    for path, group in groups.items():
+        kept = int(group["lora_A"].shape[0])
+        if kept == 0:  # every triplet pruned: the module adds nothing
+            continue
+        out[f"{path}.lora_down.weight"] = group["lora_A"] * group["lora_E"]  # (r, in)
+        out[f"{path}.lora_up.weight"] = group["lora_B"]  # (out, r)
+        out[f"{path}.alpha"] = torch.tensor(alpha * kept / init_r)
     return out

@@ -118,3 +118,14 @@ def detect_family(obj: Any) -> str:
             f"is; supported: {', '.join(FAMILIES)}"
         )
     return family
+
+
+def native_resolution(pipe: Any) -> int:
+    """The side a diffusion base was trained at: its denoiser's sample_size (else the pipeline's
+    default_sample_size) times the VAE's downscale -- what its pipeline uses as default height/width."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    size = getattr(getattr(denoiser, "config", None), "sample_size", None) or getattr(pipe, "default_sample_size", None)
+    if not size:
+        raise UserError(f"cannot tell the native resolution of {type(pipe).__name__}; pass --resolution")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))

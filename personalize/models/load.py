@@ -13,6 +13,7 @@ from typing import Any
 from personalize.errors import UserError
 from personalize.models.family import family_from_checkpoint_keys
 from personalize.models.tiny import TINY_DIFFUSION, TINY_LANGUAGE, TINY_MODELS, build_tiny
+from personalize.models.world import resolve_model
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,8 +107,10 @@ def load_pipeline(
     **kwargs: Any,
 ) -> Any:
     """A stock diffusers pipeline from a tiny name, a diffusers folder, a single file or a hub id."""
+    model = resolve_model(model)  # dreambench-mini: the pretrained world model's folder
     if model in TINY_DIFFUSION:
         pipe = build_tiny(model)
+        pipe.register_to_config(_name_or_path=model)  # pipe.name_or_path says where it came from
         return pipe.to(dtype=torch_dtype) if torch_dtype not in (None, pipe.dtype) else pipe
     if model in TINY_LANGUAGE:
         raise UserError(f"{model} is a language model, not a diffusion pipeline; try --model tiny-sd15")

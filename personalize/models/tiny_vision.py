@@ -30,3 +30,38 @@ def tiny_clip_vision(projection_dim: int = 32) -> Any:
         torch.manual_seed(0)
         model = CLIPVisionModelWithProjection(config)
     return model.eval()
+
+
+def tiny_dino() -> Any:
+    """A ViT-S/16-style DINO backbone at toy size (ViTModel, no pooler), random (seed 0) weights, eval mode."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+def tiny_clip(projection_dim: int = 16) -> tuple[Any, Any]:
+    """(CLIPModel, tokenizer): text and image towers at toy size, random (seed 0) weights, eval mode."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from personalize.models.tiny_diffusion import _clip_text_config
+    from personalize.models.tiny_tokenizers import tiny_clip_tokenizer
+
+    text = _clip_text_config().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vision.update(image_size=TINY_IMAGE_SIZE, patch_size=8)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    return model.eval(), tiny_clip_tokenizer()

@@ -106,3 +106,22 @@ def test_class_dir(tmp_path: Path, make_image):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no usable training image"):
         build_dataset(only_class)
+
+
+def test_files_that_train_nothing_are_named_in_the_summary(tmp_path):
+    """notes.txt and a caption whose image is missing are reported, not silently passed over."""
+    import shutil
+
+    from personalize.data import DataConfig, build_dataset
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = sorted(Path(__file__).resolve().parents[2].joinpath("examples", "cat").glob("*.jpg"))[0]
+    shutil.copy(source, photos / "a.jpg")
+    (photos / "a.txt").write_text("a photo of sks cat on a sofa")
+    (photos / "notes.txt").write_text("shot on my phone")
+    (photos / "gone.caption").write_text("a caption whose image was deleted")
+    dataset = build_dataset(DataConfig(images=str(photos), resolution=64))
+    summary = dataset.report.summary()
+    assert "notes.txt (not an image" in summary and "gone.caption (not an image" in summary
+    assert "a.txt" not in summary and len(dataset) == 1

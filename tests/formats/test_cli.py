@@ -78,3 +78,18 @@ def test_convert_pipeline_adapter_to_peft_subfolders_and_back(tiny_pipelines, tm
     read = read_adapter(tmp_path / "peft", pipe)
     assert read.layout == "peft"
     assert_same_components(components, read.components)
+
+
+def test_inspect_on_a_run_folder_reports_the_adapter_size_not_the_checkpoints(sd15_lokr, capsys):
+    import re
+
+    file, _ = sd15_lokr
+    folder = file.parent
+    checkpoint = folder / "checkpoints" / "step-000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.safetensors").write_bytes(b"\0" * 3_000_000)  # optimizer state dwarfs the adapter
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    size = float(re.search(r"file size\s+([\d.]+) MB", out).group(1))
+    assert size == pytest.approx(file.stat().st_size / 1e6, abs=0.01)
+    assert "the whole folder: " in out

@@ -1,6 +1,7 @@
 """`personalize generate`: images, a grid, and metadata that reproduces each image."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from personalize.cli import main
@@ -94,3 +95,13 @@ def test_one_file_output_with_many_images_is_a_user_error(tmp_path, capsys):
     assert main(argv) == 2
     assert "pass a folder" in capsys.readouterr().err
     assert not (tmp_path / "one.png").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm", "euler", "euler-a", "dpm++", "dpm++-karras", "unipc"])
+def test_every_scheduler_generates_with_few_steps(tmp_path, scheduler):
+    """Each scheduler runs at 1 and 3 steps (PNDM's PRK warm-up needed 4 and crashed with a broadcast error)."""
+    for steps in ("1", "3"):
+        out = tmp_path / f"{scheduler}-{steps}.png"
+        argv = ["generate", "--model", "tiny-sd15", "--prompt", "a cat", "--steps", steps, "--scheduler", scheduler]
+        assert main([*argv, "--output", str(out)]) == 0
+        assert Image.open(out).size == (64, 64)

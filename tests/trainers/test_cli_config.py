@@ -94,3 +94,19 @@ def test_cli_trains_the_tiny_preset_end_to_end(capsys, tmp_path, cache_dir):
     assert written >= {"pytorch_lora_weights.safetensors", "cat-run.safetensors", "config.yaml", "README.md", "samples"}
     rerun = build(TrainConfig, file=out / "config.yaml")
     assert rerun.steps == 2 and rerun.data.images == str(CAT) and rerun.output == str(out)
+
+
+def test_instance_prompt_flag_sets_the_training_prompt(tmp_path, capsys):
+    """diffusers' --instance_prompt: a free prompt, not only 'a photo of <token> <class>'."""
+    import yaml
+
+    from personalize.cli import main
+
+    assert main(["train", "--help"]) == 0
+    assert "--instance-prompt" in capsys.readouterr().out
+    out = tmp_path / "toy"
+    argv = ["train", "--images", str(CAT), "--model", "tiny-sd15", "--steps", "1", "--output", str(out)]
+    assert main([*argv, "--instance-prompt", "a sks toy", "--set", "validation_images=1"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["instance_prompt"] == "a sks toy"
+    card = (out / "README.md").read_text()
+    assert "a sks toy" in card and "a photo of sks cat" not in card

@@ -1,6 +1,7 @@
 """The LLM/VLM recipe end to end on tiny-llama / tiny-llava (offline, CPU)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,7 +56,13 @@ def test_a_tiny_llama_memorizes_ten_answers(qa_file, tmp_path):
     assert result.samples == {"what is one": "one is a number"}
     trained, tokenizer = load_text_model("tiny-llama", str(tmp_path / "out"))
     assert _answers(trained, tokenizer) == expected
-    assert (tmp_path / "out" / "README.md").read_text().count("PeftModel.from_pretrained") == 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("PeftModel.from_pretrained") == 1
+    # The card's snippet runs as printed and gives the trained model's answers.
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)
+    assert _answers(scope["model"], tokenizer) == expected
 
 
 def test_resumed_run_matches_an_uninterrupted_one(qa_file, tmp_path):

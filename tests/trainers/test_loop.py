@@ -1,5 +1,6 @@
 """The generic loop: batches dealt and resumed exactly, steps lower the loss, 2+2 steps == 4 steps."""
 
+import pytest
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
@@ -102,3 +103,29 @@ def test_nan_loss_stops_with_a_user_error(tmp_path):
         train_loop(
             accelerator, [model], lambda rows: (torch.tensor(float("nan"), requires_grad=True), {}), state, settings
         )
+
+
+def test_cpu_threads_fit_the_model(monkeypatch):
+    """auto: one thread for a small model (no env var needed), torch's count for a large one; restored after."""
+    from personalize.errors import UserError
+    from personalize.trainers.common.loop import SMALL_MODEL_PARAMETERS, cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    small = torch.nn.Linear(4, 4)
+    large = torch.nn.Module()
+    large.weight = torch.nn.Parameter(torch.empty(SMALL_MODEL_PARAMETERS + 1, 1, device="meta"), requires_grad=False)
+    with cpu_threads("auto", [small], torch.device("cpu")) as threads:
+        assert threads == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with cpu_threads("auto", [large], torch.device("cpu")) as threads:
+        assert threads == 2
+    with cpu_threads("3", [small], torch.device("cpu")) as threads:
+        assert threads == 3 == torch.get_num_threads()
+    with cpu_threads("all", [small], torch.device("cpu")) as threads:
+        assert threads == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's explicit choice wins over auto
+    with cpu_threads("auto", [small], torch.device("cpu")) as threads:
+        assert threads == 2
+    with pytest.raises(UserError, match="cpu_threads"), cpu_threads("many", [small], torch.device("cpu")):
+        pass

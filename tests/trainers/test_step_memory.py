@@ -148,9 +148,11 @@ def test_lean_forward_allocations_map_large_blocks_inside_the_block_only():
 
 
 def test_a_run_with_every_step_memory_choice_off_trains_the_same_adapter(quick, tmp_path):
-    lean = quick(method="locon", output=str(tmp_path / "lean"), validation_images=0, cpu_allocator="lean")
+    # lr as before tiny models got their own defaults: the two kernels' rounding stays within the tolerance
+    lean = quick(method="locon", lr=1e-4, output=str(tmp_path / "lean"), validation_images=0, cpu_allocator="lean")
     plain = quick(
         method="locon",
+        lr=1e-4,
         output=str(tmp_path / "plain"),
         validation_images=0,
         lean_convs=False,

@@ -1,5 +1,6 @@
 """The DreamBooth / adapter recipe end to end on the tiny models: outputs, learning, resume, prior preservation."""
 
+import copy
 import json
 import re
 
@@ -210,3 +211,59 @@ def test_stock_diffusers_load_lora_weights_reads_the_output(quick, tiny_pipeline
         outputs = [pipe.unet(sample, 500, encoder_hidden_states=text).sample for pipe in (base, ours, theirs)]
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)  # the adapter changes the UNet
     torch.testing.assert_close(outputs[2], outputs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_caller_pipeline_records_its_real_source(tiny_pipelines, tmp_path, cache_dir, capsys):
+    """train(pipe=...) without model= records where the pipeline came from, never the default hub id."""
+    import yaml
+
+    from personalize.cli import main
+    from personalize.models import load_pipeline, save_tiny
+    from personalize.trainers import train
+
+    from .conftest import CAT
+
+    settings = dict(images=str(CAT), steps=1, resolution=64, cache_dir=str(cache_dir), validation_images=0)
+    folder = save_tiny("tiny-sd15", tmp_path / "base")
+    result = train(pipe=load_pipeline(str(folder)), output=str(tmp_path / "from-folder"), **settings)
+    recorded = yaml.safe_load((result.output_dir / "config.yaml").read_text())["model"]
+    assert recorded == str(folder)
+    assert str(folder) in (result.output_dir / "README.md").read_text()
+
+    result = train(pipe=copy.deepcopy(tiny_pipelines("tiny-sd15")), output=str(tmp_path / "built"), **settings)
+    recorded = yaml.safe_load((result.output_dir / "config.yaml").read_text())["model"]
+    assert recorded.startswith("in-memory pipeline") and "stable-diffusion-v1-5" not in recorded
+    capsys.readouterr()
+    assert main(["train", "--config", str(result.output_dir / "config.yaml"), "--output", str(tmp_path / "rerun")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rerun").exists()
+
+
+def test_cli_extracts_a_lora_from_a_full_fine_tune(quick, tiny_pipelines, tmp_path, capsys):
+    """`personalize convert OUT --to lora-svd` on a --method full run: diffusers + kohya files, per-layer errors."""
+    from diffusers import UNet2DConditionModel
+
+    from personalize.cli import main
+
+    result = quick(method="full", steps=2, lr=1e-3)
+    capsys.readouterr()
+    extracted = tmp_path / "extracted"
+    assert main(["convert", str(result.output_dir), str(extracted), "--to", "lora-svd", "--rank", "32"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"unet\.down_blocks\.\S+: \d\.\d\de[-+]\d\d", out)
+    assert "overall relative error" in out
+    assert (extracted / "pytorch_lora_weights.safetensors").is_file()
+    assert (extracted / "extracted.safetensors").is_file()
+
+    pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
+    tuned = UNet2DConditionModel.from_pretrained(result.output_dir / "unet")
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=generator)
+    with torch.no_grad():
+        base_out = pipe.unet(sample, 500, context).sample
+        tuned_out = tuned(sample, 500, context).sample
+        pipe.load_lora_weights(extracted)  # stock diffusers
+        lora_out = pipe.unet(sample, 500, context).sample
+    assert (lora_out - tuned_out).norm() < 0.5 * (base_out - tuned_out).norm()

@@ -7,6 +7,7 @@ and `idle_until_validation` are the two memory steps that follow in the recipes 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,17 @@ def load_frozen_base(config: Any, accelerator: Any, pipe: Any = None) -> FrozenB
     for encoder in text_encoders.values():
         place(encoder, device, weight_dtype)
     return FrozenBase(pipe, own_pipe, family, device, weight_dtype, text_encoders)
+
+
+def with_model_resolution(config: Any, pipe: Any, say: Any) -> Any:
+    """config with data.resolution filled in from the base when the user set none (its native side)."""
+    from personalize.models import native_resolution
+
+    if config.data.resolution:
+        return config
+    side = native_resolution(pipe)
+    say(f"note: resolution {side} px (the model's own; set it with --resolution)")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=side))
 
 
 def place(module: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:

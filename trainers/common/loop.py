@@ -4,12 +4,21 @@
 parts)` and a `BatchStream`. One optimizer step = `grad_accum` micro-batches per process; the
 loop checkpoints every N steps (resumable bit-exactly: weights, optimizer, LR schedule, EMA, RNG
 and the position in the data stream) and stops with a UserError on a NaN/inf loss.
+
+Ctrl-C or SIGTERM ask the loop to stop after the optimizer step in progress (so the state is a whole
+step, and resuming is exact): it writes a checkpoint, returns with `state.stopped_early`, the recipe
+saves its adapter as usual, skips the final samples, and `raise_if_interrupted` tells the user where
+both are. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +84,9 @@ class LoopSettings:
     lean_models: list[torch.nn.Module] = field(default_factory=list)
     native_cpu_conv: bool = False
     lean_cpu_allocator: bool = False
+    cpu_threads: str = "auto"  # on a CPU: auto | all | N (see cpu_threads below)
+    report_to: str = "none"  # accelerate tracker (personalize.eval.logs): loss, lr, grad norm per step
+    run_dir: Path | None = None  # where loss.png goes at the end (and the TensorBoard logs/)
 
     @classmethod
     def from_config(cls, config: Any, checkpoint_root: Path, **more: Any) -> LoopSettings:
@@ -87,6 +99,9 @@ class LoopSettings:
             keep_checkpoints=config.keep_checkpoints,
             checkpoint_root=checkpoint_root,
             validate_every=getattr(config, "validate_every", 0),
+            cpu_threads=str(getattr(config, "cpu_threads", "auto")),
+            report_to=getattr(config, "report_to", "none"),
+            run_dir=checkpoint_root.parent,
             **more,
         )
 
@@ -103,6 +118,95 @@ class TrainState:
     ema: EMA | None = None
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False  # Ctrl-C / SIGTERM: stopped after `step`, checkpoint in `stop_checkpoint`
+    stop_checkpoint: Path | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run after its adapter and a resumable checkpoint were saved."""
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C / SIGTERM set a flag the loop reads between steps; a second one interrupts at once.
+    (Signal handlers can only be installed from the main thread: elsewhere nothing changes.)"""
+    requested = False
+
+    def ask(signum: int, frame: Any) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+        print(
+            "\nstopping after this step: saving the adapter and a checkpoint (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# Below this many parameters a step's matrices are too small to split across cores: one thread is
+# faster, and on a busy machine several threads that spin-wait on each other are many times slower
+# (benchmarks/README.md, "CPU threads").
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+@contextmanager
+def cpu_threads(choice: str, models: list[torch.nn.Module], device: Any) -> Iterator[int]:
+    """torch's intra-op threads for the loop on a CPU: `auto` -> 1 for a model under SMALL_MODEL_PARAMETERS
+    (else torch's default, one per core), `all` -> torch's default, `N` -> N. `auto` leaves an explicit
+    OMP_NUM_THREADS alone. The previous count comes back after the loop."""
+    import os
+
+    before = torch.get_num_threads()
+    threads = before
+    if getattr(device, "type", str(device)) == "cpu":
+        if choice == "auto" and "OMP_NUM_THREADS" not in os.environ:
+            size = sum(param.numel() for model in models for param in model.parameters())
+            threads = 1 if size < SMALL_MODEL_PARAMETERS else before
+        elif choice.isdigit() and int(choice) > 0:
+            threads = int(choice)
+        elif choice not in ("auto", "all"):
+            raise UserError(f"cpu_threads is auto, all or a positive number (got {choice!r})")
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when it is True on one (all ranks must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def needs_final_samples(state: TrainState, samples: list[Path]) -> bool:
+    """The end-of-run grid is drawn unless the last step already has one or the run was stopped."""
+    return not state.stopped_early and not (samples and samples[-1].name.endswith(f"{state.step:06d}.png"))
+
+
+def raise_if_interrupted(state: TrainState, output: Path, steps: int) -> None:
+    """After a stopped run has saved its outputs: say where they are, as a KeyboardInterrupt (exit 130)."""
+    if state.stopped_early:
+        raise TrainingInterrupted(
+            f"interrupted at step {state.step} of {steps}: the adapter so far is in {output}, and "
+            f"{state.stop_checkpoint} holds the run; continue it with --resume (same --output)"
+        )
 
 
 def save_checkpoint(accelerator: Any, state: TrainState, root: Path, keep: int) -> Path:
@@ -145,7 +249,8 @@ def load_checkpoint(accelerator: Any, state: TrainState, folder: Path) -> None:
     if state.ema is not None and saved["ema"] is not None:
         state.ema.load_state_dict(saved["ema"])
     state.step = int(saved["loop"]["step"])
-    state.stream.consumed = int(saved["loop"]["consumed"])
+    consumed = saved["loop"]["consumed"]  # a list for paired streams (prior preservation: instance, class)
+    state.stream.consumed = [int(value) for value in consumed] if isinstance(consumed, list) else int(consumed)
     state.losses = list(saved["loop"].get("losses", []))
     rng = checkpoints.read_rng(folder, accelerator.process_index)
     if rng is not None:
@@ -163,6 +268,10 @@ def train_loop(
     """Run optimizer steps from state.step to settings.steps; returns the state (losses per step)."""
     from tqdm.auto import tqdm
 
+    from personalize.eval import logs
+
+    if settings.run_dir is not None:
+        logs.start_trackers(accelerator, settings.report_to, settings.run_dir)
     bar = tqdm(
         total=settings.steps,
         initial=state.step,
@@ -172,7 +281,12 @@ def train_loop(
     )
     batches = iter(state.stream)
     params = list(state.named_params.values())
-    with lean_frozen_convs(*settings.lean_models), native_cpu_convolutions(settings.native_cpu_conv):
+    with (
+        cpu_threads(settings.cpu_threads, [*models, *settings.lean_models], accelerator.device),
+        lean_frozen_convs(*settings.lean_models),
+        native_cpu_convolutions(settings.native_cpu_conv),
+        stop_requests() as stop_requested,
+    ):
         while state.step < settings.steps:
             step_loss = 0.0
             for _ in range(settings.grad_accum):
@@ -186,8 +300,11 @@ def train_loop(
                     step_loss += float(loss.detach()) / settings.grad_accum
             if accelerator.num_processes > 1 and settings.average_gradients:
                 average_gradients(settings.average_gradients, accelerator.num_processes)
+            grad_norm = None
             if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)  # the norm before clipping
+            elif accelerator.trackers:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, clips nothing
             state.optimizer.step()
             state.lr_scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -196,12 +313,25 @@ def train_loop(
             state.step += 1
             state.losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
+            lr = state.lr_scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            values = {"loss": step_loss, "lr": lr}
+            logs.log_values(
+                accelerator, values if grad_norm is None else {**values, "grad_norm": float(grad_norm)}, state.step
+            )
+            saved = None
             if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and settings.checkpoint_root:
-                save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
+                saved = save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
+            if any_process(accelerator, stop_requested()) and state.step < settings.steps:
+                if saved is None and settings.checkpoint_root is not None:
+                    saved = save_checkpoint(accelerator, state, settings.checkpoint_root, settings.keep_checkpoints)
+                state.stopped_early, state.stop_checkpoint = True, saved
+                break
             if on_validate is not None and settings.validate_every and state.step % settings.validate_every == 0:
                 on_validate(state.step)
     bar.close()
+    if settings.run_dir is not None and accelerator.is_main_process:
+        logs.write_loss_plot(state.losses, settings.run_dir / "loss.png", say=bar.write)
     return state
 
 

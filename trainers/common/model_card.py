@@ -82,7 +82,7 @@ def _usage(
             "from diffusers import UNet2DConditionModel",
             f'pipe.unet = UNet2DConditionModel.from_pretrained("{output_dir}/unet")',
         ]
-    elif method in ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3"):
+    elif method in ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"):
         lines += ["from personalize.pipelines import load_adapter", f'load_adapter(pipe, "{output_dir}")']
         if method in ("lora", "locon", "dora"):
             lines.append(f'# or with diffusers alone: pipe.load_lora_weights("{output_dir}")')

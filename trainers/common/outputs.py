@@ -2,7 +2,7 @@
 
 - LoRA family (lora, locon, dora): `pytorch_lora_weights.safetensors` (stock `pipe.load_lora_weights(OUT)`)
   and `<name>.safetensors` in kohya keys (A1111, ComfyUI), both through `personalize.formats.save_adapter`.
-- LyCORIS family (loha, lokr, krona, ia3): `<name>.safetensors` in kohya/LyCORIS keys.
+- LyCORIS family (loha, lokr, krona, ia3, oft, boft): `<name>.safetensors` in kohya/LyCORIS keys.
 - Selective methods (bitfit, norm), which no other tool reads: `adapter.safetensors`, the injection
   core's state dict with a component prefix ("unet.", "text_encoder.", ...) and the method in metadata.
 - `full`: each trained component as a diffusers model folder (`unet/`, safetensors).
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 CANONICAL_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-SHARED_FORMAT_METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3")
+SHARED_FORMAT_METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft")
 EMBEDDING_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")  # textual-inversion / pivotal
 
 

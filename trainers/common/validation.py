@@ -31,12 +31,18 @@ def sample_grid(
     from personalize.pipelines.generate import GenerationSettings, generate
 
     images = []
-    for prompt in prompts:
-        settings = GenerationSettings(
-            prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
-        )
-        with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
-            images.extend(generate(pipe, settings))
+    # The pipeline's own denoising bar, on a terminal only: a long end-of-run sampling shows progress.
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(desc=f"samples at step {step}", leave=False, disable=None)
+    try:
+        for prompt in prompts:
+            settings = GenerationSettings(
+                prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
+            )
+            with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
+                images.extend(generate(pipe, settings))
+    finally:
+        pipe._progress_bar_config = previous
     grid = make_grid(images, columns=images_per_prompt)
     info = {"prompt": " | ".join(prompts), "seed": seed, "steps": steps, "training_step": step}
     return save_png(grid, Path(folder) / f"step-{step:06d}.png", info)

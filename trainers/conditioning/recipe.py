@@ -24,10 +24,10 @@ import torch
 
 from personalize.errors import UserError
 from personalize.trainers.common.ema import EMA
-from personalize.trainers.common.frozen_base import load_frozen_base, place
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.frozen_base import load_frozen_base, place, with_model_resolution
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, raise_if_interrupted, train_loop
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import losses, unet_step
 from personalize.trainers.diffusion.config import TrainConfig, config_from_options, resolve
@@ -58,7 +58,7 @@ def recipe(method: str) -> Any:
 
 def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any) -> TrainResult:
     """Train a ControlNet, T2I-Adapter or IP-Adapter (config.method); returns the TrainResult."""
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     if config.method not in RECIPES:
         raise UserError(f"--method {config.method} is not a conditioning adapter; use one of {', '.join(RECIPES)}")
     method = recipe(config.method)
@@ -74,6 +74,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     # --- frozen base --------------------------------------------------------------------------
     base = load_frozen_base(config, accelerator, pipe)
+    config = with_model_resolution(config, base.pipe, say)
     pipe, family, device, weight_dtype = base.pipe, base.family, base.device, base.weight_dtype
     place(pipe.unet, device, weight_dtype)
 
@@ -176,16 +177,17 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if accelerator.is_main_process:
         from personalize.trainers.conditioning.card import render_card
 
-        if config.validation_images > 0:
+        if config.validation_images > 0 and not state.stopped_early:
             samples.append(write_samples(pipe, config, data, output, state.step, autocast))
         card = render_card(config, family, files, output, metrics, samples[-1] if samples else None)
         (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples:
             say(f"  {path}")
     accelerator.wait_for_everyone()
     accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
 
 

@@ -15,12 +15,18 @@ from typing import Any, Literal
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
 from personalize.errors import UserError
+from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
 
-METHODS = ("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full", *CONDITIONING_METHODS)
+METHODS = (
+    *("lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft", "vera", "difffit"),
+    *("bitfit", "norm", "full"),
+    *CONDITIONING_METHODS,
+)
 TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+VALIDATION_STEPS = 25  # denoising steps of a validation sample (diffusers' examples sample with 25)
 
 # method -> (rank, lr, steps, UNet targets). Sources: diffusers' DreamBooth docs (full: lr 5e-6,
 # 400 steps; LoRA: lr 1e-4, 500 steps), DiffuseKronA (KronA: lr 1e-3, 500 steps, attention q/k/v/out),
@@ -33,7 +39,12 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "lokr": (8, 1e-4, 500, "attention"),
     "krona": (None, 1e-3, 500, "attention"),
     "ia3": (None, 1e-3, 500, "attention+ff"),
+    # OFT/BOFT on the attention layers as the OFT paper's DreamBooth runs; the LoRA family's lr and steps.
+    "oft": (None, 1e-4, 500, "attention"),
+    "boft": (None, 1e-4, 500, "attention"),
+    "vera": (None, 1e-3, 500, "attention"),  # vectors, like IA3/BitFit: ~10x LoRA's rate
     "bitfit": (None, 1e-3, 500, "all"),
+    "difffit": (None, 1e-3, 500, ""),  # biases, norms and branch gammas; '' = DiffFit's own branch layers
     "norm": (None, 1e-3, 500, "all"),
     "full": (None, 5e-6, 400, ""),
     **CONDITIONING_DEFAULTS,
@@ -57,6 +68,10 @@ class TrainConfig:
         "lokr",
         "krona",
         "ia3",
+        "oft",
+        "boft",
+        "vera",
+        "difffit",
         "bitfit",
         "norm",
         "full",
@@ -121,11 +136,19 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay per step")
     validation_prompts: list[str] = option([], "prompts sampled into samples/ during and after training")
     validate_every: int = option(0, "sample the validation prompts every N steps; 0: only at the end")
-    validation_steps: int = option(25, "denoising steps of each validation image")
+    validation_steps: int | None = option(None, "denoising steps of each validation image (None: 25, tiny models 10)")
     validation_images: int = option(2, "images per validation prompt (seeds seed, seed+1, ...); 0: no samples")
+    eval: str = option(
+        "", "after training, run `personalize eval` on the output: 'dreambench' or a prompt file; '' = off"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", "log loss, lr, grad norm and sample grids to tensorboard or wandb (accelerate's trackers)"
+    )
     checkpoint_every: int = option(250, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
+    overwrite: bool = option(False, "replace a finished (or interrupted) run in the output dir")
+    cpu_threads: str = option("auto", "CPU threads: auto (1 below 50M parameters, else one per core), all, or N")
     seed: int = option(0, "seed of noise, timesteps, data order and validation images")
     output: str = option("", "output folder; '' = ./personalize-out/<images folder name>")
     attention: Literal["sdpa", "xformers"] = option(
@@ -200,10 +223,34 @@ def infer_words(folder: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """Fill in method defaults, the trigger words and the output dir; returns (config, notes to print)."""
+IN_MEMORY = "in-memory pipeline"
+
+
+def pipeline_source(pipe: Any, model: str) -> str:
+    """The base a run on a caller's `pipe` records: where the pipeline was loaded from (its
+    `name_or_path`); else the --model the caller named; else an in-memory marker that
+    `--config OUT/config.yaml` refuses, so a rerun never silently trains on another model."""
+    source = getattr(pipe, "name_or_path", None)
+    if isinstance(source, str) and source:
+        return source
+    if model != DEFAULT_MODEL:
+        return model
+    return f"{IN_MEMORY} ({type(pipe).__name__}): pass --model with the base it was loaded from"
+
+
+def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[str]]:
+    """Fill in method defaults, the trigger words and the output dir; returns (config, notes to print).
+    `pipe`: the caller's loaded pipeline, whose source becomes the recorded base model."""
     notes: list[str] = []
     rank, lr, steps, targets = METHOD_DEFAULTS[config.method]
+    validation_steps = VALIDATION_STEPS
+    if config.model in TINY_DIFFUSION:  # a model built in code for tests and demos carries its own defaults
+        steps, lr = TINY_TRAINING["steps"], max(lr, TINY_TRAINING["min_lr"])
+        validation_steps = TINY_TRAINING["validation_steps"]
+    if pipe is not None:
+        config = dataclasses.replace(config, model=pipeline_source(pipe, config.model))
+    elif config.model.startswith(IN_MEMORY):
+        raise UserError(f"this config was trained on an {IN_MEMORY}, not a model on disk; rerun it with --model BASE")
     data = config.data
     if not data.images:
         raise UserError("no training images given; pass --images DIR (a folder of photos of your subject)")
@@ -227,12 +274,15 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
         if getattr(data, key):
             updates[key] = str(Path(getattr(data, key)).expanduser().absolute())
     data = dataclasses.replace(data, **updates)
+    evaluation = config.eval if config.eval in ("", "dreambench") else str(Path(config.eval).expanduser().absolute())
     resolved = dataclasses.replace(
         config,
+        eval=evaluation,
         data=data,
         rank=config.rank if config.rank is not None else rank,
         lr=config.lr if config.lr is not None else lr,
         steps=config.steps if config.steps is not None else steps,
+        validation_steps=config.validation_steps if config.validation_steps is not None else validation_steps,
         targets=config.targets or targets,
         output=str(
             Path(
@@ -271,6 +321,15 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
     if config.method in TOKEN_METHODS:
         check_token_options(config)
+    if config.eval and config.method in (*TOKEN_METHODS, *CONDITIONING_METHODS):
+        raise UserError(
+            f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
+        )
+    from personalize.eval.logs import check_report_to
+
+    check_report_to(config.report_to)  # a missing tracker package: one line now, not after the model loads
+    if config.eval not in ("", "dreambench") and not Path(config.eval).expanduser().is_file():
+        raise UserError(f"--eval {config.eval}: not 'dreambench' and not a prompt file (one prompt a line)")
     if len(config.adam_betas) != 2:
         raise UserError(f"adam_betas must be two numbers, e.g. [0.9, 0.999] (got {config.adam_betas})")
 
@@ -290,7 +349,7 @@ def check_token_options(config: TrainConfig) -> None:
         )
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
-    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3"]  # those with a shared file layout
+    adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,11 +22,25 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.trainers.common.ema import EMA
-from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
+from personalize.trainers.common.frozen_base import (
+    idle_until_validation,
+    load_frozen_base,
+    place,
+    quantize_base,
+    with_model_resolution,
+)
+from personalize.trainers.common.loop import (
+    BatchStream,
+    LoopSettings,
+    TrainState,
+    needs_final_samples,
+    raise_if_interrupted,
+    train_loop,
+)
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.run import PhaseClock, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -47,16 +60,20 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     Pass a loaded `pipe` to train several subjects without reloading the base: adapters are
     removed from it afterwards, and a full fine-tune trains a copy of its UNet.
     """
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
+    clock = PhaseClock()
 
     # --- base model ---------------------------------------------------------------------------
     base = load_frozen_base(config, accelerator, pipe)
+    config = with_model_resolution(config, base.pipe, say)
     pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
     weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
+    clock.mark("load")
 
     # --- data ---------------------------------------------------------------------------------
     instance_data, class_data = _datasets(config, pipe, output, say)
+    clock.mark("data")  # scanning the images, generating missing class images
     cache_text = not config.train_text_encoder  # a trained text encoder must run every step
     if config.cache_latents:
         from personalize.data import cache_dataset
@@ -66,6 +83,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         if class_data is not None:
             class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
         idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
+    clock.mark("cache")
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original_unet = pipe.unet
@@ -129,9 +147,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, unet, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation([pipe.vae, *(text_encoders.values() if cache_text else ())], device, own_pipe)
 
+    clock.mark("setup")
     started = time.perf_counter()
     memory = step_memory_settings(config, device, weight_dtype, frozen=[unet])
     settings = LoopSettings.from_config(config, checkpoint_root, average_gradients=unwrapped_sync, **memory)
@@ -139,6 +159,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.train()
     train_loop(accelerator, models, compute_loss, state, settings, on_validate=validate)
     seconds = time.perf_counter() - started
+    clock.mark("train")
     for model in models:
         model.eval()
 
@@ -148,9 +169,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
-            validate(state.step)
+    if accelerator.is_main_process:  # the adapter first: a crash while sampling never loses it
         with ema.swap() if ema is not None else nullcontext():
             components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             files = save_outputs(
@@ -163,7 +182,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 hyper=hyper,
                 resolution=config.data.resolution,
             )
-    metrics = run_metrics(state, seconds)
+        if needs_final_samples(state, samples):
+            validate(state.step)
+    clock.mark("save")  # the adapter files and the final samples
+    metrics = {**run_metrics(state, seconds), "phases": clock.seconds}
     if accelerator.is_main_process:
         card = render_model_card(
             base_model=config.model,
@@ -184,16 +206,26 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             },
         )
         (output / "README.md").write_text(card)
-        log = {**metrics, "losses": state.losses}  # the loss of every optimizer step, resumed runs included
-        (output / "metrics.json").write_text(json.dumps(log, indent=1))
-        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
+    if config.eval and accelerator.is_main_process and not state.stopped_early:  # score it as a user loads it
+        from personalize.eval import EvalSettings, evaluate
+
+        device = str(accelerator.device)
+        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
+        evaluation = evaluate(output, settings, say=say)
+        metrics["eval"] = evaluation.figures
+        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
+        logs.log_values(accelerator, numbers, state.step)
+        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
 
 

@@ -26,10 +26,22 @@ import torch
 from personalize.data.sources import instance_prompt
 from personalize.errors import UserError
 from personalize.trainers.common.ema import EMA
-from personalize.trainers.common.frozen_base import idle_until_validation, load_frozen_base, place, quantize_base
-from personalize.trainers.common.loop import LoopSettings, TrainState, train_loop
+from personalize.trainers.common.frozen_base import (
+    idle_until_validation,
+    load_frozen_base,
+    place,
+    quantize_base,
+    with_model_resolution,
+)
+from personalize.trainers.common.loop import (
+    LoopSettings,
+    TrainState,
+    needs_final_samples,
+    raise_if_interrupted,
+    train_loop,
+)
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run
+from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -51,12 +63,13 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """Run the recipe (`options`: TrainConfig keys; data keys such as images= and token= may be given flat).
 
     A given `pipe` is left as it was: its tokenizers and embeddings are put back, adapters removed."""
-    config, notes = resolve(config if config is not None else config_from_options(options))
+    config, notes = resolve(config if config is not None else config_from_options(options), pipe)
     pivotal = config.method == "pivotal"
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
     base = load_frozen_base(config, accelerator, pipe)
+    config = with_model_resolution(config, base.pipe, say)
     pipe, own_pipe, family, device = base.pipe, base.own_pipe, base.family, base.device
     weight_dtype, text_encoders = base.weight_dtype, base.text_encoders
 
@@ -168,9 +181,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
-            validate(state.step)
+    if accelerator.is_main_process:  # the token and adapter first: a crash while sampling never loses them
         with ema.swap() if ema is not None else nullcontext():
             adapted = {name: accelerator.unwrap_model(model) for name, model in zip(trained, models)}
             adapted.pop("embeddings")
@@ -185,6 +196,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 embeddings=tokens.learned(),
                 resolution=config.data.resolution,
             )
+        if needs_final_samples(state, samples):
+            validate(state.step)
     metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
         card = render_model_card(
@@ -201,7 +214,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             adapter={"tokens": tokens.names, "family": family},
         )
         (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; prompt with {config.data.token}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
@@ -212,6 +225,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         tokens.restore(pipe)
         _remove_adapters(trained, config)
     accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
 
 

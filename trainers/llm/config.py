@@ -16,21 +16,50 @@ from personalize.config import from_dict, nearest, option
 from personalize.errors import UserError
 
 LLM_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning")
-RANKED = ("lora", "dora", "loha", "lokr")
-PROMPT = ("prompt-tuning", "prefix-tuning")
+LLM_METHODS += ("adalora", "delta-lora", "increlora", "mpo", "p-tuning", "llama-adapter")
+LLM_METHODS += (
+    "houlsby",
+    "pfeiffer",
+    "compacter",
+    "fish-mask",
+    "child-tuning",
+    "diff-pruning",
+    "pasta",
+    "mam",
+    "fusion",
+    "ladder",
+    "unipelt",
+)
+RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
+# the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
+METHOD_RANK = {"increlora": 4}
+PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam", "unipelt")  # virtual tokens in the input or the cache
+HOOKED = (*PROMPT, "llama-adapter", "pasta", "ladder")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
 # prompt methods train a few vectors and need ~10-100x more (peft's examples: IA3 3e-3, prompt
 # tuning 3e-2, prefix tuning 1e-2).
 METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "ia3": 3e-3, "prompt-tuning": 3e-2}
 METHOD_LR["prefix-tuning"] = 1e-2
+METHOD_LR.update({"adalora": 2e-4, "delta-lora": 2e-4, "increlora": 2e-4, "mpo": 1e-4})
+# P-tuning: peft's example 1e-3 (the encoder is an MLP); LLaMA-Adapter: the paper's 9e-3
+METHOD_LR.update({"p-tuning": 1e-3, "llama-adapter": 9e-3})
+# bottleneck adapters: 1e-4 (Houlsby et al.'s grid 3e-5..3e-3; Pfeiffer/Compacter train ~1e-4..3e-3)
+METHOD_LR.update({"houlsby": 1e-4, "pfeiffer": 1e-4, "compacter": 3e-3})
+# sparse selective methods train entries of the base weights: full fine-tuning's rates (FISH: 1e-4)
+METHOD_LR.update({"fish-mask": 1e-4, "child-tuning": 1e-4, "diff-pruning": 1e-4})
+METHOD_LR["pasta"] = 1e-2  # a few vectors, like the prompt methods
+METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 alone)
+METHOD_LR["fusion"] = 5e-5  # the AdapterFusion paper's
+METHOD_LR["unipelt"] = 1e-3  # like mam: a prefix with LoRA and adapters
+METHOD_LR["ladder"] = 3e-3  # Ladder Side-Tuning's (a randomly initialized side network)
 
 
 @dataclass
 class LLMTrainConfig:
     model: str = option("tiny-llama", "base model: hub id, local folder with config.json, tiny-llama or tiny-llava")
     data: str = option("", "JSONL file: one conversation per line ({'messages': [...]} or {'prompt', 'completion'})")
-    method: Literal["lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning"] = option(
-        "lora", "adapter method (prompt-tuning and prefix-tuning: language models only)"
+    method: Literal[LLM_METHODS] = option(  # type: ignore[valid-type]
+        "lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam, unipelt: language models only)"
     )
     rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
@@ -38,7 +67,7 @@ class LLMTrainConfig:
         "", "layers to adapt: all-linear, attention (LLM); language, language+projector, all (VLM); or a regex"
     )
     method_options: dict[str, Any] = option({}, "extra hyperparameters for the method, e.g. {dropout: 0.05}")
-    num_virtual_tokens: int = option(20, "prompt/prefix tuning: number of virtual tokens")
+    num_virtual_tokens: int = option(20, "prompt/prefix/p-tuning: number of virtual tokens")
     train_projector: bool = option(False, "VLM: also adapt the multimodal projector")
     train_vision_tower: bool = option(False, "VLM: also adapt the vision tower's attention and MLP")
     max_length: int = option(1024, "tokens per conversation (or packed row); longer ones are cut and reported")
@@ -63,6 +92,8 @@ class LLMTrainConfig:
     checkpoint_every: int = option(100, "write a resumable checkpoint every N steps; 0: never")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in the output dir")
+    overwrite: bool = option(False, "replace a finished (or interrupted) run in the output dir")
+    cpu_threads: str = option("auto", "CPU threads: auto (1 below 50M parameters, else one per core), all, or N")
     seed: int = option(0, "seed of data order, dropout and init")
     output: str = option("", "output folder; '' = ./personalize-out/<data file name>")
     adapter_name: str = option("default", "name of the injected adapter")
@@ -77,7 +108,8 @@ def resolve(config: LLMTrainConfig, rows: int | None = None) -> LLMTrainConfig:
     data = Path(config.data).expanduser()
     if not data.is_file():
         raise UserError(f"--data {config.data} does not exist; pass a .jsonl file of conversations")
-    rank = config.rank if config.rank is not None else (16 if config.method in RANKED else None)
+    default_rank = METHOD_RANK.get(config.method, 16) if config.method in RANKED else None
+    rank = config.rank if config.rank is not None else default_rank
     alpha = config.alpha if config.alpha is not None else (2.0 * rank if rank else None)
     steps = config.steps
     if steps is None and rows is not None:
@@ -108,8 +140,8 @@ def check(config: LLMTrainConfig) -> None:
         raise UserError(
             f"--packing cannot be used with {config.method} (the virtual tokens belong to one conversation)"
         )
-    if config.method == "prefix-tuning" and config.gradient_checkpointing:
-        raise UserError("prefix-tuning keeps its prefixes in the cache, which gradient checkpointing disables")
+    if config.method in ("prefix-tuning", "mam", "unipelt") and config.gradient_checkpointing:
+        raise UserError(f"{config.method} keeps its prefixes in the cache, which gradient checkpointing disables")
     if config.method in PROMPT and config.quantize:
         raise UserError(f"--quantize is for weight adapters (QLoRA); {config.method} trains no weight of the base")
     if len(config.adam_betas) != 2:

@@ -18,7 +18,9 @@ would cost memory for nothing here. VLMs keep the vision tower and projector unq
 
 from __future__ import annotations
 
+import itertools
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +29,14 @@ from typing import Any
 
 import torch
 
+from personalize.adapters.bottleneck import PLACEMENTS
+from personalize.adapters.training import CALIBRATED
 from personalize.errors import UserError
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, train_loop
-from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, raise_if_interrupted, train_loop
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import return_freed_memory
 from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
-from personalize.trainers.llm.config import RANKED, LLMTrainConfig, config_from_options, resolve
+from personalize.trainers.llm.config import HOOKED, PROMPT, RANKED, LLMTrainConfig, config_from_options, resolve
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -60,8 +64,11 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     if family == "vlm":
         from personalize.trainers.llm import vlm
 
-        if config.method in ("prompt-tuning", "prefix-tuning") or config.packing:
-            raise UserError(f"VLMs train with lora, dora, loha, lokr or ia3 and no --packing (got {config.method})")
+        if config.method in PROMPT or config.packing:
+            raise UserError(
+                f"VLMs train with weight adapters or llama-adapter, not prompt methods, and no --packing "
+                f"(got --method {config.method}{' --packing' if config.packing else ''})"
+            )
         examples = vlm.build_examples(processor, conversations, config.max_length, report)
         rows = [[example] for example in examples]
         collate_rows: Any = vlm.collate_vlm
@@ -76,8 +83,23 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     from personalize import adapters
 
     hyper = _hyperparameters(config)
+    if config.method == "pasta" and "special_ids" not in hyper:  # the chat template's special tokens
+        hyper["special_ids"] = sorted(set(tokenizer.all_special_ids) - {pad_id(tokenizer)})
     targets = _targets(config, family)
+    if config.method == "fusion":  # the trained task adapters it attends over, named task0, task1, ...
+        for name, folder in zip(hyper["adapters"], config.method_options["adapters"]):
+            adapters.load_native(model, folder, name=name)
+    if "drop_below" in config.method_options:  # AdapterDrop: no adapters in the lowest layers
+        from personalize.adapters.bottleneck import adapter_drop_targets
+
+        targets = adapter_drop_targets(model, targets or "all-linear", int(config.method_options["drop_below"]))
     adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
+    pad = pad_id(tokenizer)
+    if config.method in CALIBRATED:  # FISH mask / Child-Tuning_D: the Fisher information picks the entries
+        count = int(config.method_options.get("calibration_batches", 8))
+        calibration = itertools.islice(RowBatches(rows, config.batch_size, config.seed, collate_rows, pad), count)
+        device = next(model.parameters()).device
+        adapters.calibrate(model, lambda b: model(**{k: v.to(device) for k, v in b.items()}).loss, calibration)
     named = {name: param for name, param in model.named_parameters() if param.requires_grad}
     for param in named.values():  # what trains is fp32, whatever the base is
         param.data = param.data.float()
@@ -96,10 +118,10 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
         weight_decay=config.weight_decay,
         eps=config.adam_epsilon,
     )
+    adapters.follow_optimizer(model, optimizer)  # AdaLoRA's rank allocation, IncreLoRA's growth
     lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(config.seed * 1_000 + accelerator.process_index)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = BatchStream(
         lambda epoch: RowBatches(rows, config.batch_size, config.seed + epoch, collate_rows, pad),
         accelerator.process_index,
@@ -115,12 +137,15 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
     def compute_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {key: value.to(device) for key, value in batch.items()}
-        return model(**batch, use_cache=False).loss, {}
+        loss = model(**batch, use_cache=False).loss
+        penalty = adapters.regularization(model)  # AdaLoRA / IncreLoRA orthogonality
+        return (loss if penalty is None else loss + penalty), {}
 
     started = time.perf_counter()
     settings = LoopSettings.from_config(config, checkpoint_root)
     model.train()
     train_loop(accelerator, [model], compute_loss, state, settings)
+    adapters.finish(model)  # Diff-Pruning: keep its top-density entries
     seconds = time.perf_counter() - started
     model.eval()
 
@@ -132,17 +157,20 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = save_adapter(output, base, config, family)
-        samples = _samples(base, processor, config, conversations, output)
+        if not state.stopped_early:
+            samples = _samples(base, processor, config, conversations, output)
+            files.append(output / "samples.txt")
         from personalize.trainers.llm.card import render_llm_card
 
         (output / "README.md").write_text(render_llm_card(config, family, files, metrics, samples))
-        files += [output / "samples.txt", output / "README.md", output / "config.yaml"]
+        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files:
             say(f"  {path}")
     accelerator.wait_for_everyone()
     if accelerator.device.type != "cpu":  # on CPU only a full gc.collect() would run: seconds, for nothing
         accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return LLMResult(output, files, metrics, samples)
 
 
@@ -227,21 +255,37 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
     hyper: dict[str, Any] = {}
     if config.method in RANKED:
         hyper.update(rank=config.rank, alpha=config.alpha)
-    if config.method in ("prompt-tuning", "prefix-tuning"):
+    if config.method == "adalora":
+        hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
+    if config.method in PROMPT:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
-    hyper.update(config.method_options)
+    # drop_below picks targets, calibration_batches feeds the Fisher information: neither is a module option
+    hyper.update({k: v for k, v in config.method_options.items() if k not in ("drop_below", "calibration_batches")})
+    if config.method == "fusion":
+        folders = config.method_options.get("adapters") or []
+        if not isinstance(folders, list) or len(folders) < 2:
+            raise UserError(
+                "--method fusion needs method_options={adapters: [DIR1, DIR2]}: trained bottleneck adapters"
+            )
+        hyper["adapters"] = [f"task{index}" for index in range(len(folders))]
     return hyper
 
 
 def _targets(config: LLMTrainConfig, family: str) -> str | None:
-    if config.method in ("prompt-tuning", "prefix-tuning"):
-        return None
+    if config.method in HOOKED or (config.method == "fusion" and not config.targets):
+        return None  # hooks of their own; AdapterFusion: the layers of its task adapters
     if config.targets:
         return config.targets
+    if config.method in PLACEMENTS:  # bottleneck adapters: after the output projections, LLM or VLM
+        return PLACEMENTS[config.method]
     if family == "vlm":
         from personalize.trainers.llm.vlm import vlm_targets
 
@@ -256,7 +300,21 @@ def save_adapter(output: Path, model: Any, config: LLMTrainConfig, family: str) 
 
     sd = adapters.state_dict(model, config.adapter_name)
     hyper = _hyperparameters(config)
-    return write_peft(output, model, sd, method=config.method, hyper=hyper, base_model=config.model)
+    if config.method == "pasta":  # the ids chosen from the tokenizer at training time
+        from personalize.adapters.prompt import registry
+
+        hyper["special_ids"] = registry(model)[config.adapter_name].special_ids.tolist()
+    files = write_peft(
+        output, model, sd, method=config.method, hyper=hyper, base_model=config.model, name=config.adapter_name
+    )
+    if config.method == "fusion":  # the task adapters travel with the fusion weights
+        from personalize.adapters.native import NATIVE_FILE
+
+        for name, folder in zip(hyper["adapters"], config.method_options["adapters"]):
+            (output / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / NATIVE_FILE, output / name / NATIVE_FILE)
+            files.append(output / name / NATIVE_FILE)
+    return files
 
 
 def _samples(

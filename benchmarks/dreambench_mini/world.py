@@ -1,0 +1,174 @@
+"""A procedural image world with captions: coloured shapes ("ball", "box", "cone") in named contexts.
+
+Every image is 32 x 32 RGB: one object (a shape in one colour, small or big, at a jittered position)
+on a background that names a context ("on the grass", "in the snow", ...), with a little pixel noise.
+Captions say what is there, with parts left out at random so the model also learns short prompts:
+"a photo of a small red ball on the beach", "a blue box", "a cone at night".
+
+Novel subjects (`SUBJECTS`) are objects the world never contains: a shape in two colours that no world
+object has (teal/pink, lime/maroon). The base model never sees them; a personalization method is then
+judged on whether it can put them into the world's contexts (see measures.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 32
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: soft edges like a photo, not aliased pixels
+
+# Background colour of each context phrase. "in a room" (plain gray) is where subjects are photographed.
+CONTEXTS: dict[str, tuple[int, int, int]] = {
+    "on the grass": (70, 150, 60),
+    "in the snow": (236, 240, 245),
+    "on the beach": (226, 200, 140),
+    "at night": (22, 26, 64),
+    "in the sky": (130, 188, 236),
+    "in a room": (128, 128, 128),
+}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "blue": (40, 70, 225),
+    "yellow": (245, 215, 35),
+    "purple": (140, 55, 190),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("ball", "box", "cone")  # circle, square, upward triangle
+SIZES = {"small": (4.5, 6.5), "big": (10.0, 12.0)}  # half-extent in pixels
+ANY_SIZE = (4.5, 12.0)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A novel object: a world shape whose upper and lower halves have colours no world object has."""
+
+    name: str  # the class word it belongs to, e.g. "ball"
+    shape: str
+    top: tuple[int, int, int]
+    bottom: tuple[int, int, int]
+
+
+SUBJECTS: dict[str, Subject] = {
+    "ball": Subject("ball", "ball", top=(0, 165, 165), bottom=(255, 110, 200)),  # teal over pink
+    "box": Subject("box", "box", top=(170, 250, 0), bottom=(130, 0, 40)),  # lime over maroon
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything that decides one image."""
+
+    shape: str
+    context: str
+    colour: str | None = None  # None: the object is a subject (two colours)
+    subject: str | None = None
+    size: str | None = None  # "small" / "big" / None (anything between)
+    cx: float = SIZE / 2
+    cy: float = SIZE / 2
+    extent: float = 8.0
+
+
+def shape_mask(shape: str, cx: float, cy: float, extent: float, size: int = SIZE, supersample: int = 1) -> np.ndarray:
+    """Boolean (size*s, size*s) mask of a shape centred at (cx, cy) with half-extent `extent` pixels."""
+    n = size * supersample
+    coords = (np.arange(n) + 0.5) / supersample  # pixel centres in image units
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    if shape == "ball":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= extent**2
+    if shape == "box":
+        return (np.abs(x - cx) <= extent * 0.9) & (np.abs(y - cy) <= extent * 0.9)
+    if shape == "cone":  # apex at the top, base at the bottom; width grows linearly downwards
+        top, bottom = cy - extent, cy + extent
+        frac = (y - top) / (bottom - top)
+        return (frac >= 0) & (frac <= 1) & (np.abs(x - cx) <= frac * extent)
+    raise ValueError(f"unknown shape {shape}")
+
+
+def draw(
+    mask: np.ndarray,
+    background: tuple[float, float, float],
+    top: tuple[float, float, float],
+    bottom: tuple[float, float, float],
+    cy: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Paint a supersampled mask: rows above `cy` in `top`, below in `bottom`; (32, 32, 3) uint8 with noise."""
+    n = SIZE * SUPERSAMPLE
+    shade = np.linspace(1.06, 0.94, n, dtype=np.float32)[:, None, None]  # light from above
+    canvas = np.broadcast_to(np.array(background, dtype=np.float32) * shade, (n, n, 3)).copy()
+    upper = np.arange(n)[:, None] / SUPERSAMPLE < cy  # (n, 1)
+    canvas[mask & upper] = top
+    canvas[mask & ~upper] = bottom
+    small = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))  # (32, 32, 3)
+    small += rng.normal(0.0, 4.0, small.shape)
+    return np.clip(small, 0, 255).round().astype(np.uint8)
+
+
+def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """One (32, 32, 3) uint8 image of a scene, with fixed-seed noise from `rng`."""
+    mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.extent, supersample=SUPERSAMPLE)
+    if scene.subject is None:
+        top = bottom = COLOURS[scene.colour]
+    else:
+        top, bottom = SUBJECTS[scene.subject].top, SUBJECTS[scene.subject].bottom
+    return draw(mask, CONTEXTS[scene.context], top, bottom, scene.cy, rng)
+
+
+def any_colour_sample(rng: np.random.Generator) -> np.ndarray:
+    """A shape in random colours (one or two) on a random background: what the VAE learns beyond the world."""
+    scene = random_scene(rng)
+    mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.extent, supersample=SUPERSAMPLE)
+    background, top, bottom = (tuple(rng.uniform(0, 255, 3)) for _ in range(3))
+    if rng.random() < 0.5:
+        bottom = top
+    return draw(mask, background, top, bottom, scene.cy, rng)
+
+
+def random_scene(
+    rng: np.random.Generator,
+    *,
+    shape: str | None = None,
+    context: str | None = None,
+    colour: str | None = None,
+    subject: str | None = None,
+    size: str | None = None,
+) -> Scene:
+    """A scene with the given parts fixed and the rest drawn at random."""
+    shape = shape or (SUBJECTS[subject].shape if subject else SHAPES[rng.integers(len(SHAPES))])
+    context = context or list(CONTEXTS)[rng.integers(len(CONTEXTS))]
+    if subject is None:
+        colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+    low, high = SIZES[size] if size else ANY_SIZE
+    extent = float(rng.uniform(low, high))
+    margin = extent + 1.0
+    cx = float(rng.uniform(margin, SIZE - margin)) if margin < SIZE / 2 else SIZE / 2
+    cy = float(rng.uniform(margin, SIZE - margin)) if margin < SIZE / 2 else SIZE / 2
+    return Scene(shape, context, colour, subject, size, cx, cy, extent)
+
+
+def caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
+    """A caption naming the scene; the size, colour and context are each left out with probability `drop`."""
+    words = ["a photo of a"] if rng.random() < 0.5 else ["a"]
+    if scene.size and rng.random() >= drop:
+        words.append(scene.size)
+    if scene.colour and rng.random() >= drop:
+        words.append(scene.colour)
+    words.append(scene.shape)
+    if rng.random() >= drop:
+        words.append(scene.context)
+    return " ".join(words)
+
+
+def world_sample(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One (image, caption) pair of the world: a random object with a random size word half the time."""
+    size = list(SIZES)[rng.integers(len(SIZES))] if rng.random() < 0.5 else None
+    scene = random_scene(rng, size=size)
+    return render(scene, rng), caption(scene, rng)
+
+
+def subject_images(subject: str, count: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """The instance photos of a subject: always in the plain room, varied position and size."""
+    rng = np.random.default_rng(seed)
+    return [render(random_scene(rng, subject=subject, context="in a room"), rng) for _ in range(count)]

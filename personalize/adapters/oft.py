@@ -1,0 +1,300 @@
+"""OFT (orthogonal fine-tuning, arXiv 2306.07280) and BOFT (butterfly OFT, arXiv 2311.06243).
+
+Both multiply a frozen layer by a learned orthogonal matrix instead of adding to it, which keeps the
+angles between neurons (the paper's "hyperspherical energy") and so the base model's knowledge:
+
+    OFT   W' = R W            R = diag(R_1, ..., R_k), each block b x b
+    BOFT  W' = B_m ... B_1 W  B_i = P_i^T diag(R_i1, ...) P_i, butterfly permutations P_i (BOFT's m factors)
+
+Every block is a Cayley transform of a skew-symmetric matrix, so it stays exactly orthogonal while
+training an unconstrained parameter A (zeros at start: R = I, the base model unchanged):
+
+    Q = A - A^T,   R = (I + Q)(I - Q)^-1
+
+Parameters use LyCORIS's names (`oft_blocks` (k, b, b) for diag-OFT, (m, k, b, b) for BOFT, `alpha` = the
+COFT constraint: |Q| is clipped to alpha * dim when alpha > 0, `rescale` (dim, 1[, 1, 1]) an optional
+per-channel scale). As in LyCORIS the rotation acts on the *output* channels (that is what A1111/ComfyUI
+read): y' = R (y - bias) + bias, and training rotates the output activations blockwise (cost
+O(tokens * dim * b), the (out x in) weight is never rebuilt). `on_input=True` rotates the *input*
+channels instead, which is peft's OFT/BOFT (x' = x R, y = W x'); the `on_input` buffer then marks it.
+A scale s interpolates every block towards I (s R + (1 - s) I), as LyCORIS's multiplier does.
+
+Block orientation: OFT applies v' = v R to each block vector (LyCORIS diag-oft: W'_blk = R^T W_blk);
+each BOFT stage applies v' = R v (LyCORIS boft). BOFT stage i pairs channels 2^i * b / 2 apart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from personalize.adapters.base import AdapterModule, base_weight_shape, check_positive, layer_kind
+from personalize.errors import UserError
+
+
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """(..., b, b) free parameters -> orthogonal (I + Q)(I - Q)^-1 with Q = A - A^T (|Q| <= constraint)."""
+    q = blocks - blocks.transpose(-1, -2)  # skew-symmetric
+    if constraint > 0:
+        norm = q.norm() + 1e-8
+        q = torch.where(norm > constraint, q * (constraint / norm), q)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    # X (I - Q) = I + Q  <=>  X = (I + Q)(I - Q)^-1 (Q and (I - Q)^-1 commute)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+def toward_identity(rotation: torch.Tensor, scale: float) -> torch.Tensor:
+    """s R + (1 - s) I (LyCORIS's multiplier): scale 1 -> R, 0 -> I."""
+    if scale == 1.0:
+        return rotation
+    eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
+    return scale * rotation + (1.0 - scale) * eye
+
+
+def block_size_for(dimension: int, block_size: int) -> int:
+    """The largest divisor of `dimension` not above `block_size` (LyCORIS/peft adjust likewise)."""
+    for size in range(min(block_size, dimension), 0, -1):
+        if dimension % size == 0:
+            return size
+    return 1
+
+
+def butterfly_size_for(dimension: int, block_size: int) -> int:
+    """BOFT needs dimension = b * 2^p with b even: the largest such b not above `block_size`."""
+    for size in range(min(block_size, dimension), 1, -1):
+        blocks = dimension // size
+        if size % 2 == 0 and dimension % size == 0 and blocks & (blocks - 1) == 0:
+            return size
+    raise UserError(f"boft: {dimension} channels cannot split into an even block size times a power of two")
+
+
+def rotate_blocks(x: torch.Tensor, mats: torch.Tensor, dim: int) -> torch.Tensor:
+    """v' = v M for each block of `dim` (block j of size b uses mats[j], (k, b, b))."""
+    k, b, _ = mats.shape
+    dim = dim % x.dim()
+    if dim == x.dim() - 1:
+        blocks = x.unflatten(-1, (k, b))  # (..., k, b)
+        return torch.einsum("...kn,knm->...km", blocks, mats).flatten(-2)
+    blocks = x.unflatten(dim, (k, b)).flatten(dim + 2)  # (B, k, b, HW)
+    out = mats.transpose(-1, -2) @ blocks  # (M^T v)_m = sum_n M[n, m] v_n
+    return out.unflatten(-1, x.shape[dim + 1 :]).flatten(dim, dim + 1)
+
+
+def butterfly(x: torch.Tensor, rotations: torch.Tensor, dim: int) -> torch.Tensor:
+    """Apply the BOFT stages (m, k, b, b) along `dim`: stage i gathers channel pairs 2^i * b/2 apart
+    into blocks of b, applies v' = R v per block, and puts the channels back (LyCORIS's order)."""
+    x = x.movedim(dim, -1)
+    half = rotations.shape[-1] // 2
+    for i, stage in enumerate(rotations):
+        span = 2**i * half
+        shape = x.shape
+        gathered = x.unflatten(-1, (-1, 2, span)).transpose(-1, -2).reshape(shape)
+        mixed = rotate_blocks(gathered, stage.transpose(-1, -2), gathered.dim() - 1)  # v R^T = (R v)^T
+        x = mixed.unflatten(-1, (-1, span, 2)).transpose(-1, -2).reshape(shape)
+    return x.movedim(-1, dim)
+
+
+class OrthogonalBase(AdapterModule):
+    """What OFT and BOFT share: the side, the constraint, the rescale and merging through the full
+    channel matrix (merge and export only; training never builds it)."""
+
+    def _setup(
+        self, base_layer: nn.Module, on_input: bool, constraint: float, rescaled: bool, shape: tuple[int, ...]
+    ) -> None:
+        self.kind = layer_kind(base_layer)
+        if self.kind == "embedding":
+            raise UserError(f"{self.method} wraps Linear and Conv2d layers, not Embedding")
+        weight_shape = base_weight_shape(base_layer)
+        if self.kind == "conv2d" and getattr(base_layer, "groups", 1) != 1 and on_input:
+            raise UserError(f"{self.method}: grouped convolutions cannot rotate their input channels")
+        self.dim = weight_shape[1] if on_input else weight_shape[0]
+        device = base_layer.weight.device
+        self.oft_blocks = nn.Parameter(torch.zeros(*shape, device=device))
+        self.register_buffer("alpha", torch.tensor(float(constraint)))
+        if rescaled:
+            self.rescale = nn.Parameter(torch.ones(weight_shape[0], *([1] * (len(weight_shape) - 1)), device=device))
+        if on_input:
+            self.register_buffer("on_input", torch.tensor(True))
+        self.acts_on_input = bool(on_input)  # type: ignore[misc]
+        self.output_delta = bool(on_input and rescaled)  # peft's BOFT: rotate the input, scale the output
+        self.channel_dim = 1 if self.kind == "conv2d" else -1
+
+    @property
+    def constraint(self) -> float:
+        return float(self.alpha) * self.dim
+
+    def transform(self, x: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.transform(x, scale, self.channel_dim if x.dim() == 4 else -1).to(x.dtype)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
+        dim = 1 if base_out.dim() == 4 else -1
+        bias = base_layer.bias
+        y = base_out if bias is None else base_out - _channel_view(bias, base_out)
+        if self.acts_on_input:  # the input is already rotated: only the rescale is left
+            return y * (_channel_view(self.rescale, base_out) - 1)
+        rotated = self.transform(y, scale, dim)
+        if "rescale" in self._parameters:
+            rotated = rotated * _channel_view(self.rescale, base_out)
+        return rotated - y
+
+    def channel_matrix(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """M (dim, dim) with transform(v) = M v: the transform of the identity's rows is M^T."""
+        eye = torch.eye(self.dim, device=self.oft_blocks.device, dtype=torch.float32)
+        return self.transform(eye, scale, -1).T.to(dtype)
+
+    def merged(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        m = self.channel_matrix(scale, torch.float32)
+        w = weight.float()
+        if self.acts_on_input:  # y = W (M x): W' = W M over the input channels
+            out = torch.einsum("oj...,jc->oc...", w, m)
+        else:
+            out = (m @ w.flatten(1)).reshape(w.shape)
+        if "rescale" in self._parameters:
+            out = out * self.rescale.float()
+        return out.to(weight.dtype)
+
+    def unmerged(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        inverse = torch.linalg.inv(self.channel_matrix(scale, torch.float32))
+        w = weight.float()
+        if "rescale" in self._parameters:
+            w = w / self.rescale.float()
+        if self.acts_on_input:
+            return torch.einsum("oj...,jc->oc...", w, inverse).to(weight.dtype)
+        return (inverse @ w.flatten(1)).reshape(w.shape).to(weight.dtype)
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        return self.merged(base_weight.float(), 1.0) - base_weight.float()
+
+
+def _channel_view(vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    flat = vector.reshape(-1)
+    return flat.reshape(1, -1, 1, 1) if out.dim() == 4 else flat
+
+
+class OFT(OrthogonalBase):
+    method = "oft"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        block_size: int = 32,
+        constraint: float = 0.0,
+        rescaled: bool = False,
+        on_input: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive("oft", block_size=block_size)
+        if on_input and rescaled:
+            raise UserError("oft: rescaled applies to output channels; it cannot be used with on_input")
+        shape = base_weight_shape(base_layer)
+        dim = shape[1] if on_input else shape[0]
+        size = block_size_for(dim, block_size)
+        self._setup(base_layer, on_input, constraint, rescaled, (dim // size, size, size))
+
+    def rotations(self, scale: float) -> torch.Tensor:
+        return toward_identity(cayley(self.oft_blocks, self.constraint), scale)  # (k, b, b)
+
+    def transform(self, x: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
+        mats = self.rotations(scale).to(x.dtype)
+        return rotate_blocks(x, mats, dim)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
+        # One blockwise product with (R diag(rescale) - I): the bias term is done on the small vector.
+        mats = self.rotations(scale)
+        if "rescale" in self._parameters:
+            mats = mats * self.rescale.reshape(mats.shape[0], 1, mats.shape[-1])
+        mats = (mats - torch.eye(mats.shape[-1], device=mats.device, dtype=mats.dtype)).to(base_out.dtype)
+        dim = 1 if base_out.dim() == 4 else -1
+        out = rotate_blocks(base_out, mats, dim)
+        if base_layer.bias is not None:
+            out = out - _channel_view(rotate_blocks(base_layer.bias.to(mats.dtype), mats, -1), out)
+        return out
+
+    @staticmethod
+    def hyper_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: torch.Size) -> dict[str, Any]:
+        on_input = bool(tensors.get("on_input", torch.tensor(False)))
+        return {
+            "block_size": int(tensors["oft_blocks"].shape[-1]),
+            "constraint": float(tensors.get("alpha", torch.tensor(0.0))),
+            "rescaled": "rescale" in tensors,
+            "on_input": on_input,
+        }
+
+
+class BOFT(OrthogonalBase):
+    method = "boft"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        block_size: int = 32,
+        stages: int = 0,
+        constraint: float = 0.0,
+        rescaled: bool | None = None,
+        on_input: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive("boft", block_size=block_size)
+        rescaled = on_input if rescaled is None else rescaled  # each peer's default: peft trains boft_s
+        shape = base_weight_shape(base_layer)
+        dim = shape[1] if on_input else shape[0]
+        size = butterfly_size_for(dim, block_size)
+        blocks = dim // size
+        most = int(math.log2(blocks)) + 1  # the full butterfly: every channel can reach every other
+        if stages < 0 or stages > most:
+            raise UserError(f"boft: stages must be 1..{most} for {dim} channels in blocks of {size} (got {stages})")
+        self._setup(base_layer, on_input, constraint, rescaled, (stages or most, blocks, size, size))
+
+    def transform(self, x: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
+        rotations = toward_identity(cayley(self.oft_blocks, self.constraint), scale).to(x.dtype)  # (m, k, b, b)
+        return butterfly(x, rotations, dim)
+
+    # With more positions than channels, training multiplies by the product of the stages, built once per
+    # step from the identity (dim x dim x b per stage): one dense matmul beats m gather/rotate/scatter passes
+    # over the activations, each of which copies them; with fewer, the stages run on the activations.
+
+    def _few_rows(self, x: torch.Tensor) -> bool:
+        """Fewer positions than channels: the stages on the activations cost less than building M."""
+        return x.numel() // self.dim < self.dim
+
+    def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self._few_rows(x):
+            return super().scale_input(x, scale)
+        m = self.channel_matrix(scale, x.dtype)
+        return _channel_matmul(x, m.T, 1 if x.dim() == 4 else -1)  # x' = M x per position
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor:
+        if self.acts_on_input or self._few_rows(base_out):
+            return super().delta(x, base_out, base_layer, scale)
+        m = self.channel_matrix(scale, torch.float32).T  # row form: y' = y M^T
+        if "rescale" in self._parameters:
+            m = m * self.rescale.reshape(1, -1)
+        m = (m - torch.eye(m.shape[0], device=m.device, dtype=m.dtype)).to(base_out.dtype)
+        out = _channel_matmul(base_out, m, 1 if base_out.dim() == 4 else -1)
+        if base_layer.bias is not None:
+            out = out - _channel_view(base_layer.bias.to(m.dtype) @ m, out)
+        return out
+
+    @staticmethod
+    def hyper_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: torch.Size) -> dict[str, Any]:
+        on_input = bool(tensors.get("on_input", torch.tensor(False)))
+        return {
+            "block_size": int(tensors["oft_blocks"].shape[-1]),
+            "stages": int(tensors["oft_blocks"].shape[0]),
+            "constraint": float(tensors.get("alpha", torch.tensor(0.0))),
+            "rescaled": "rescale" in tensors,
+            "on_input": on_input,
+        }
+
+
+def _channel_matmul(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """Row vectors of channels times `matrix` (c, d): a matmul on the last dim, a 1x1 conv on (B, C, H, W)."""
+    if dim == -1 or dim == x.dim() - 1:
+        return x @ matrix
+    return torch.nn.functional.conv2d(x, matrix.T[:, :, None, None])

@@ -1,0 +1,71 @@
+"""The mini DreamBench: its world, its measures' calibration, and the default preset on its pretrained base."""
+
+import numpy as np
+import pytest
+
+from benchmarks.dreambench_mini import measures, world
+from personalize.errors import UserError
+from personalize.models import world as world_model
+
+SLOW_STEPS = 300
+
+
+def test_world_is_deterministic_and_captioned():
+    first = world.world_sample(np.random.default_rng(5))
+    second = world.world_sample(np.random.default_rng(5))
+    assert np.array_equal(first[0], second[0]) and first[1] == second[1]
+    assert first[0].shape == (32, 32, 3) and first[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("subject", list(world.SUBJECTS))
+def test_measures_are_calibrated(subject):
+    scores = measures.calibrate(subject, seeds=3)
+    assert scores["perfect"] == {"subject": 1.0, "prompt": 1.0, "in_context": 1.0, "class_accuracy": 1.0}
+    assert scores["instance photos"]["subject"] == 1.0 and scores["instance photos"]["in_context"] == 0.0
+    assert scores["class, no subject"]["subject"] == 0.0 and scores["class, no subject"]["prompt"] == 1.0
+    assert scores["noise"]["in_context"] == 0.0
+
+
+def test_parse_reads_a_rendered_scene():
+    rng = np.random.default_rng(0)
+    scene = world.random_scene(rng, shape="cone", colour="orange", context="at night", size="big")
+    parsed = measures.parse(world.render(scene, rng))
+    assert (parsed.shape, parsed.colour, parsed.context, parsed.subject) == ("cone", "orange", "at night", None)
+    assert measures.size_of(parsed) == "big"
+    subject = measures.parse(world.subject_images("box", count=1)[0])
+    assert subject.subject == "box" and subject.context == "in a room"
+
+
+def test_world_model_name_resolves_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setenv("PERSONALIZE_WORLD_MODEL", str(tmp_path))
+    assert world_model.resolve_model("dreambench-mini") == str(tmp_path)
+    assert world_model.resolve_model("tiny-sd15") == "tiny-sd15"
+    monkeypatch.setattr(world_model, "world_model_candidates", lambda: [tmp_path / "none"])
+    with pytest.raises(UserError, match="python -m benchmarks.dreambench_mini.pretrain"):
+        world_model.resolve_model("dreambench-mini")
+
+
+@pytest.mark.slow
+def test_default_preset_beats_no_training_on_the_world(tmp_path):
+    """The no-flags preset, trained briefly on a novel subject: the subject appears where the untrained base
+    never draws it, and class prompts still draw the class (drift bounded)."""
+    import torch
+
+    from benchmarks.dreambench_mini import run
+    from personalize.cli import main
+    from personalize.models import load_pipeline
+
+    torch.set_num_threads(1)
+    photos = run.write_photos(tmp_path, "ball")
+    out = tmp_path / "run"
+    argv = ["train", "--images", str(photos), "--model", "dreambench-mini", "--token", "sks", "--class-word", "ball"]
+    argv += [*run.WORLD_FLAGS, "--steps", str(SLOW_STEPS), "--output", str(out), "--set", "validation_images=0"]
+    assert main(argv) == 0
+    pipe = load_pipeline("dreambench-mini")
+    pipe.set_progress_bar_config(disable=True)
+    base = run.draw(pipe, None, "ball", "sks", seeds=2)["figures"]
+    trained = run.draw(pipe, out, "ball", "sks", seeds=2)["figures"]
+    assert base["subject"] == 0.0  # the world never held the subject
+    assert trained["subject"] >= base["subject"] + 0.25
+    assert base["class_accuracy"] - trained["class_accuracy"] <= 0.25
