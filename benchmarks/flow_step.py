@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.train_step import IMAGES, PROMPT, ROOT, measure
+from benchmarks import train_step
+from benchmarks.train_step import IMAGES, ROOT, measure
 
 SCRIPTS = {"flux": "train_dreambooth_lora_flux.py", "sd3": "train_dreambooth_lora_sd3.py"}
 TARGETS = {"flux": "attention+ff", "sd3": "attention"}  # the reference scripts' default target lists
@@ -54,23 +55,11 @@ def ours_argv(family: str, model: Path, out: Path, steps: int, precision: str, a
 
 
 def peer_argv(family: str, model: Path, out: Path, steps: int, precision: str, args: argparse.Namespace) -> list[str]:
-    return [
-        str(args.peer_dir / SCRIPTS[family]),
-        f"--pretrained_model_name_or_path={model}",
-        f"--instance_data_dir={IMAGES}",
-        f"--instance_prompt={PROMPT}",
-        f"--output_dir={out}",
-        f"--resolution={args.resolution}",
-        "--center_crop",
-        "--train_batch_size=1",
-        "--rank=4",
+    """The SD1.5 benchmark's reference arguments with the family's script, this precision, alpha 4, cached latents."""
+    script = argparse.Namespace(peer_script=args.peer_dir / SCRIPTS[family], resolution=args.resolution)
+    shared = train_step.peer_argv(model, out, steps, script)
+    return [f"--mixed_precision={precision}" if a == "--mixed_precision=no" else a for a in shared] + [
         "--lora_alpha=4",
-        f"--max_train_steps={steps}",
-        "--learning_rate=1e-4",
-        f"--mixed_precision={precision}",
-        f"--checkpointing_steps={10 * (steps + 1)}",
-        "--seed=0",
-        "--dataloader_num_workers=0",
         "--cache_latents",
     ]
 

@@ -1,16 +1,14 @@
 """The flow-matching recipe in real processes (slow): two gloo ranks under torchrun, and a killed run resumed."""
 
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from .conftest import CAT
-from .test_processes import _env, _two_ranks
+from .test_processes import _env, _kill_after_first_checkpoint, _two_ranks
 
 
 def _flow_args(out, steps, model="tiny-flux", *more):
@@ -38,18 +36,7 @@ def test_killed_flux_run_resumes_to_the_uninterrupted_adapter(tmp_path, cache_di
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        [*python, *_flow_args(out, steps, "tiny-flux", *more)],
-        env=_env(cache_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000002").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "killed.safetensors").exists(), "the run finished before it could be killed"
+    _kill_after_first_checkpoint([*python, *_flow_args(out, steps, "tiny-flux", *more)], cache_dir, out)
     resumed = subprocess.run(
         [*python, *_flow_args(out, steps, "tiny-flux", *more, "--resume")],
         env=_env(cache_dir),
