@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="repeat the whole comparison (machine noise)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--no-lycoris", action="store_true", help="skip the LoKr / KronA rows")
+    parser.add_argument("--no-nf4", action="store_true", help="skip the NF4 row")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = save_models(args.workdir, args.families)
@@ -88,7 +89,8 @@ def main() -> None:
             sides.append((family, f"personalize lora {precision}", sys.executable, "ours", precision, "lora", ""))
             if args.peer_dir:
                 sides.append((family, f"diffusers {precision}", args.peer_python, "peer", precision, "lora", ""))
-        sides.append((family, "personalize lora nf4 (bf16)", sys.executable, "ours", "bf16", "lora", "nf4"))
+        if not args.no_nf4:
+            sides.append((family, "personalize lora nf4 (bf16)", sys.executable, "ours", "bf16", "lora", "nf4"))
         if not args.no_lycoris:
             for method in ("lokr", "krona"):
                 sides.append((family, f"personalize {method} bf16", sys.executable, "ours", "bf16", method, ""))
