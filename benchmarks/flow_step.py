@@ -49,6 +49,7 @@ def ours_argv(family: str, model: Path, out: Path, steps: int, precision: str, a
         argv += ["--rank", "4", "--alpha", "4"]
     argv += ["--resolution", str(args.resolution), "--batch-size", "1", "--steps", str(steps), "--lr", "1e-4"]
     argv += ["--mixed-precision", precision, "--checkpoint-every", "0", "--output", str(out), "--seed", "0"]
+    argv += ["--overwrite"]
     argv += ["--set", "validation_images=0", "--set", "data.bucketing=false", "--set", "data.num_workers=0"]
     argv += ["--set", f"data.cache_dir={args.workdir / 'cache'}", "--token", "sks", "--class-word", "cat"]
     return argv + (["--quantize", quantize] if quantize else [])
