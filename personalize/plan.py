@@ -41,6 +41,7 @@ from personalize.models.families import FamilyDescription, family_of_config, tra
 GB = 1024**3
 CPU_RUNTIME = 0.55 * GB
 DTYPE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
+PLANNED_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")  # the flow-matching recipe's methods
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 # what a published family's text encoders and VAE hold (parameters of the released files)
 ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6}
@@ -249,6 +250,8 @@ def _activations(
 
 def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     """The peak memory of training `model` with `settings` on `device` ('cuda' or 'cpu'), by parts."""
+    if settings.method not in PLANNED_METHODS:
+        raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
     half = DTYPE_BYTES[settings.mixed_precision] == 2
     hyper = {**dict(settings.method_options)}

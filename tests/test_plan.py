@@ -120,3 +120,24 @@ def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path_factory,
     error = (planned - measured) / measured
     print(f"{size} {' '.join(flags)}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
     assert abs(error) <= 0.20
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [{}, {"gradient_checkpointing": True}, {"quantize": "nf4"}])
+def test_planned_peak_is_within_20_percent_of_cuda_max_memory_allocated(tmp_path, flags):
+    import torch
+
+    from personalize.models.tiny_flow import reduced_flux
+    from personalize.trainers import train
+
+    folder = tmp_path / "flux"
+    reduced_flux(1, 2, num_attention_heads=8).save_pretrained(folder)
+    torch.cuda.reset_peak_memory_stats()
+    options = dict(resolution=512, steps=2, rank=4, mixed_precision="bf16", validation_images=0, **flags)
+    train(images=str(CAT), model=str(folder), output=str(tmp_path / "out"), checkpoint_every=0, **options)
+    measured = torch.cuda.max_memory_allocated()
+    settings = Settings(resolution=512, rank=4, mixed_precision="bf16", **flags)
+    planned = plan(str(folder), settings, "cuda").peak
+    print(f"{flags}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB")
+    assert abs(planned - measured) <= 0.20 * measured

@@ -12,6 +12,14 @@ from personalize.cli import main
 from .conftest import CAT
 
 METHODS = ["lora", "dora", "loha", "lokr", "krona", "ia3", "full"]
+QUICK = {("lora", "tiny-flux"), ("lora", "tiny-sd3"), ("full", "tiny-flux"), ("lokr", "tiny-sd3")}  # the rest: slow
+
+
+def _matrix(pairs):
+    """pytest params; pairs outside QUICK run with the slow tests (the default run stays short)."""
+    return [pytest.param(*pair, marks=() if pair in QUICK else pytest.mark.slow) for pair in pairs]
+
+
 KRONA = ["--set", "method_options={a1: 4, a2: 4}"]  # the paper's a1=64 does not divide the tiny width of 32
 
 
@@ -21,8 +29,9 @@ def _argv(model, out, cache_dir, *more):
     return [*argv, "--set", "validation_images=1", "--set", "checkpoint_every=0", *more]
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("method", "model"), _matrix([(m, model) for m in METHODS for model in ("tiny-flux", "tiny-sd3")])
+)
 def test_every_method_trains_through_the_cli(capsys, tmp_path, cache_dir, model, method):
     out = tmp_path / "run"
     more = ["--method", method, "--rank", "4", *(KRONA if method == "krona" else [])]
@@ -47,8 +56,9 @@ def _images(pipe, seed=0):
     return pipe("a photo of sks cat", num_inference_steps=2, height=32, width=32, generator=generator, output_type="pt")
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize(
+    ("method", "model"), _matrix([(m, model) for m in ("lora", "dora") for model in ("tiny-flux", "tiny-sd3")])
+)
 def test_stock_load_lora_weights_gives_our_loaders_images(quick, tiny_pipelines, model, method):
     from personalize.pipelines import load_adapter
 
@@ -62,7 +72,9 @@ def test_stock_load_lora_weights_gives_our_loaders_images(quick, tiny_pipelines,
     assert (mine - plain).abs().max() > 1e-3  # the adapter changes the image
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "krona"])
+@pytest.mark.parametrize(
+    "method", ["lokr", pytest.param("loha", marks=pytest.mark.slow), pytest.param("krona", marks=pytest.mark.slow)]
+)
 def test_lycoris_outputs_load_into_stock_pipelines_with_load_adapter(quick, tiny_pipelines, method):
     from personalize import adapters
     from personalize.pipelines import load_adapter

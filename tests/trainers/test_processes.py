@@ -55,6 +55,17 @@ def test_two_process_torchrun_on_cpu_writes_one_output(tmp_path, cache_dir):
     }
 
 
+def _kill_after_first_checkpoint(command, cache_dir, out):
+    """Start a training run, SIGKILL it once its step-2 checkpoint exists; it must not have finished."""
+    process = subprocess.Popen(command, env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / f"{out.name}.safetensors").exists(), "the run finished before it could be killed"
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir):
     python = [sys.executable, "-m", "personalize"]
@@ -62,18 +73,7 @@ def test_killed_process_resumes_to_the_uninterrupted_adapter(tmp_path, cache_dir
     reference = tmp_path / "reference"
     subprocess.run([*python, *_train_args(reference, steps)], env=_env(cache_dir), check=True, capture_output=True)
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        [*python, *_train_args(out, steps, "--checkpoint-every", "2")],
-        env=_env(cache_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000002").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "killed.safetensors").exists(), "the run finished before it could be killed"
+    _kill_after_first_checkpoint([*python, *_train_args(out, steps, "--checkpoint-every", "2")], cache_dir, out)
     resumed = subprocess.run(
         [*python, *_train_args(out, steps, "--checkpoint-every", "2", "--resume")],
         env=_env(cache_dir),

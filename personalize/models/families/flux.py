@@ -56,7 +56,8 @@ def predict(
     b, _, h, w = noisy.shape
     text = embeds["prompt_embeds"]  # (B, T, D)
     guidance_input = None
-    if guidance is not None and transformer.config.guidance_embeds:
+    config = getattr(transformer, "module", transformer).config  # DDP wraps the transformer in several processes
+    if guidance is not None and config.guidance_embeds:
         guidance_input = torch.full((b,), float(guidance), device=noisy.device, dtype=noisy.dtype)
     output = transformer(
         hidden_states=pack(noisy),
