@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -26,10 +25,16 @@ import torch
 from personalize.errors import UserError
 from personalize.models.families import FamilyDescription, transformer_config
 from personalize.trainers.common.ema import EMA
-from personalize.trainers.common.frozen_base import idle_until_validation, place
-from personalize.trainers.common.loop import LoopSettings, TrainState, train_loop
+from personalize.trainers.common.frozen_base import idle_until_validation, place, with_model_resolution
+from personalize.trainers.common.loop import (
+    LoopSettings,
+    TrainState,
+    needs_final_samples,
+    raise_if_interrupted,
+    train_loop,
+)
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import flow_step, losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -54,7 +59,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     """Run the recipe; `options` are TrainConfig keys (data keys flat). A passed `pipe` is left as it was."""
     config = config if config is not None else config_from_options(options)
     family = _family(config, pipe)
-    config, notes = resolve(with_family_defaults(config, family))
+    config, notes = resolve(with_family_defaults(config, family), pipe)
     _check_method(config, family)
     caveat = _check_distilled(
         config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
@@ -75,7 +80,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
     device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
-    config = _check_model(config, family, pipe, say)
+    config = _check_model(with_model_resolution(config, pipe, say), family, pipe, say)
     text_encoders = {name: getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None)}
     for module in (pipe.transformer, pipe.vae, *text_encoders.values()):
         module.requires_grad_(False)
@@ -191,6 +196,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if not own_pipe:
         _restore_pipe(pipe, original, trained, config)
     accelerator.free_memory()
+    raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
 
 
@@ -352,9 +358,7 @@ def _write_outputs(
 
     files: list[Path] = []
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not samples or not samples[-1].name.endswith(f"{state.step:06d}.png"):
-            validate(state.step)
+    if accelerator.is_main_process:  # the adapter first: a crash while sampling never loses it
         with ema.swap() if ema is not None else nullcontext():
             components = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             files = save_outputs(
@@ -367,6 +371,8 @@ def _write_outputs(
                 hyper=hyper,
                 resolution=config.data.resolution,
             )
+        if needs_final_samples(state, samples):
+            validate(state.step)
     return files
 
 
@@ -401,7 +407,7 @@ def _write_card(
         adapter={"hyper": hyper, "targets": config.targets, "components": list(trained), "name": config.adapter_name},
     )
     (output / "README.md").write_text(card)
-    (output / "metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=1))
+    write_metrics(output, metrics, state)
 
 
 def _restore_pipe(
