@@ -115,7 +115,13 @@ def vae_factor(model: str) -> int:
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
     """(family, transformer config) of what --model names, read without weights."""
-    config = dict(_tiny(model).transformer.config) if model.startswith("tiny-") else transformer_config(model)
+    transformer = getattr(_tiny(model), "transformer", None) if model.startswith("tiny-") else None
+    if model.startswith("tiny-") and transformer is None:
+        raise UserError(
+            f"cannot plan for {model}: the planner sizes SD3 and Flux transformers (try tiny-flux or tiny-sd3); "
+            "UNet models (SD1.x, SDXL) are not described yet"
+        )
+    config = dict(transformer.config) if transformer is not None else transformer_config(model)
     family = family_of_config(config) if config is not None else None
     if family is None or config is None:
         raise UserError(

@@ -141,3 +141,11 @@ def test_planned_peak_is_within_20_percent_of_cuda_max_memory_allocated(tmp_path
     planned = plan(str(folder), settings, "cuda").peak
     print(f"{flags}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB")
     assert abs(planned - measured) <= 0.20 * measured
+
+
+def test_a_unet_model_is_one_line_not_a_crash(capsys):
+    from personalize.cli import main
+
+    assert main(["plan", "--model", "tiny-sd15"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot plan for tiny-sd15") and len(err.strip().splitlines()) == 1
