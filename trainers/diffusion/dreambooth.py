@@ -105,27 +105,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             for name, encoder in text_encoders.items():
                 adapters.inject(encoder, config.method, targets="text", name=config.adapter_name, **hyper)
                 trained[name] = encoder
-    named = _trainable(trained)
-    for param in named.values():  # precision policy: what trains is fp32, whatever the base is
-        param.data = param.data.float()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for name in trained:
-            if name != "unet":
-                trained[name].gradient_checkpointing_enable()
-    _set_attention(unet, config.attention)
+    named = prepare_trained(trained, "unet", config)
 
     # --- optimizer, schedule, loop state ------------------------------------------------------
-    groups = _param_groups(trained, config)
-    optimizer = build_optimizer(
-        config.optimizer,
-        groups,
-        lr=config.lr,
-        betas=config.adam_betas,
-        weight_decay=config.weight_decay,
-        eps=config.adam_epsilon,
-    )  # type: ignore[arg-type]
-    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    optimizer, lr_scheduler = optimizer_and_schedule(trained, config)
     # Only the UNet is wrapped (DDP when distributed); text encoders run unwrapped inside encode_text,
     # so the loop averages their adapter gradients across processes itself.
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -230,6 +213,34 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 # --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def prepare_trained(trained: dict[str, torch.nn.Module], denoiser: str, config: TrainConfig) -> dict[str, Any]:
+    """What trains goes fp32 (whatever the base is), gets checkpointing and the attention backend; returns
+    the trainable parameters by name. Shared with the flow-matching recipe (`denoiser`: "transformer")."""
+    named = _trainable(trained)
+    for param in named.values():
+        param.data = param.data.float()
+    if config.gradient_checkpointing:
+        trained[denoiser].enable_gradient_checkpointing()
+        for name in trained:
+            if name != denoiser:
+                trained[name].gradient_checkpointing_enable()
+    _set_attention(trained[denoiser], config.attention)
+    return named
+
+
+def optimizer_and_schedule(trained: dict[str, torch.nn.Module], config: TrainConfig) -> tuple[Any, Any]:
+    """The optimizer over the trained modules' parameter groups and its LR schedule."""
+    optimizer = build_optimizer(
+        config.optimizer,
+        _param_groups(trained, config),
+        lr=config.lr,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )  # type: ignore[arg-type]
+    return optimizer, build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
 
 
 def _datasets(config: TrainConfig, pipe: Any, output: Path, say: Any) -> tuple[Any, Any]:

@@ -33,7 +33,6 @@ from personalize.trainers.common.loop import (
     raise_if_interrupted,
     train_loop,
 )
-from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import flow_step, losses, unet_step
@@ -43,13 +42,12 @@ from personalize.trainers.diffusion.dreambooth import (
     _card_settings,
     _datasets,
     _hyperparameters,
-    _param_groups,
-    _set_attention,
     _stream,
     _summary,
-    _trainable,
     _validate,
     instance_data_prompt,
+    optimizer_and_schedule,
+    prepare_trained,
 )
 
 FLOW_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")
@@ -121,27 +119,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             for name in family.trainable_text_encoders:
                 adapters.inject(text_encoders[name], config.method, targets="text", name=config.adapter_name, **hyper)
                 trained[name] = text_encoders[name]
-    named = _trainable(trained)
-    for param in named.values():  # what trains is fp32, whatever the base is
-        param.data = param.data.float()
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-        for name in trained:
-            if name != "transformer":
-                trained[name].gradient_checkpointing_enable()
-    _set_attention(transformer, config.attention)
+    named = prepare_trained(trained, "transformer", config)
 
     # --- optimizer, schedule, loop state ------------------------------------------------------
-    groups = _param_groups(trained, config)
-    optimizer = build_optimizer(
-        config.optimizer,
-        groups,
-        lr=config.lr,
-        betas=config.adam_betas,
-        weight_decay=config.weight_decay,
-        eps=config.adam_epsilon,
-    )  # type: ignore[arg-type]
-    lr_scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.steps)  # type: ignore[arg-type]
+    optimizer, lr_scheduler = optimizer_and_schedule(trained, config)
     prepared, optimizer = accelerator.prepare(transformer, optimizer)  # DDP wraps the transformer only
     models = [prepared, *[module for name, module in trained.items() if name != "transformer"]]
     unwrapped_sync = [param for name, param in named.items() if not name.startswith("transformer.")]
