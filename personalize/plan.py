@@ -211,7 +211,7 @@ def _activations(
     latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
-        for key, shape in family.example_shapes(config).items()
+        for key, shape in family.embedding_shapes(config).items()
     }
     tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
@@ -245,8 +245,15 @@ def _activations(
         if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
+    # data-dependent shapes (HiDream's MoE routing: boolean indexing) cannot be known on meta tensors: count
+    # every token at every expert, an upper bound on the routed experts' activations (see README)
+    from torch.fx.experimental import _config as fx_config
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            fx_config.patch(meta_nonzero_assume_all_nonzero=True),
+        ):
             timesteps = torch.full((batch,), 500.0, device="meta")
             output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
     finally:

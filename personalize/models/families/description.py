@@ -20,9 +20,9 @@ branches on a family's name. What differs per family:
 - LoRA key names: the diffusers component prefix and the single-file (ComfyUI) prefix;
 - `defaults`: rank / lr / steps with their source; `distilled(config)`: the caveat of a distilled model;
 - `published`: transformer configs of the released checkpoints, by hub id, for the planner (no download);
-- `embed_keys`: the tensors `encode_prompt` returns (what the text cache stores and `predict` reads) and
-  `embed_shapes(config)`: their per-sample shapes (the planner builds them on the meta device); a family
-  whose prompts have variable length returns them padded with a `prompt_embeds_mask` (see `trim_padding`);
+- `embed_shapes(config)`: the per-sample shape of each embedding `encode_prompt` returns (the planner's
+  stand-ins; its keys are what the text cache stores and `predict` reads); a family whose prompts have
+  variable length returns them padded with a `prompt_embeds_mask` (`pad_rows`, `trim_padding`);
 - `block_pattern`: module paths of the transformer's repeated blocks (the planner's checkpointing estimate);
   `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase).
 """
@@ -36,6 +36,14 @@ from typing import Any
 import torch
 
 Embeds = dict[str, torch.Tensor]
+
+
+def pooled_and_sequence(config: Mapping[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
+    """The SD3 / Flux embeddings: a (tokens, joint_attention_dim) sequence and a pooled vector."""
+    return {
+        "prompt_embeds": (text_tokens, int(config["joint_attention_dim"])),
+        "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
+    }
 
 
 @dataclass(frozen=True)
@@ -65,19 +73,15 @@ class FamilyDescription:
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_tokens: Callable[[Mapping[str, Any]], int] = lambda config: 77
     image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w
-    embed_keys: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
-    embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None
+    embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None  # None: pooled + sequence
     block_pattern: str = r"(single_)?transformer_blocks\.\d+"
     encoder_parameters: float = 0.0
 
-    def example_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Per-sample shapes of what `encode_prompt` returns for a transformer of this config."""
+    def embedding_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of the embeddings the transformer takes (without the batch dimension)."""
         if self.embed_shapes is not None:
             return self.embed_shapes(config)
-        return {
-            "prompt_embeds": (self.text_tokens(config), int(config["joint_attention_dim"])),
-            "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
-        }
+        return pooled_and_sequence(config, self.text_tokens(config))
 
     def method_defaults(self, method: str) -> tuple[int | None, float, int] | None:
         return self.defaults.get(method)

@@ -86,7 +86,6 @@ Z_IMAGE_FAMILY = FamilyDescription(
     published={"Tongyi-MAI/Z-Image-Turbo": Z_IMAGE, "Tongyi-MAI/Z-Image": Z_IMAGE},
     text_tokens=lambda config: 64,  # planned prompt length (captions are unpadded)
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
-    embed_keys=("prompt_embeds", "prompt_embeds_mask"),
     embed_shapes=lambda config: {"prompt_embeds": (64, int(config["cap_feat_dim"])), "prompt_embeds_mask": (64,)},
     block_pattern=r"(layers|noise_refiner|context_refiner)\.\d+",
     encoder_parameters=4.02e9 + 84e6,  # Qwen3-4B + the Flux VAE
