@@ -88,5 +88,6 @@ Z_IMAGE_FAMILY = FamilyDescription(
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
     embed_shapes=lambda config: {"prompt_embeds": (64, int(config["cap_feat_dim"])), "prompt_embeds_mask": (64,)},
     block_pattern=r"(layers|noise_refiner|context_refiner)\.\d+",
+    single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
     encoder_parameters=4.02e9 + 84e6,  # Qwen3-4B + the Flux VAE
 )
