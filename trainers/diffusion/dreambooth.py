@@ -193,16 +193,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
-    if config.eval and accelerator.is_main_process and not state.stopped_early:  # score it as a user loads it
-        from personalize.eval import EvalSettings, evaluate
-
-        device = str(accelerator.device)
-        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
-        evaluation = evaluate(output, settings, say=say)
-        metrics["eval"] = evaluation.figures
-        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
-        logs.log_values(accelerator, numbers, state.step)
-        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
+    evaluate_output(accelerator, config, output, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)
@@ -213,6 +204,23 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
 
 # --- pieces of the recipe ----------------------------------------------------------------------
+
+
+def evaluate_output(
+    accelerator: Any, config: TrainConfig, output: Path, state: TrainState, metrics: dict[str, Any], say: Any
+) -> None:
+    """`--eval`: score the saved adapter as a user loads it (personalize eval), into metrics and the trackers."""
+    if not config.eval or not accelerator.is_main_process or state.stopped_early:
+        return
+    from personalize.eval import EvalSettings, evaluate
+
+    device = str(accelerator.device)
+    settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
+    evaluation = evaluate(output, settings, say=say)
+    metrics["eval"] = evaluation.figures
+    numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
+    logs.log_values(accelerator, numbers, state.step)
+    logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
 
 
 def prepare_trained(trained: dict[str, torch.nn.Module], denoiser: str, config: TrainConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.models.families import FamilyDescription, transformer_config
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import idle_until_validation, place, with_model_resolution
@@ -45,6 +46,7 @@ from personalize.trainers.diffusion.dreambooth import (
     _stream,
     _summary,
     _validate,
+    evaluate_output,
     instance_data_prompt,
     optimizer_and_schedule,
     prepare_trained,
@@ -151,6 +153,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation(idle, device, own_pipe)
 
@@ -173,9 +176,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
         for path in files + samples[-1:]:
             say(f"  {path}")
+    evaluate_output(accelerator, config, output, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
