@@ -237,7 +237,7 @@ def _check_model(config: TrainConfig, family: FamilyDescription, pipe: Any, say:
     """What the model itself rules out: a distilled model without consent, a resolution it cannot take."""
     transformer_config = dict(pipe.transformer.config)
     _check_distilled(config, family, transformer_config)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 0)) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     multiple = vae_factor * family.latent_multiple(transformer_config)
     data = config.data
     if data.resolution % multiple:
@@ -308,10 +308,10 @@ def _loss_function(
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
         per_sample, weights, is_class = [], [], []
-        keep = ("latents", "is_class", *unet_step.TEXT_KEYS)
+        keep = ("latents", "is_class", *family.embed_keys)
         for group in unet_step.concat_batches([{k: item[k] for k in keep if k in item} for item in batches]):
             latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w)
-            embeds = {key: group[key] for key in unet_step.TEXT_KEYS}
+            embeds = {key: group[key] for key in family.embed_keys}
             values, sample_weights = flow_step.per_sample_loss(
                 family, transformer, latents, embeds, schedule, settings, generator, compute_dtype
             )
