@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.models.families import FamilyDescription, transformer_config
 from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.finish import evaluate_output, write_run_files
 from personalize.trainers.common.frozen_base import idle_until_validation, place, with_model_resolution
 from personalize.trainers.common.loop import (
     LoopSettings,
@@ -33,7 +35,7 @@ from personalize.trainers.common.loop import (
     raise_if_interrupted,
     train_loop,
 )
-from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import flow_step, losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -151,6 +153,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation(idle, device, own_pipe)
 
@@ -168,14 +171,14 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     files = _write_outputs(accelerator, config, family, trained, hyper, ema, state, output, samples, validate, prompts)
     metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
-        _write_card(config, family, files, output, samples, metrics, hyper, trained, prompts, state)
-        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
-        for path in files + samples[-1:]:
-            say(f"  {path}")
+        card = _card(config, family, files, output, samples, metrics, hyper, trained, prompts)
+        done = f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}"
+        files = write_run_files(output, card, files, samples, metrics, state, say, done)
+    evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
@@ -360,7 +363,7 @@ def _write_outputs(
     return files
 
 
-def _write_card(
+def _card(
     config: TrainConfig,
     family: FamilyDescription,
     files: list[Path],
@@ -370,14 +373,13 @@ def _write_card(
     hyper: dict[str, Any],
     trained: dict[str, torch.nn.Module],
     prompts: list[str],
-    state: TrainState,
-) -> None:
+) -> str:
     from personalize.trainers.common.model_card import render_model_card
 
     settings = _card_settings(config)
     settings.update(weighting_scheme=config.weighting_scheme, guidance_scale=config.guidance_scale or "")
     settings.update(precondition_outputs=config.precondition_outputs, defaults_from=family.defaults_source)
-    card = render_model_card(
+    return render_model_card(
         base_model=config.model,
         family=family.name,
         method=config.method,
@@ -390,8 +392,6 @@ def _write_card(
         metrics=metrics,
         adapter={"hyper": hyper, "targets": config.targets, "components": list(trained), "name": config.adapter_name},
     )
-    (output / "README.md").write_text(card)
-    write_metrics(output, metrics, state)
 
 
 def _restore_pipe(
