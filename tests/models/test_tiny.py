@@ -12,17 +12,24 @@ EXPECTED_FAMILY = {
     "tiny-sdxl": "sdxl",
     "tiny-sd3": "sd3",
     "tiny-flux": "flux",
+    "tiny-qwen-image": "qwen-image",
+    "tiny-z-image": "z-image",
+    "tiny-hidream": "hidream",
+    "tiny-krea2": "krea2",
     "tiny-llama": "llm",
     "tiny-llava": "vlm",
 }
 # DiT pipelines pack latents into patches and need sizes divisible by 16 at vae scale 1 -> 32 px.
 IMAGE_SIZE = {"tiny-sd15": 64, "tiny-sd2": 64, "tiny-sdxl": 64, "tiny-sd3": 32, "tiny-flux": 32}
+IMAGE_SIZE.update({name: 32 for name in ("tiny-qwen-image", "tiny-z-image", "tiny-hidream", "tiny-krea2")})
+# Qwen-Image's published scheduler (shift_terminal 0.02) divides by zero for a single step, in stock diffusers
+STEPS = {"tiny-qwen-image": 2}
 
 
 def _one_step(pipe, name, seed=0):
     kwargs = dict(
         prompt="a photo of sks cat",
-        num_inference_steps=1,
+        num_inference_steps=STEPS.get(name, 1),
         height=IMAGE_SIZE[name],
         width=IMAGE_SIZE[name],
         generator=torch.Generator().manual_seed(seed),

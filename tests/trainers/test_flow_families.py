@@ -146,3 +146,16 @@ def test_a_dit_family_without_a_description_is_one_line_naming_the_nearest(capsy
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "Lumina2 model (Lumina2Pipeline" in err and "nearest supported family is z-image" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_a_saved_tiny_family_reloads_with_stock_from_pretrained_and_is_detected(tmp_path, model):
+    from diffusers import DiffusionPipeline
+
+    from personalize.models import detect_family, save_tiny
+    from personalize.models.families import described_family
+
+    folder = save_tiny(model, tmp_path / model)
+    assert detect_family(folder) == FAMILIES[model] and described_family(str(folder)).name == FAMILIES[model]
+    reloaded = DiffusionPipeline.from_pretrained(folder)
+    assert type(reloaded).__name__ == described_family(str(folder)).pipeline_class
