@@ -214,6 +214,8 @@ def _activations(
         for key, shape in family.embedding_shapes(config).items()
     }
     tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
+    # attention over the joint sequence, or over the image / text tokens alone (Z-Image's refiners)
+    squares = {tokens, family.image_tokens(config, size, size), family.text_tokens(config)}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -224,7 +226,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == tokens:  # math-kernel attention matrix
+        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] in squares:  # math kernel
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes

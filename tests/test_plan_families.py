@@ -19,6 +19,7 @@ PUBLISHED = {  # hub id -> transformer parameters in billions (from the released
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(PUBLISHED))
 def test_published_models_plan_their_real_size_without_any_download(model):
     low, high = PUBLISHED[model]
@@ -68,3 +69,34 @@ def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path_factory,
     error = (planned - measured) / measured
     print(f"{family}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
     assert abs(error) <= 0.20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "qwen-image-lora-16gb",
+        "qwen-image-lora-24gb",
+        "z-image-lora-16gb",
+        "z-image-lora-24gb",
+        "krea2-lora-16gb",
+        "krea2-lora-24gb",
+    ],
+)
+def test_family_presets_fit_the_card_they_name(preset):
+    from personalize import config
+    from personalize.models.families import described_family
+
+    values = config.read_preset(preset)
+    family = described_family(values["model"])
+    assert family is not None and values["targets"] in family.targets
+    settings = Settings(
+        rank=values["rank"],
+        targets=values["targets"],
+        resolution=values["data"]["resolution"],
+        batch_size=values["batch_size"],
+        quantize=values.get("quantize", ""),
+        gradient_checkpointing=values["gradient_checkpointing"],
+    )
+    card = int(preset.rsplit("-", 1)[1].removesuffix("gb"))
+    assert plan(values["model"], settings).peak <= card * GB
