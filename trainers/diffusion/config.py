@@ -322,9 +322,9 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
     if config.method in TOKEN_METHODS:
         check_token_options(config)
-    if config.eval and config.method in (*TOKEN_METHODS, *CONDITIONING_METHODS):
+    if config.eval and config.method in CONDITIONING_METHODS:
         raise UserError(
-            f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
+            f"--eval scores subject adapters; for --method {config.method} run `personalize eval OUT` on a subject run"
         )
     from personalize.eval.logs import check_report_to
 
