@@ -15,7 +15,9 @@ Parameters use LyCORIS's names (`oft_blocks` (k, b, b) for diag-OFT, (m, k, b, b
 COFT constraint: |Q| is clipped to alpha * dim when alpha > 0, `rescale` (dim, 1[, 1, 1]) an optional
 per-channel scale). As in LyCORIS the rotation acts on the *output* channels (that is what A1111/ComfyUI
 read): y' = R (y - bias) + bias, and training rotates the output activations blockwise (cost
-O(tokens * dim * b), the (out x in) weight is never rebuilt). `on_input=True` rotates the *input*
+O(tokens * dim * b)); on a plain Linear with more tokens than channels it multiplies by the frozen weight
+with R folded in instead (MergedRotation: cheaper there, one activation pass backward). `on_input=True`
+rotates the *input*
 channels instead, which is peft's OFT/BOFT (x' = x R, y = W x'); the `on_input` buffer then marks it.
 A scale s interpolates every block towards I (s R + (1 - s) I), as LyCORIS's multiplier does.
 
@@ -247,7 +249,7 @@ def merged_pays(x: torch.Tensor, layer: nn.Module, on_input: bool) -> bool:
 
 class OrthogonalBase(AdapterModule):
     """What OFT and BOFT share: the side, the constraint, the rescale and merging through the full
-    channel matrix (merge and export only; training never builds it)."""
+    channel matrix (merge, export and BOFT's dense paths)."""
 
     def _setup(
         self, base_layer: nn.Module, on_input: bool, constraint: float, rescaled: bool, shape: tuple[int, ...]
