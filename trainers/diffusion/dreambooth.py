@@ -431,6 +431,7 @@ def _validate(
     config: TrainConfig,
     ema: EMA | None,
     accelerator: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     from personalize.trainers.common.validation import sample_grid
 
@@ -457,6 +458,7 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
+            extra=extra,
         )
     unet.train(was_training)
     return path
