@@ -15,6 +15,7 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd3": tiny_diffusion.tiny_sd3,
     "tiny-flux": tiny_diffusion.tiny_flux,
     "tiny-flux-kontext": tiny_flow2.tiny_flux_kontext,
+    "tiny-chroma": tiny_flow2.tiny_chroma,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-llama": tiny_text.tiny_llama,

@@ -50,3 +50,24 @@ def tiny_flux_kontext() -> Any:
     )
     pipe.default_sample_size = TINY_SIDE // 8  # latent side: 64 px samples and training by default
     return pipe
+
+
+@_seeded
+def tiny_chroma() -> Any:
+    """ChromaPipeline: Chroma1-HD's transformer config at 1 + 1 blocks, 2 heads; the approximator keeps its
+    real input channels (64) and 5 layers at width 64 (real 5120: 260M parameters alone)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from personalize.models.families.chroma import CHROMA1_HD
+
+    text_encoder, tokenizer = _tiny_t5_encoder()  # d_model 32
+    transformer = ChromaTransformer2DModel(**_reduced(CHROMA1_HD, joint_attention_dim=32, approximator_hidden_dim=64))
+    pipe = ChromaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),  # as FLUX.1
+        vae=_vae(CHROMA1_HD["in_channels"] // 4, FLUX_VAE),  # Chroma uses the FLUX.1 autoencoder
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.default_sample_size = TINY_SIDE // 8
+    return pipe

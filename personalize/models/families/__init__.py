@@ -1,6 +1,7 @@
 """Flow-matching DiT families, one description each (flux.py, sd3.py, ...): see description.py.
 
-Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked first.
+Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked before
+SD3, and Chroma / Flux.2 configs also have Flux's keys, so they are asked before Flux.
 Families sharing a transformer class (Flux.1 and Flux Kontext) are told apart by the pipeline class first.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from personalize.models.families.chroma import CHROMA
 from personalize.models.families.description import FamilyDescription
 from personalize.models.families.flux import FLUX
 from personalize.models.families.flux_kontext import FLUX_KONTEXT
 from personalize.models.families.sd3 import SD3
 
 FLOW_FAMILIES: dict[str, FamilyDescription] = {
-    description.name: description for description in (FLUX, SD3, FLUX_KONTEXT)
+    description.name: description for description in (CHROMA, FLUX, SD3, FLUX_KONTEXT)
 }
 
 
