@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
+from personalize.data.edit import EditConfig
 from personalize.errors import UserError
 from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
@@ -103,6 +104,10 @@ class TrainConfig:
     conditioning: ConditioningConfig = option(
         help="controlnet / t2i-adapter / ip-adapter / controlnext: paired images, annotator, image encoder",
         default_factory=ConditioningConfig,
+    )
+    edit: EditConfig = option(
+        help="--task edit: source images paired with the target images, instructions (edit models only)",
+        default_factory=EditConfig,
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
     class_image_steps: int = option(25, "denoising steps of each generated class image (prior preservation)")
