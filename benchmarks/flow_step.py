@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -79,12 +80,30 @@ def peer_argv(family: str, model: Path, out: Path, steps: int, precision: str, a
 
 # Runs `python -c MEASURE <kind> <argv...>` in a fresh process: the trainer in-process with every optimizer
 # step stamped, then its peak memory.
+# With FLOW_STEP_UNTIL_TRAINING set, the child reports and exits at the transformer's first forward (loading,
+# caching and setup measured; the steps not run).
 MEASURE = r"""
-import json, resource, runpy, sys, time
+import json, os, resource, runpy, sys, time
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 stamps = []
 register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+
+def report(partial):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    print("MEASURED " + json.dumps({"stamps": stamps, "peak_bytes": peak, "partial": partial}), flush=True)
+
+if os.environ.get("FLOW_STEP_UNTIL_TRAINING"):
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    def stop(module, args):
+        if type(module).__name__ in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+            report(True)
+            os._exit(0)
+
+    register_module_forward_pre_hook(stop)
 kind, argv = sys.argv[1], sys.argv[2:]
 try:
     if kind == "ours":
@@ -96,10 +115,7 @@ try:
 except SystemExit as exit_:
     if exit_.code not in (None, 0):
         raise
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-if torch.cuda.is_available():
-    peak = torch.cuda.max_memory_allocated()
-print("MEASURED " + json.dumps({"stamps": stamps, "peak_bytes": peak}))
+report(False)
 """
 
 
@@ -111,6 +127,8 @@ def measure(python: str, kind: str, argv: list[str], env: dict[str, str]) -> dic
         raise SystemExit(f"{kind} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len("MEASURED ") :])
     stamps = result["stamps"]
+    if result["partial"]:
+        return {"step": float("nan"), "peak": result["peak_bytes"]}
     if len(stamps) < 2:
         raise SystemExit(f"{kind}: {len(stamps)} optimizer steps stamped; run at least 2 steps")
     return {"step": statistics.median(b - a for a, b in zip(stamps, stamps[1:])), "peak": result["peak_bytes"]}
@@ -129,6 +147,14 @@ def main() -> None:
     parser.add_argument("--no-lycoris", action="store_true", help="skip the LoKr / KronA rows")
     parser.add_argument("--no-nf4", action="store_true", help="skip the NF4 row")
     parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    parser.add_argument("--nf4-precision", default="bf16", help="the NF4 row's compute precision (no = fp32)")
+    parser.add_argument(
+        "--until-training",
+        nargs="*",
+        default=[],
+        help="precisions whose runs stop at the first training forward (peak of loading + caching only; for a CPU "
+        "without bf16 instructions, where a bf16 step of the real-width model takes hours)",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = save_models(args.workdir, args.families)
@@ -143,7 +169,8 @@ def main() -> None:
             if args.peer_dir:
                 sides.append((family, f"diffusers {precision}", args.peer_python, "peer", precision, "lora", ""))
         if not args.no_nf4:
-            sides.append((family, "personalize lora nf4 (bf16)", sys.executable, "ours", "bf16", "lora", "nf4"))
+            name = f"personalize lora nf4 {args.nf4_precision}"
+            sides.append((family, name, sys.executable, "ours", args.nf4_precision, "lora", "nf4"))
         if not args.no_lycoris:
             for method in ("lokr", "krona"):  # fp32: the faster precision on a CPU without bf16 instructions
                 sides.append((family, f"personalize {method} no", sys.executable, "ours", "no", method, ""))
@@ -158,7 +185,8 @@ def main() -> None:
             else:
                 argv = peer_argv(family, models[family], out, args.steps, precision, args)
             started = time.perf_counter()
-            result = measure(python, kind, argv, env)
+            until = {"FLOW_STEP_UNTIL_TRAINING": "1"} if precision in args.until_training and not quantize else {}
+            result = measure(python, kind, argv, {**env, **until})
             runs[(family, name)].append(result)
             seconds = time.perf_counter() - started
             figures = f"{result['step']:7.2f} s/step {result['peak'] / 2**20:7.0f} MB ({seconds:.0f} s)"
@@ -180,14 +208,16 @@ def report(runs: dict[tuple[str, str], list[dict[str, float]]], args: argparse.N
         versus, lora = "", ""
         precision = name.split()[-1]
         peer = table.get((family, f"diffusers {precision}"))
-        if name.startswith("personalize lora") and peer and precision in ("no", "bf16"):
-            versus = f"{step / peer[0]:.2f}x, {peak / peer[1]:.2f}x"
+        if name.startswith("personalize lora") and "nf4" not in name and peer:
+            versus = (
+                f"memory {peak / peer[1]:.2f}x" if math.isnan(step) else f"{step / peer[0]:.2f}x, {peak / peer[1]:.2f}x"
+            )
         if "nf4" in name and (family, "diffusers bf16") in table:
             versus = f"memory {peak / table[(family, 'diffusers bf16')][1]:.2f}x of its bf16"
         ours = table.get((family, "personalize lora no"))
         if ("lokr" in name or "krona" in name) and ours:
             lora = f"{step / ours[0]:.2f}x"
-        noise = f"{step:.2f} ({min(steps):.2f}-{max(steps):.2f})"
+        noise = "stopped at training" if math.isnan(step) else f"{step:.2f} ({min(steps):.2f}-{max(steps):.2f})"
         memory = f"{peak:.0f} ({min(peaks):.0f}-{max(peaks):.0f})"
         print(f"| {family} | {name} | {noise} | {memory} | {versus} | {lora} |", flush=True)
 
