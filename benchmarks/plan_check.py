@@ -3,9 +3,11 @@
 Random-init Flux and SD3 transformers at several widths (reduced depth, personalize.models.tiny_flow), saved
 locally, each trained for 2 steps at 256 px (LoRA rank 4, batch 1) in a fresh process; the child's
 ru_maxrss is the measurement, `personalize.plan.plan(folder, settings, "cpu").peak` the estimate.
-Cases: fp32, bf16, gradient checkpointing (fp32 and bf16) and `--quantize nf4` (bf16).
+Cases: fp32, bf16, gradient checkpointing and `--quantize nf4`. A case marked `:load` stops at the
+transformer's first training forward and is compared with the planned loading phase (CPU: the mapped fp32
+file + its bf16 copy): on a CPU without bf16 instructions a bf16 training step takes hours.
 
-    python -m benchmarks.plan_check [--cases flux-1024:no flux-1024:bf16:ckpt sd3-768:bf16:nf4 ...]
+    python -m benchmarks.plan_check [--cases flux-1024:no flux-1024:no:ckpt sd3-768:no:nf4 flux-1024:bf16:load ...]
         [--trace]   # also sample the child's RSS (anonymous / file-backed) every 20 ms and print where it peaked
 """
 
@@ -53,10 +55,22 @@ DEFAULT_CASES = [
 
 # the child: `personalize train` in-process, then its own peak RSS
 CHILD = r"""
-import json, resource, sys
+import json, os, resource, sys
+import torch
+
+def report(code):
+    print("MEASURED " + json.dumps({"code": code, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+if os.environ.get("PLAN_CHECK_UNTIL_TRAINING"):
+    def stop(module, args):
+        if type(module).__name__ in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+            report(0)
+            sys.stdout.flush()
+            os._exit(0)
+
+    torch.nn.modules.module.register_module_forward_pre_hook(stop)
 from personalize.cli import main
-code = main(sys.argv[1:])
-print("MEASURED " + json.dumps({"code": code, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+report(main(sys.argv[1:]))
 """
 
 
@@ -66,19 +80,21 @@ class Case:
     precision: str  # "no" (fp32) or "bf16"
     checkpointing: bool
     quantize: str
+    until_training: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Case:
         build, precision, *flags = text.split(":")
         if build not in BUILDS:
             raise SystemExit(f"unknown build {build!r}; choose from {', '.join(BUILDS)}")
-        return cls(build, precision, "ckpt" in flags, "nf4" if "nf4" in flags else "")
+        return cls(build, precision, "ckpt" in flags, "nf4" if "nf4" in flags else "", "load" in flags)
 
     @property
     def label(self) -> str:
         parts = ["fp32" if self.precision == "no" else self.precision]
         parts += ["checkpointing"] if self.checkpointing else []
         parts += [f"--quantize {self.quantize}"] if self.quantize else []
+        parts += ["until training (loading phase)"] if self.until_training else []
         return ", ".join(parts)
 
     def flags(self) -> list[str]:
@@ -118,6 +134,8 @@ def measure(folder: Path, case: Case, out: Path, trace: bool = False, steps: int
     argv += ["--set", "checkpoint_every=0", "--set", f"data.cache_dir={out.parent / 'cache'}", *case.flags()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.setdefault("OMP_NUM_THREADS", "1")
+    if case.until_training:
+        env["PLAN_CHECK_UNTIL_TRAINING"] = "1"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -156,8 +174,9 @@ def check(case: Case, workdir: Path, trace: bool = False) -> dict[str, Any]:
     folder = save_build(case.build, workdir)
     measured = measure(folder, case, workdir / "runs" / f"{case.build}-{case.label.replace(' ', '_')}", trace)
     estimate = plan(str(folder), case.settings(), "cpu")
-    error = (estimate.peak - measured["peak"]) / measured["peak"]
-    return {**measured, "planned": estimate.peak, "error": error, "parts": estimate.parts, "caching": estimate.caching}
+    planned = max(estimate.loading, estimate.caching) if case.until_training else estimate.peak
+    error = (planned - measured["peak"]) / measured["peak"]
+    return {**measured, "planned": planned, "error": error, "parts": estimate.parts, "caching": estimate.caching}
 
 
 def main() -> None:
