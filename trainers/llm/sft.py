@@ -300,6 +300,8 @@ def _targets(config: LLMTrainConfig, family: str) -> str | None:
         return config.targets
     if config.method in PLACEMENTS:  # bottleneck adapters: after the output projections, LLM or VLM
         return PLACEMENTS[config.method]
+    if config.method == "boft" and family == "llm":  # FFN widths such as 11008 = 43 x 2^8 split into no
+        return "attention"  # even block <= 32 times a power of two; peft's BOFT examples adapt attention too
     if family == "vlm":
         from personalize.trainers.llm.vlm import vlm_targets
 
