@@ -204,8 +204,7 @@ def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper
     missing = _missing_input(model, method) if takes_input else None
     if missing:
         raise UserError(
-            f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__} ({missing}); "
-            "use lora"
+            f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__} ({missing}); use lora"
         )
     if len(registry(model)):
         raise UserError(f"{method}: this model already has a prompt adapter ({', '.join(registry(model))})")
