@@ -104,13 +104,16 @@ def _tiny(model: str) -> Any:
 
 
 def vae_factor(model: str) -> int:
-    """How much the VAE downsamples: 2^(blocks - 1) from its config (8 for every published SD3/Flux VAE)."""
+    """How much the VAE downsamples (8 for every published SD3/Flux/Qwen-Image VAE): 2^(blocks - 1) of an
+    image VAE's config, 2^(spatial downsamples) of a video-style one (`temperal_downsample`)."""
     if model.startswith("tiny-"):
-        blocks = len(_tiny(model).vae.config.block_out_channels)
+        config = dict(_tiny(model).vae.config)
     else:
         file = Path(model).expanduser() / "vae" / "config.json"
-        blocks = len(json.loads(file.read_text())["block_out_channels"]) if file.is_file() else 4
-    return 2 ** (blocks - 1)
+        config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0] * 4}
+    if "temperal_downsample" in config:
+        return 2 ** len(config["temperal_downsample"])
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
@@ -206,10 +209,11 @@ def _activations(
     """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
     (in total, with checkpointing, workspace)."""
     latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
-    text = torch.zeros(batch, family.text_tokens(config), int(config["joint_attention_dim"]), device="meta")
-    pooled = torch.zeros(batch, int(config["pooled_projection_dim"]), device="meta")
-    embeds = {"prompt_embeds": text.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
-    tokens = family.image_tokens(config, size, size) + text.shape[1]
+    embeds = {
+        key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
+        for key, shape in family.example_shapes(config).items()
+    }
+    tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -238,7 +242,7 @@ def _activations(
 
     handles = []
     for name, module in transformer.named_modules():
-        if re.fullmatch(r"(single_)?transformer_blocks\.\d+", name):
+        if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
     try:
@@ -320,7 +324,7 @@ def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) ->
         for name in (*family.text_encoders, "vae"):
             total += _folder_parameters(folder / name) * (4 if name == "vae" else compute)
         return total
-    return ENCODER_PARAMETERS.get(family.name, 0.0) * compute
+    return ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) * compute
 
 
 def _folder_parameters(folder: Path) -> float:
