@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from benchmarks.llm import ALPHA, LR, RANK, current_rss_gib, peak_memory, write_data
 
@@ -172,6 +174,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64, help="about this many tokens per conversation")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default=",".join(f"{impl}-{mode}" for impl, mode in RUNS), help="e.g. ours-qlora")
+    parser.add_argument("--models", default="", help="keep the built models here and reuse them (default: temporary)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -183,13 +187,17 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp())
     data = write_data(work / "chat.jsonl", rows=args.batch * (args.steps + 2), seq=args.seq)
+    chosen = [tuple(run.split("-")) for run in args.runs.split(",")]
     for size in args.sizes.split(","):
-        folder = work / size
-        count = build_model_folder(folder, size)
+        folder = Path(args.models or work) / size
+        if (folder / "model.safetensors").is_file():
+            count = sum(p.numel() for p in load_file(str(folder / "model.safetensors")).values())
+        else:
+            count = build_model_folder(folder, size)
         print(f"\n{size}: {count / 1e9:.2f}B parameters; batch {args.batch} x ~{args.seq * 2} tokens", flush=True)
-        results: dict[tuple[str, str], list[dict]] = {run: [] for run in RUNS}
+        results: dict[tuple[str, str], list[dict]] = {run: [] for run in chosen}
         for repeat in range(args.repeats):
-            for impl, mode in RUNS:
+            for impl, mode in chosen:
                 result = child_run(impl, mode, folder, data, args)
                 if result is not None:
                     results[impl, mode].append(result)
@@ -199,15 +207,16 @@ def main() -> None:
             if runs:
                 columns = [spread([r[key] for r in runs]) for key in ("s_per_step", "cpu_s_per_step", "above_gib")]
                 print(f"| {impl} | {mode} | {' | '.join(columns)} |")
-        ours_q, ours_l, peft_q = results["ours", "qlora"], results["ours", "lora"], results["peft", "qlora"]
+        ours_q, ours_l = results.get(("ours", "qlora"), []), results.get(("ours", "lora"), [])
+        peft_q = results.get(("peft", "qlora"), [])
         if ours_q and ours_l and peft_q:
             memory = [q["above_gib"] / lo["above_gib"] for q, lo in zip(ours_q, ours_l)]
             print(f"ours QLoRA / ours bf16 LoRA memory: {spread(memory)} (goal <= 0.5)")
             for key in ("s_per_step", "cpu_s_per_step"):
                 ratio = [q[key] / p[key] for q, p in zip(ours_q, peft_q)]
                 print(f"ours QLoRA / peft QLoRA {key}: {spread(ratio)} (goal <= 1.0)", flush=True)
-        for path in folder.iterdir():  # 1-3 GB of weights: not left in /tmp
-            path.unlink()
+        if not args.models:  # 1-3 GB of weights: not left in /tmp
+            shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
