@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     add(
         "--method",
         help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, vera, difffit, bitfit, norm, full, "
-        "textual-inversion, pivotal, controlnet, t2i-adapter or ip-adapter",
+        "textual-inversion, pivotal, ed-lora, controlnet, t2i-adapter or ip-adapter",
     )
     add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
     add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
