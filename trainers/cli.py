@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
     add(
         "--method",
         help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, vera, difffit, bitfit, norm, full, "
-        "textual-inversion, pivotal, controlnet, controlnext, t2i-adapter or ip-adapter",
+        "textual-inversion, pivotal, ed-lora, controlnet, controlnext, t2i-adapter or ip-adapter",
     )
     add(
         "--conditioning",
