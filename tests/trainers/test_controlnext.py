@@ -198,3 +198,11 @@ def test_sdxl_run_trains_and_its_file_steers_a_stock_sdxl_pipeline(quick, tiny_p
     assert not np.allclose(sample(), base)
     unload_adapter(pipe, name)
     assert np.array_equal(sample(), base)
+
+
+def test_the_preset_loads():
+    from personalize.config import build
+    from personalize.trainers.diffusion.config import TrainConfig, resolve
+
+    config, _ = resolve(build(TrainConfig, preset="sd15-controlnext-canny", flags={"data": {"images": str(CAT)}}))
+    assert config.method == "controlnext" and config.lr == 1e-5 and config.conditioning.controlnext_scale == 0.35
