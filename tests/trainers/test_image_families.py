@@ -13,7 +13,12 @@ from personalize.cli import main
 
 from .conftest import CAT
 
-FAMILIES = {"tiny-flux-kontext": "flux-kontext", "tiny-chroma": "chroma"}
+FAMILIES = {
+    "tiny-flux-kontext": "flux-kontext",
+    "tiny-chroma": "chroma",
+    "tiny-flux2": "flux2",
+    "tiny-flux2-klein": "flux2-klein",
+}
 MODELS = sorted(FAMILIES)
 
 
@@ -102,3 +107,38 @@ def test_saved_folder_is_told_apart_by_its_pipeline(tmp_path, tiny_pipelines, mo
     assert detect_family(tiny_pipelines(model)) == FAMILIES[model]
     config = dict(tiny_pipelines(model).transformer.config)
     assert family_of_config(config).name == ("flux" if model == "tiny-flux-kontext" else FAMILIES[model])
+
+
+def test_flux2_latents_and_positions_are_the_pipelines(tiny_pipelines):
+    """Our Flux.2 step feeds the transformer what Flux2Pipeline feeds it: batch-normalized 2x2 latent patches,
+    (0, row, column, 0) image ids, (0, 0, 0, l) text ids, and a reference image at T = 10."""
+    from diffusers import Flux2Pipeline
+
+    from personalize.models.encode import encode_images
+    from personalize.models.families import describe
+
+    pipe = tiny_pipelines("tiny-flux2")
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        ours = encode_images(pipe.vae, pixels)  # (2, 128, 4, 4)
+        raw = Flux2Pipeline._patchify_latents(pipe.vae.encode(pixels).latent_dist.mode())
+    std = torch.sqrt(pipe.vae.bn.running_var + pipe.vae.config.batch_norm_eps).view(1, -1, 1, 1)
+    torch.testing.assert_close(ours, (raw - pipe.vae.bn.running_mean.view(1, -1, 1, 1)) / std)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kwargs: calls.append(kwargs), with_kwargs=True)
+    text = torch.randn(2, 5, 96)
+    reference = torch.randn(2, 128, 3, 2)
+    with torch.no_grad():
+        out = describe("flux2").predict_edit(
+            pipe.transformer, ours, torch.tensor([500.0, 20.0]), {"prompt_embeds": text}, 3.5, reference
+        )
+    hook.remove()
+    assert out.shape == ours.shape
+    kwargs = calls[0]
+    torch.testing.assert_close(kwargs["hidden_states"][:, :16], Flux2Pipeline._pack_latents(ours))
+    assert torch.equal(kwargs["img_ids"][:, :16].long(), Flux2Pipeline._prepare_latent_ids(ours))
+    reference_ids = Flux2Pipeline._prepare_image_ids([reference[:1]])  # (1, 6, 4), T = 10
+    assert torch.equal(kwargs["img_ids"][:, 16:].long(), reference_ids.expand(2, -1, -1))
+    assert torch.equal(kwargs["txt_ids"].long(), Flux2Pipeline._prepare_text_ids(text))
+    assert kwargs["guidance"].tolist() == [3.5, 3.5]
+    torch.testing.assert_close(kwargs["timestep"], torch.tensor([0.5, 0.02]))

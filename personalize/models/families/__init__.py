@@ -13,11 +13,13 @@ from typing import Any
 from personalize.models.families.chroma import CHROMA
 from personalize.models.families.description import FamilyDescription
 from personalize.models.families.flux import FLUX
+from personalize.models.families.flux2 import FLUX2
+from personalize.models.families.flux2_klein import FLUX2_KLEIN
 from personalize.models.families.flux_kontext import FLUX_KONTEXT
 from personalize.models.families.sd3 import SD3
 
 FLOW_FAMILIES: dict[str, FamilyDescription] = {
-    description.name: description for description in (CHROMA, FLUX, SD3, FLUX_KONTEXT)
+    description.name: description for description in (CHROMA, FLUX2, FLUX2_KLEIN, FLUX, SD3, FLUX_KONTEXT)
 }
 
 
