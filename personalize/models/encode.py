@@ -14,8 +14,10 @@ Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); s
 pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
-z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux). A VAE with
-latent batch-norm statistics (Flux.2's AutoencoderKLFlux2) has its own latent space instead: E(x) in 2x2
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or per channel
+z = (E(x) - latents_mean) / latents_std for VAEs that store channel statistics (Qwen-Image, Krea 2). Video-style
+VAEs (a `temperal_downsample` config: Qwen-Image's, Wan's) take (B, 3, F, H, W); an image is one frame.
+A VAE with latent batch-norm statistics (Flux.2's AutoencoderKLFlux2) has its own latent space: E(x) in 2x2
 patches (B, 4C, H/16, W/16), normalized per channel, z = (patches - running_mean) / sqrt(running_var + eps).
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
@@ -98,10 +100,17 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
-    posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w)
+    frames = "temperal_downsample" in vae.config
+    pixels = pixels.to(device=device, dtype=dtype)
+    posterior = vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w) / (B, C, 1, h, w)
+    latents = latents[:, :, 0] if frames else latents
     if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2: batch-normalized 2x2 patches
         return normalize_patches(latents, vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps)
+    if vae.config.get("latents_mean") is not None:
+        mean = torch.tensor(vae.config.latents_mean, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale
 
