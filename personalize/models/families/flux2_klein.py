@@ -42,6 +42,7 @@ FLUX2_KLEIN = dataclasses.replace(
     tiny_names=("tiny-flux2-klein",),
     matches=lambda config: "timestep_guidance_channels" in config and not config.get("guidance_embeds", True),
     guidance_scale=None,  # no guidance input
+    encoder_parameters=4.02e9 + 84e6,  # Qwen3-4B + the VAE (the 9B's Qwen3-8B holds 8.19e9: planned low there)
     defaults_source="diffusers' train_dreambooth_lora_flux2_klein.py defaults (rank 4, lr 1e-4, uniform timesteps; "
     "targets to_q/k/v/out.0 + the single blocks' to_qkv_mlp_proj and attn.to_out) and README_flux2.md (500 steps)",
     published={
