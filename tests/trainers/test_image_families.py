@@ -122,6 +122,13 @@ def test_saved_folder_is_told_apart_by_its_pipeline(tmp_path, tiny_pipelines, mo
     assert family_of_config(config).name == ("flux" if model == "tiny-flux-kontext" else FAMILIES[model])
 
 
+def test_train_text_encoder_on_a_family_without_one_is_one_line(capsys, tmp_path, cache_dir):
+    assert main(_argv("tiny-flux2-klein", tmp_path / "out", cache_dir, "--train-text-encoder")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --train-text-encoder") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_flux2_latents_and_positions_are_the_pipelines(tiny_pipelines):
     """Our Flux.2 step feeds the transformer what Flux2Pipeline feeds it: batch-normalized 2x2 latent patches,
     (0, row, column, 0) image ids, (0, 0, 0, l) text ids, and a reference image at T = 10."""
