@@ -169,14 +169,52 @@ def test_flux2_latents_and_positions_are_the_pipelines(tiny_pipelines):
 def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path, model):
     """Each family's planner estimate against the peak RSS of `personalize train` (fp32, 256 px, LoRA rank 4) on
     its build at 8 heads of 128 (width 1024), 1 + 1 blocks, saved as a folder."""
+    from benchmarks.plan_check import Case, measure
     from personalize.models.tiny_flow2 import reduced_pipeline
-    from personalize.plan import GB, Settings, plan
-    from tests.test_plan import _measured_peak
+    from personalize.plan import GB, plan
 
     folder = tmp_path / model
     reduced_pipeline(model, heads=8).save_pretrained(folder)
-    measured = _measured_peak(folder)
-    planned = plan(str(folder), Settings(resolution=256, rank=4, mixed_precision="no"), "cpu").peak
+    case = Case(model, "no", checkpointing=False, quantize="")  # fp32, 256 px, LoRA rank 4, 2 steps
+    measured = measure(folder, case, tmp_path / "run")["peak"]
+    planned = plan(str(folder), case.settings(), "cpu").peak
     error = (planned - measured) / measured
     print(f"{model} width 1024: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
     assert abs(error) <= 0.20
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_predict_is_the_pipelines_own_transformer_call(tiny_pipelines, model):
+    """One denoising call of the stock pipeline, recomputed by the family's `predict` from our encode_prompt:
+    the same packing, position ids, text mask, timestep scale and guidance input give the same prediction."""
+    from personalize.models.families import describe
+    from personalize.models.families.flux import unpack
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    arguments = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    arguments["guidance_scale"] = family.guidance_scale or 1.0  # the distilled input, or no CFG pass
+    if "max_area" in inspect.signature(pipe.__call__).parameters:
+        arguments["max_area"] = 64 * 64
+    with torch.no_grad():
+        pipe(prompt="a photo of sks cat", generator=torch.Generator().manual_seed(0), **arguments)
+        hook.remove()
+        kwargs, expected = calls[0]
+        tokens = kwargs["hidden_states"]  # (1, N, C)
+        if tokens.shape[-1] == pipe.transformer.config.in_channels and family.trained_latents is not None:
+
+            def to_latents(x):  # Flux.2: tokens are the 4 x 4 patch grid
+                return x.transpose(1, 2).reshape(1, -1, 4, 4)
+        else:
+
+            def to_latents(x):  # Flux.1 layout: 2x2 patches of an 8 x 8 latent
+                return unpack(x, 8, 8)
+
+        embeds = family.encode_prompt(pipe, ["a photo of sks cat"])
+        ours = family.predict(
+            pipe.transformer, to_latents(tokens), kwargs["timestep"] * 1000, embeds, family.guidance_scale
+        )
+    torch.testing.assert_close(ours, to_latents(expected), rtol=1e-4, atol=1e-4)
