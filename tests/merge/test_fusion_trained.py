@@ -5,7 +5,7 @@ then merged into one adapter by `personalize merge` with fusion, linear and cat:
 Measured: after fusion each trigger is closer to its own subject's output than to the other subject's,
 and closer than after plain linear merging of the same two or cat (their exact sum); the figures are printed.
 Here the subjects live mostly in their tokens (the tiny preset's UNet lr 1e-3, token lr 1e-1); with a 10x
-stronger UNet LoRA fusion still beats linear but not always cat (README, "Merging adapters").
+stronger UNet LoRA fusion still beats linear but not always cat (README, "Merging adapters")."""
 
 from __future__ import annotations
 
