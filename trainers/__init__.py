@@ -15,6 +15,11 @@ def train(config: Any = None, **options: Any) -> Any:
     from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
     method = getattr(config, "method", None) or options.get("method")
+    edit = getattr(getattr(config, "edit", None), "sources", None) or (options.get("edit") or {}).get("sources")
+    if edit and not _flow_model(config, options):
+        from personalize.errors import UserError
+
+        raise UserError("--task edit needs an edit model (a flow-matching DiT family), e.g. --model tiny-flux-kontext")
     if method in ("textual-inversion", "pivotal", "ed-lora"):
         from personalize.trainers.diffusion.textual_inversion import train as run
     elif method in CONDITIONING_METHODS:

@@ -14,7 +14,9 @@ Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); s
 pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
-z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux).
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or per channel
+z = (E(x) - latents_mean) / latents_std for VAEs that store channel statistics (Qwen-Image, Krea 2). Video-style
+VAEs (a `temperal_downsample` config: Qwen-Image's, Wan's) take (B, 3, F, H, W); an image is one frame.
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
 deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
@@ -96,7 +98,14 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
-    posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w)
+    frames = "temperal_downsample" in vae.config
+    pixels = pixels.to(device=device, dtype=dtype)
+    posterior = vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w) / (B, C, 1, h, w)
+    latents = latents[:, :, 0] if frames else latents
+    if vae.config.get("latents_mean") is not None:
+        mean = torch.tensor(vae.config.latents_mean, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale
