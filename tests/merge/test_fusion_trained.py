@@ -14,13 +14,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from merge_helpers import outputs
 from PIL import Image, ImageDraw
 
 from personalize.cli import main
-from personalize.pipelines import load_adapter, unload_adapter
 
 SUBJECTS = {"<reddisk>": ((220, 30, 30), (255, 255, 255), "disk"), "<bluebars>": ((30, 60, 220), (0, 0, 0), "bars")}
-PROMPT = "a photo of {}"
 
 
 def _images(folder, color, background, shape, count=4):
@@ -37,20 +36,6 @@ def _images(folder, color, background, shape, count=4):
             for bar in range(0, 64, 12):
                 draw.rectangle([bar + x % 6, 0, bar + x % 6 + 5, 63], fill=color)
         image.save(folder / f"{index}.png")
-
-
-@torch.no_grad()
-def _latents(pipe, prompt):
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=3, generator=generator, output_type="latent", height=32, width=32).images
-
-
-def _outputs(pipe, folder, tokens):
-    name = load_adapter(pipe, str(folder), name="under-test")
-    try:
-        return {token: _latents(pipe, PROMPT.format(token)) for token in tokens}
-    finally:
-        unload_adapter(pipe, name)
 
 
 @pytest.mark.slow  # two training runs, three merges (about 3 minutes on a busy 2-core machine)
@@ -77,8 +62,8 @@ def test_fused_trained_subjects_keep_their_own_triggers(tmp_path, tiny_pipelines
 
     pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
     tokens = list(SUBJECTS)
-    own = {token: _outputs(pipe, runs[token], [token])[token] for token in tokens}
-    merged = {method: _outputs(pipe, tmp_path / method, tokens) for method in ("fusion", "linear", "cat")}
+    own = {token: outputs(pipe, runs[token], [token])[token] for token in tokens}
+    merged = {method: outputs(pipe, tmp_path / method, tokens) for method in ("fusion", "linear", "cat")}
     gap = {m: {t: float((merged[m][t] - own[t]).norm()) for t in tokens} for m in merged}
     to_other = {t: float((merged["fusion"][t] - own[o]).norm()) for t, o in (tokens, tokens[::-1])}
     with capsys.disabled():
