@@ -28,8 +28,8 @@ from benchmarks.dreambench_mini import measures, world
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 PEER = "diffusers train_dreambooth_lora.py"
-# What the world model needs whatever the method: its 32 px images (bucket sides in multiples of 32).
-WORLD_FLAGS = ["--resolution", "32", "--set", "data.bucket_step=32"]
+# What the world model needs whatever the method: its 16 px images (bucket sides in multiples of 16).
+WORLD_FLAGS = ["--resolution", str(world.SIZE), "--set", f"data.bucket_step={world.SIZE}"]
 METHODS: dict[str, list[str]] = {
     "default (lora)": [],
     "lora + text encoder": ["--train-text-encoder"],
@@ -75,7 +75,7 @@ def train_peer(args: argparse.Namespace, photos: Path, out: Path, model: str, se
         f"--instance_data_dir={photos}",
         f"--instance_prompt=a photo of sks {photos.name}",
         f"--output_dir={out}",
-        "--resolution=32",
+        f"--resolution={world.SIZE}",
         "--train_batch_size=1",
         "--gradient_accumulation_steps=1",
         "--checkpointing_steps=100000",
@@ -112,7 +112,7 @@ def draw(pipe: Any, adapter: Path | None, subject: str, token: str, seeds: int) 
     name = load_adapter(pipe, adapter, name="bench") if adapter is not None else None
     try:
         texts = [prompt.text for prompt in subject_prompts] + [prompt.text for prompt in class_prompts]
-        images = {text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, 32)] for text in texts}
+        images = {text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, world.SIZE)] for text in texts}
     finally:
         if name:
             unload_adapter(pipe, name)
@@ -122,12 +122,12 @@ def draw(pipe: Any, adapter: Path | None, subject: str, token: str, seeds: int) 
 
 
 def sheet(images: dict[str, list[np.ndarray]], texts: list[str], path: Path) -> None:
-    """Rows: prompts; columns: seeds; 3x nearest-neighbour so the 32 px images can be seen."""
+    """Rows: prompts; columns: seeds; 6x nearest-neighbour so the 16 px images can be seen."""
     from PIL import Image
 
     rows = [np.concatenate(images[text], axis=1) for text in texts]
     grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * 6, grid.shape[0] * 6), Image.Resampling.NEAREST).save(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,6 +97,82 @@ def butterfly(x: torch.Tensor, rotations: torch.Tensor, dim: int) -> torch.Tenso
     return x.movedim(-1, dim)
 
 
+class MergedRotation(torch.autograd.Function):
+    """A frozen Linear y = x W^T + b with an orthogonal block-diagonal R = diag(R_1..R_k) (row form: each
+    block v' = v R_j) on its input (y = (x R) W^T + b, peft's form) or its output (y = (x W^T) R + b',
+    LyCORIS's, bias kept: y = (x W^T) R + b), computed through the merged weight and R's orthogonality:
+
+        input:  W'^T = R W^T            y = x W'^T + b   grad_x = g W'     grad_R_j = (x_j^T grad_x_j) R_j^-T
+        output: W'^T = W^T R            y = x W'^T + b   grad_x = g W'     grad_R_j = R_j^-T ((y - b)_j^T g_j)
+
+    (g = dL/dy; for orthogonal R, R^-T = R). Against rotating the activations (one pass forward, two
+    backward, each reading and writing tokens x channels), this costs one (in x out x b) product for W'
+    and one read-only reduction over the activations: faster when tokens >= the rotated side's partner
+    dimension (out for the input side, in for the output side). BOFT passes its dense product as one block.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        mats: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        on_input: bool,
+        orthogonal: bool,
+    ) -> torch.Tensor:
+        k, b, _ = mats.shape
+        out_f, in_f = weight.shape
+        wt = weight.t()  # (in, out)
+        if on_input:
+            merged_t = torch.bmm(mats, wt.reshape(k, b, out_f)).reshape(in_f, out_f)  # rows of W^T by R_j
+        else:
+            merged_t = torch.bmm(wt.reshape(in_f, k, b).transpose(0, 1), mats).transpose(0, 1).reshape(in_f, out_f)
+        flat = x.reshape(-1, in_f)  # (T, in)
+        y = flat @ merged_t if bias is None else torch.addmm(bias, flat, merged_t)  # (T, out)
+        ctx.save_for_backward(x if on_input else y, mats, merged_t, bias)
+        ctx.on_input, ctx.orthogonal = on_input, orthogonal
+        return y.reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        saved, mats, merged_t, bias = ctx.saved_tensors
+        k, b, _ = mats.shape
+        in_f, out_f = merged_t.shape
+        g = grad_y.reshape(-1, out_f)  # (T, out)
+        grad_x = g @ merged_t.t()  # (T, in): what the frozen layer's backward costs anyway
+        inverse_t = mats if ctx.orthogonal else torch.linalg.inv(mats).transpose(-1, -2)  # R^-T
+        if ctx.on_input:  # x' = x R: grad_x = grad_x' R^T, so grad_x' = grad_x R^-T
+            xs, gs = saved.reshape(-1, k, b).transpose(0, 1), grad_x.reshape(-1, k, b).transpose(0, 1)  # (k, T, b)
+            grad_mats = torch.bmm(xs.transpose(1, 2), gs) @ inverse_t  # (k, b, b)
+        else:  # y = y0 R + b: y0 = (y - b) R^-1
+            ys, gs = saved.reshape(-1, k, b).transpose(0, 1), g.reshape(-1, k, b).transpose(0, 1)
+            products = torch.bmm(ys.transpose(1, 2), gs)  # (k, b, b) = y_j^T g_j
+            if bias is not None:
+                products = products - bias.reshape(k, b, 1) * g.sum(0).reshape(k, 1, b)
+            grad_mats = inverse_t @ products
+        grad_x = grad_x.reshape(*grad_y.shape[:-1], in_f) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_mats, None, None, None, None
+
+
+def merged_rotation(
+    x: torch.Tensor, mats: torch.Tensor, layer: nn.Linear, on_input: bool, orthogonal: bool
+) -> torch.Tensor:
+    """`layer` with the block-diagonal rotation `mats` (k, b, b) on its input or output (MergedRotation)."""
+    return MergedRotation.apply(x, mats, layer.weight, layer.bias, on_input, orthogonal)
+
+
+def merged_pays(x: torch.Tensor, layer: nn.Module, on_input: bool, has_rescale: bool) -> bool:
+    """MergedRotation applies (a plain float Linear, no rescale, no autocast, one dtype) and costs less than
+    rotating the activations (tokens >= the other side's width)."""
+    if type(layer) is not nn.Linear or has_rescale or x.dim() < 2 or torch.is_autocast_enabled():
+        return False
+    if x.dtype != layer.weight.dtype or layer.weight.requires_grad:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows >= (layer.out_features if on_input else layer.in_features)
+
+
 class OrthogonalBase(AdapterModule):
     """What OFT and BOFT share: the side, the constraint, the rescale and merging through the full
     channel matrix (merge and export only; training never builds it)."""
@@ -200,6 +276,12 @@ class OFT(OrthogonalBase):
     def rotations(self, scale: float) -> torch.Tensor:
         return toward_identity(cayley(self.oft_blocks, self.constraint), scale)  # (k, b, b)
 
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor | None:
+        if not merged_pays(x, base_layer, self.acts_on_input, "rescale" in self._parameters):
+            return None
+        mats = self.rotations(scale).to(x.dtype)  # (k, b, b), v' = v R per block
+        return merged_rotation(x, mats, base_layer, self.acts_on_input, orthogonal=scale == 1.0)
+
     def transform(self, x: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
         mats = self.rotations(scale).to(x.dtype)
         return rotate_blocks(x, mats, dim)
@@ -262,6 +344,12 @@ class BOFT(OrthogonalBase):
     def _few_rows(self, x: torch.Tensor) -> bool:
         """Fewer positions than channels: the stages on the activations cost less than building M."""
         return x.numel() // self.dim < self.dim
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor | None:
+        if self._few_rows(x) or not merged_pays(x, base_layer, self.acts_on_input, "rescale" in self._parameters):
+            return None
+        mats = self.channel_matrix(scale, x.dtype).T[None]  # (1, dim, dim): v' = v M^T, one dense block
+        return merged_rotation(x, mats, base_layer, self.acts_on_input, orthogonal=scale == 1.0)
 
     def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         if self._few_rows(x):

@@ -114,7 +114,7 @@ class Exact:
     def error_of(self, down: torch.Tensor, up: torch.Tensor) -> float:
         """||B A - exact||_F / ||exact||_F for merged factors (down, up)."""
         if self.loras:
-            return ops.factored_distance(down, up, *self.factors) / self.norm if self.norm > 0 else 0.0
+            return ops.factored_distance(down, up, *self.factors, self.norm) / self.norm if self.norm > 0 else 0.0
         return ops.relative_error(ops.flat_delta(down, up), self.delta)
 
 
