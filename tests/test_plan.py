@@ -90,10 +90,12 @@ def test_cpu_loading_phase_counts_the_mapped_fp32_file_and_its_bf16_copy(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    ["flux-512:no", "flux-1024:bf16", "flux-1024:no:ckpt", "flux-1024:bf16:nf4", "sd3-768:no", "sd3-768:bf16:ckpt"],
+    ["flux-512:no", "flux-1024:no:ckpt", "flux-1024:no:nf4", "sd3-768:no", "sd3-768:no:ckpt", "flux-1024:bf16:load"],
 )
 def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path_factory, case):
-    """A real `personalize train` run (random-init build, 256 px, 2 steps) in a child process: its ru_maxrss."""
+    """A real `personalize train` run (random-init build, 256 px, 2 steps) in a child process: its ru_maxrss.
+    bf16 stops at the first training forward (':load', the planned loading phase): without AVX512-BF16 a CPU
+    multiplies bf16 matrices about 100x slower than fp32, and the run would take hours."""
     from benchmarks.plan_check import Case, check
 
     row = check(Case.parse(case), tmp_path_factory.getbasetemp() / "plan-builds")
