@@ -179,3 +179,22 @@ def test_python_api_load_steer_unload(tiny_pipelines, tmp_path):
     with pytest.raises(UserError, match="do not match"):
         load_adapter(pipe, tmp_path / "bad.safetensors")
     assert core.attached(pipe.unet) is None
+
+
+@pytest.mark.slow  # one more tiny run; the SD1.5 run above covers the recipe
+def test_sdxl_run_trains_and_its_file_steers_a_stock_sdxl_pipeline(quick, tiny_pipelines, tmp_path):
+    from personalize.pipelines import load_adapter, set_control_image, unload_adapter
+
+    result = quick(model="tiny-sdxl", method="controlnext", steps=1, num_workers=0, lr=1e-3)
+    pipe = copy.deepcopy(tiny_pipelines("tiny-sdxl"))
+    settings = dict(prompt="a cat", num_inference_steps=2, height=64, width=64, output_type="np")
+
+    def sample():
+        return pipe(**settings, generator=torch.Generator().manual_seed(0)).images
+
+    base = sample()
+    name = load_adapter(pipe, result.output_dir)
+    set_control_image(pipe, Image.open(_edges(tmp_path / "e.png")))
+    assert not np.allclose(sample(), base)
+    unload_adapter(pipe, name)
+    assert np.array_equal(sample(), base)

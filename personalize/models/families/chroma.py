@@ -75,6 +75,11 @@ CHROMA = FamilyDescription(
     encode_prompt=encode_prompt,
     predict=predict,
     embed_keys=("prompt_embeds", "prompt_attention_mask"),
+    embed_shapes=lambda config: {
+        "prompt_embeds": (512, int(config["joint_attention_dim"])),
+        "prompt_attention_mask": (512,),
+    },
+    encoder_parameters=4762e6 + 84e6,  # T5-XXL encoder, the FLUX.1 VAE
     latent_multiple=lambda config: 2,
     latent_channels=lambda config: int(config.get("in_channels", 64)) // 4,
     weighting_scheme="none",
