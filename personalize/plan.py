@@ -20,9 +20,9 @@ injected there too, so its parameter count is exact for every method. The rest i
     loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
                      compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
                      until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
-                     Files in another dtype are cast to fp32 while mapped (file + 4n). Before that, building
-                     the model computes SD3's sin-cos position table in float64 (4x the fp32 table at its
-                     peak). On a GPU only the cast copy reaches the device, so this phase does not exist there.
+                     Files in another dtype are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     not computed while loading: personalize.models.position_tables.) On a GPU only the cast
+                     copy reaches the device, so this phase does not exist there.
     buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
     idle encoders    CPU only: the text encoders (and VAE) stay resident after caching unless they can be
                      pointed back at their untouched files (personalize.models.mapped.remap: files of the same
@@ -159,7 +159,6 @@ class Trace:
     activations: float  # saved for backward, no checkpointing
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
-    built: float = 0.0  # CPU bytes while the model computes its sin-cos position table at construction
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,7 +201,6 @@ def _trace(
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
     # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
     other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
-    built = sum(4 * _SINCOS_BUILD * m.pos_embed.numel() for m in transformer.modules() if _computed_table(m))
     transformer.requires_grad_(method == "full")
     if method != "full":
         adapters.inject(transformer, method, targets=targets or family.default_targets, **dict(hyper))
@@ -213,16 +211,7 @@ def _trace(
             trainable += param.numel()
     latent = resolution // downsample
     saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
-    return Trace(quantizable, rows, other, trainable, *saved, built=built)
-
-
-# diffusers' PatchEmbed builds its sin-cos table in float64 with its sin / cos halves alive at once: measured peak
-# 4.0x the fp32 table (tables of 96 and 216 MB), before the weights load
-_SINCOS_BUILD = 4.0
-
-
-def _computed_table(module: torch.nn.Module) -> bool:
-    return type(module).__name__ == "PatchEmbed" and getattr(module, "pos_embed", None) is not None
+    return Trace(quantizable, rows, other, trainable, *saved)
 
 
 def _activations(
@@ -337,7 +326,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
         cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
-        estimate.loading = CPU_RUNTIME + idle + max(cast, trace.built)
+        estimate.loading = CPU_RUNTIME + idle + cast
     else:
         estimate.caching = encoders
     return estimate
