@@ -23,7 +23,7 @@ SCALE = 6  # 16 px images, enlarged without smoothing so the pixels stay readabl
 LABEL_WIDTH = 150
 
 
-def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path: Path) -> None:
+def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path: Path) -> Path:
     """Rows: the instance photos, then each prompt; left half before training, right half after."""
     from PIL import Image, ImageDraw
 
@@ -51,6 +51,7 @@ def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path:
             paste(image, LABEL_WIDTH + seeds * cell + gap + column * cell, y)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+    return path
 
 
 def figures_table(before: dict[str, float], after: dict[str, float]) -> str:

@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the UNet (warm-up, then constant)")
     parser.add_argument("--text-lr", type=float, default=3e-3, help="learning rate of the text encoder")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--noise-offset", type=float, default=0.15)
+    parser.add_argument("--high-noise-weight", type=float, default=5.0, help="cap of the 1 / alpha_bar loss weight")
     parser.add_argument("--probe-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -267,7 +269,17 @@ def main(argv: list[str] | None = None) -> None:
         log(f"vae check {info['vae_check']}")
     pipe.set_progress_bar_config(disable=True)
     done = info["unet_steps_done"]
-    means, stds, captions = encode_world(pipe, args.images, np.random.default_rng(1 + done))
+    session = {"from_step": done, "noise_offset": args.noise_offset, "high_noise_weight": args.high_noise_weight}
+    info.setdefault("sessions", []).append(session)  # the settings of each (continued) run, in pretrain.json
+    cache = args.output / "latents.safetensors"
+    if resumed and cache.is_file():  # the same VAE: the latents of the first session still hold
+        saved = load_file(cache)
+        means, stds = saved["means"], saved["stds"]
+        captions = json.loads((args.output / "captions.json").read_text())
+    else:
+        means, stds, captions = encode_world(pipe, args.images, np.random.default_rng(1 + done))
+        save_file({"means": means.contiguous(), "stds": stds.contiguous()}, cache)
+        (args.output / "captions.json").write_text(json.dumps(captions))
     if not resumed:
         pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")
@@ -317,13 +329,20 @@ def main(argv: list[str] | None = None) -> None:
         index = torch.randint(0, len(means), (args.batch,), generator=generator)
         clean = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
         noise = torch.randn(clean.shape, generator=generator)  # (B, 4, 16, 16)
+        # Offset noise (Guttenberg 2023): SD's schedule leaves ~7% of the image in x_T, so a plain model takes
+        # the background's colour from x_t instead of from the prompt; a random per-channel offset hides it.
+        noise = noise + args.noise_offset * torch.randn((args.batch, clean.shape[1], 1, 1), generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
         noisy = noise_scheduler.add_noise(clean, noise, t)
         tokens = ids[index].clone()  # (B, T)
         dropped = torch.rand(args.batch, generator=generator) < 0.1  # classifier-free guidance's empty prompt
         tokens[dropped] = empty
         context = text_encoder(tokens)[0]  # (B, T, 64)
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        # High-noise steps decide the layout and colours, i.e. what the prompt says: weight each sample's
+        # epsilon-MSE by min(1 / alpha_bar_t, 5) (x0-error weighting, clamped), normalized over the batch.
+        error = (unet(noisy, t, context).sample - noise).square().mean(dim=(1, 2, 3))  # (B,)
+        weight = (1.0 / noise_scheduler.alphas_cumprod[t]).clamp(max=args.high_noise_weight)  # (B,)
+        loss = (weight * error).sum() / weight.sum()
         warm = min(1.0, (step - done + 1) / 100)
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * warm
