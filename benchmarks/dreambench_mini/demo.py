@@ -63,7 +63,9 @@ def figures_table(before: dict[str, float], after: dict[str, float]) -> str:
     ]
     lines = [f"{'':28s}{'before':>8s}{'after':>8s}"]
     lines += [f"{label:28s}{before[key]:8.2f}{after[key]:8.2f}" for label, key in rows]
-    lines.append(f"{'drift (class accuracy lost)':28s}{'':8s}{before['class_accuracy'] - after['class_accuracy']:+8.2f}")
+    lines.append(
+        f"{'drift (class accuracy lost)':28s}{'':8s}{before['class_accuracy'] - after['class_accuracy']:+8.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--subject", default="ball", choices=list(world.SUBJECTS))
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt")
-    parser.add_argument("--grid", type=Path, default=None, help="where to write the grid (default RUN_DIR/before_after.png)")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="where to write the grid (default RUN_DIR/before_after.png)"
+    )
     args = parser.parse_args(argv)
     from personalize.models import load_pipeline
 

@@ -186,11 +186,17 @@ def probe(pipe, seeds: int = 2, steps: int = 15, guidance: float = 4.0) -> tuple
     hits = {"shape": [], "colour": [], "context": [], "all": []}
     for image, (shape, colour, context) in zip(images, PROBE * seeds):
         parsed = measures.parse(image)
-        right = {"shape": parsed.shape == shape, "colour": parsed.colour == colour, "context": parsed.context == context}
+        right = {
+            "shape": parsed.shape == shape,
+            "colour": parsed.colour == colour,
+            "context": parsed.context == context,
+        }
         for key, value in right.items():
             hits[key].append(value)
         hits["all"].append(all(right.values()))
-    grid = np.concatenate([np.concatenate(list(images[s * len(PROBE) : (s + 1) * len(PROBE)]), 1) for s in range(seeds)])
+    grid = np.concatenate(
+        [np.concatenate(list(images[s * len(PROBE) : (s + 1) * len(PROBE)]), 1) for s in range(seeds)]
+    )
     return {key: float(np.mean(values)) for key, values in hits.items()}, grid
 
 
@@ -205,7 +211,11 @@ class Ema:
 
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
         self.decay = decay
-        self.shadow = {f"{name}.{key}": value.detach().clone() for name, module in modules.items() for key, value in module.state_dict().items()}
+        self.shadow = {
+            f"{name}.{key}": value.detach().clone()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
 
     @torch.no_grad()
     def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
@@ -221,7 +231,9 @@ class Ema:
     def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
             prefix = f"{name}."
-            module.load_state_dict({key[len(prefix) :]: value for key, value in self.shadow.items() if key.startswith(prefix)})
+            module.load_state_dict(
+                {key[len(prefix) :]: value for key, value in self.shadow.items() if key.startswith(prefix)}
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/.cache/dreambench-mini"))
     parser.add_argument("--vae-steps", type=int, default=200)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--unet-steps", type=int, default=4000, help="total denoiser steps (a continued run counts the old ones)")
+    parser.add_argument(
+        "--unet-steps", type=int, default=4000, help="total denoiser steps (a continued run counts the old ones)"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=12000, help="world images encoded for stage 3")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the UNet (warm-up, then constant)")
@@ -283,20 +297,27 @@ def main(argv: list[str] | None = None) -> None:
     if not resumed:
         pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = pipe.tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids  # (1, T)
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     modules = {"unet": unet, "text_encoder": text_encoder}
     optimizer = torch.optim.AdamW(
-        [{"params": list(unet.parameters()), "lr": args.lr}, {"params": list(text_encoder.parameters()), "lr": args.text_lr}],
+        [
+            {"params": list(unet.parameters()), "lr": args.lr},
+            {"params": list(text_encoder.parameters()), "lr": args.text_lr},
+        ],
         weight_decay=0.0,
     )
     ema = Ema(modules, args.ema)
     if resumed:  # raw weights and EMA; the optimizer restarts (a short warm-up covers its empty moments)
         saved = load_file(state_path)
         for name, module in modules.items():
-            module.load_state_dict({key[len(name) + 5 :]: value for key, value in saved.items() if key.startswith(f"raw.{name}.")})
+            module.load_state_dict(
+                {key[len(name) + 5 :]: value for key, value in saved.items() if key.startswith(f"raw.{name}.")}
+            )
         ema.shadow = {key[4:]: value for key, value in saved.items() if key.startswith("ema.")}
     peaks = [group["lr"] for group in optimizer.param_groups]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -306,9 +327,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def snapshot(step: int) -> None:
         """Save the raw and EMA weights (to continue) and the EMA pipeline (to use); probe it."""
-        tensors = {f"raw.{name}.{key}": value.contiguous() for name, module in modules.items() for key, value in module.state_dict().items()}
+        tensors = {
+            f"raw.{name}.{key}": value.contiguous()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
         tensors.update({f"ema.{key}": value.contiguous() for key, value in ema.shadow.items()})
-        raw = {name: {key: value.clone() for key, value in module.state_dict().items()} for name, module in modules.items()}
+        raw = {
+            name: {key: value.clone() for key, value in module.state_dict().items()} for name, module in modules.items()
+        }
         ema.copy_to(modules)
         unet.eval(), text_encoder.eval()
         figures, grid = probe(pipe)

@@ -98,9 +98,8 @@ def pretrain_plot(probes: list[dict[str, float]], path: Path) -> Path:
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     for key, label in [("context", "context"), ("colour", "colour"), ("shape", "shape"), ("all", "all three")]:
         axes.plot(steps, [probe[key] for probe in probes], marker="o", markersize=3, label=label)
-    chance = {"context": 1 / 6, "colour": 1 / 4, "shape": 1 / 3}
-    for key, value in chance.items():
-        axes.axhline(value, color="gray", linestyle=":", linewidth=0.6)
+    for chance in (1 / 6, 1 / 4, 1 / 3):  # a generator guessing the context, the colour, the shape
+        axes.axhline(chance, color="gray", linestyle=":", linewidth=0.6)
     axes.set_xlabel("denoiser steps (batch 32)")
     axes.set_ylabel("share of probe images right (EMA weights)")
     axes.set_ylim(0, 1.05)

@@ -116,7 +116,9 @@ def draw(pipe: Any, adapter: Path | None, subject: str, token: str, seeds: int) 
     name = load_adapter(pipe, adapter, name="bench") if adapter is not None else None
     try:
         texts = [prompt.text for prompt in subject_prompts] + [prompt.text for prompt in class_prompts]
-        images = {text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, world.SIZE)] for text in texts}
+        images = {
+            text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, world.SIZE)] for text in texts
+        }
     finally:
         if name:
             unload_adapter(pipe, name)
