@@ -162,6 +162,8 @@ def _sample(child: subprocess.Popen, samples: list[tuple[float, int, int]]) -> N
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if line.startswith("Rss"))
         except (OSError, ValueError):
             break
+        if "RssAnon" not in fields:  # exiting
+            break
         anon = int(fields["RssAnon"].split()[0]) * 1024
         file = int(fields["RssFile"].split()[0]) * 1024 + int(fields["RssShmem"].split()[0]) * 1024
         samples.append((time.perf_counter() - start, anon, file))

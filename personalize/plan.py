@@ -20,8 +20,10 @@ injected there too, so its parameter count is exact for every method. The rest i
     loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
                      compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
                      until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
-                     Files in another dtype are cast to fp32 while mapped (file + 4n). On a GPU only the cast
+                     Files in another dtype are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     not computed while loading: personalize.models.position_tables.) On a GPU only the cast
                      copy reaches the device, so this phase does not exist there.
+    buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
     idle encoders    CPU only: the text encoders (and VAE) stay resident after caching unless they can be
                      pointed back at their untouched files (personalize.models.mapped.remap: files of the same
                      dtype); a bf16 run keeps bf16 copies of its fp32 encoder files, a model built in code all
@@ -94,7 +96,7 @@ class Estimate:
         rows.append(f"{'training phase':<34}{self.training / GB:8.2f} GB")
         rows.append(f"{'caching phase (encoders + VAE)':<34}{self.caching / GB:8.2f} GB")
         if self.loading:
-            rows.append(f"{'loading phase (file + cast copy)':<34}{self.loading / GB:8.2f} GB")
+            rows.append(f"{'loading phase (build, file + cast)':<34}{self.loading / GB:8.2f} GB")
         rows.append(f"{'peak':<34}{self.peak / GB:8.2f} GB")
         return rows
 
@@ -152,7 +154,7 @@ class Trace:
 
     quantizable: float  # elements of the Linear weights --quantize stores in 4/8 bits
     quantizable_rows: float  # their output rows (int8 keeps one fp32 scale per row)
-    other: float  # elements of every other frozen parameter
+    other: float  # elements of every other frozen parameter and of the floating-point buffers
     trainable: float
     activations: float  # saved for backward, no checkpointing
     checkpointed: float  # block inputs + the largest block's activations
@@ -197,6 +199,8 @@ def _trace(
             quantizable += module.weight.numel()
             rows += module.weight.shape[0]
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
+    # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
+    other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
     transformer.requires_grad_(method == "full")
     if method != "full":
         adapters.inject(transformer, method, targets=targets or family.default_targets, **dict(hyper))
@@ -220,7 +224,7 @@ def _activations(
 ) -> tuple[float, float, float]:
     """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
     (in total, with checkpointing, workspace)."""
-    latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
+    latents = torch.zeros(batch, *family.latent_shape(config, size, size), device="meta", dtype=dtype)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
         for key, shape in family.example_shapes(config).items()
@@ -321,7 +325,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        estimate.loading = CPU_RUNTIME + idle + _cast_bytes(model, settings, trace.quantizable + trace.other)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
+        estimate.loading = CPU_RUNTIME + idle + cast
     else:
         estimate.caching = encoders
     return estimate
@@ -366,7 +371,8 @@ def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Setting
         count, nbytes = _folder_parameters(folder) if folder.is_dir() else (0.0, 0.0)
         source = nbytes / count if count else 2.0
         if source != dtype:  # cast after loading: the copy cannot be remapped
-            total += (count or ENCODER_PARAMETERS.get(family.name, 0.0) / (len(family.text_encoders) + 1)) * dtype
+            share = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) / (len(family.text_encoders) + 1)
+            total += (count or share) * dtype
     return total
 
 

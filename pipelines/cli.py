@@ -121,7 +121,9 @@ def _is_text(args: argparse.Namespace) -> bool:
 
     from personalize.pipelines.text import language_family
 
-    peft_adapter = any((Path(spec).expanduser() / "adapter_config.json").is_file() for spec in args.adapter)
+    # a peft folder, or personalize's own file (only the LLM recipe writes it): a language model's adapter
+    files = ("adapter_config.json", "personalize_adapter.safetensors")
+    peft_adapter = any((Path(spec).expanduser() / name).is_file() for spec in args.adapter for name in files)
     return language_family(args.model) is not None or args.max_new_tokens is not None or peft_adapter
 
 

@@ -15,7 +15,8 @@ def train(config: Any = None, **options: Any) -> Any:
     from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
     method = getattr(config, "method", None) or options.get("method")
-    edit = getattr(getattr(config, "edit", None), "sources", None) or (options.get("edit") or {}).get("sources")
+    edit_options = getattr(config, "edit", None) or options.get("edit") or {}
+    edit = edit_options.get("sources") if isinstance(edit_options, dict) else getattr(edit_options, "sources", "")
     if edit and not _flow_model(config, options):
         from personalize.errors import UserError
 

@@ -84,14 +84,17 @@ def disjoint_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(flat.dtype) @ flat).div_(count).view(stacked.shape[1:])  # (size,) -> (...)
 
 
-def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One fresh (n, ...) float tensor the in-place steps may overwrite (the inputs stay untouched)."""
+def _stacked(tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """One (n, ...) tensor the in-place steps may overwrite: a given stacked tensor itself (the caller's to
+    give away), else a fresh stack (the inputs stay untouched)."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.detach()
     return torch.stack([t.detach() for t in tensors])
 
 
 @torch.no_grad()
 def combine(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor] | torch.Tensor,
     weights: Sequence[float],
     method: str,
     density: float = 1.0,
@@ -99,9 +102,12 @@ def combine(
 ) -> torch.Tensor:
     """sum / TIES / DARE / DARE-TIES of same-shaped tensors with `weights` (the task-vector definitions).
 
-    Random masks are drawn in input order from `generator` (one Bernoulli draw per tensor)."""
+    `tensors`: a sequence, or one stacked (n, ...) tensor that the sparse methods overwrite. Random masks
+    are drawn in input order from `generator` (one Bernoulli draw per tensor)."""
     w = torch.tensor([float(x) for x in weights], dtype=tensors[0].dtype, device=tensors[0].device)
     if method in ("linear", "svd", "cat", "fusion"):
+        if isinstance(tensors, torch.Tensor):
+            return torch.tensordot(w, tensors, dims=1)
         return sum(t * wi for t, wi in zip(tensors, w))  # type: ignore[return-value]
     if method == "ties":
         stacked = magnitude_prune_rows(_stacked(tensors), density)  # (n, ...)

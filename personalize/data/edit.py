@@ -71,13 +71,16 @@ def with_instructions(dataset: Any, instructions: dict[str, str], token: str, pa
     return dataset
 
 
-def pair_sources(dataset: Any, sources: str) -> PairedDataset:
+def match_sources(dataset: Any, sources: str) -> dict[Path, Path]:
+    """target path -> source path for every target of `dataset`; one error naming every unpaired file."""
+    return match_by_name([record.path for record in dataset.records], sources, what="control")
+
+
+def pair_sources(dataset: Any, files: dict[Path, Path]) -> PairedDataset:
     """Items of `dataset` (image or latent-cache items) with their source image under SOURCE_KEY."""
-    files = match_by_name([record.path for record in dataset.records], sources, what="control")
     return PairedDataset(dataset, files, key=SOURCE_KEY)
 
 
-def first_source(dataset: Any, sources: str) -> Path:
+def first_source(dataset: Any, files: dict[Path, Path]) -> Path:
     """The source image of the dataset's first item: what validation samples edit."""
-    files = match_by_name([record.path for record in dataset.records], sources, what="control")
     return files[dataset.records[dataset.rows[0]].path]

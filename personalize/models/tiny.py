@@ -20,6 +20,8 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-krea2": tiny_flow_more.tiny_krea2,
     "tiny-flux-kontext": tiny_flow2.tiny_flux_kontext,
     "tiny-chroma": tiny_flow2.tiny_chroma,
+    "tiny-flux2": tiny_flow2.tiny_flux2,
+    "tiny-flux2-klein": tiny_flow2.tiny_flux2_klein,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-llama": tiny_text.tiny_llama,

@@ -58,6 +58,7 @@ def test_edit_trains_on_pairs_through_the_cli_and_generate_edits(capsys, monkeyp
     assert saved["edit"] == {"sources": str(pairs[1]), "instructions": str(pairs[2])}
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples" / "step-000002.png").is_file()
+    assert "add a yellow ball" in (out / "README.md").read_text()  # pair0's instruction is the run's prompt
 
     source = str(pairs[1] / "pair2.png")
     common = ["generate", "--model", "tiny-flux-kontext", "--prompt", "add a yellow ball", "--image", source]
@@ -70,20 +71,16 @@ def test_edit_trains_on_pairs_through_the_cli_and_generate_edits(capsys, monkeyp
     assert difference.abs().max() > 0  # the adapter changes the edit
 
 
-def test_instructions_become_the_training_prompts(quick, pairs):
-    from personalize.data import cache_dataset
-
-    targets, sources, instructions = pairs
-    result = quick(
-        model="tiny-flux-kontext",
-        images=str(targets),
-        edit={"sources": str(sources), "instructions": str(instructions)},
-        instance_prompt="make it sunny",
-        validation_images=0,
-    )
-    card = (result.output_dir / "README.md").read_text()
-    assert "add a yellow ball" in card  # the first pair's instruction is the run's prompt
-    assert cache_dataset is not None
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-flux2-klein", "tiny-flux2"])
+def test_flux2_reference_image_edit_trains_and_generates(capsys, tmp_path, cache_dir, pairs, model):
+    out = tmp_path / "edit"
+    assert main([*_argv(pairs, out, cache_dir, "--lr", "5e-2", "--rank", "4"), "--model", model]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    source = str(pairs[1] / "pair2.png")
+    argv = ["generate", "--model", model, "--prompt", "add a yellow ball", "--image", source, "--adapter", str(out)]
+    assert main([*argv, "--steps", "2", "--width", "64", "--height", "64", "--output", str(tmp_path / "e.png")]) == 0
+    assert Image.open(tmp_path / "e.png").size == (64, 64)
 
 
 def test_predict_edit_appends_source_tokens_with_their_own_position_ids(tiny_pipelines):
@@ -128,6 +125,7 @@ def test_edit_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, 
     assert "name: instruction" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
     error = _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-flux"])
     assert "flux-kontext" in error and "edit" in error  # a family without a source input names those with one
+    assert "edit model" in _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-sd15"])  # a UNet
     error = _one_line_error(capsys, ["train", "--images", str(targets), "--control", str(sources)])
     assert "--task edit" in error
     error = _one_line_error(capsys, ["train", "--task", "edit", "--images", str(targets)])

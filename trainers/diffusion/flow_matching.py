@@ -64,6 +64,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     family = _family(config, pipe)
     config, notes = resolve(with_family_defaults(config, family), pipe)
     _check_method(config, family)
+    _check_text_encoder(config, family)
     _check_edit(config, family)
     caveat = _check_distilled(
         config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
@@ -95,13 +96,15 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     # --- data: cache latents and embeddings once, then the encoders leave the device -----------
     instance_data, class_data = _datasets(config, pipe, output, say)
     edit = config.edit.sources
-    if edit and config.edit.instructions:
-        from personalize.data.edit import read_instructions, with_instructions
+    if edit:  # pairs and instructions are checked before anything is encoded
+        from personalize.data.edit import match_sources, read_instructions, with_instructions
 
-        instructions = read_instructions(config.edit.instructions)
-        instance_data = with_instructions(instance_data, instructions, config.data.token, config.edit.instructions)
+        source_files = match_sources(instance_data, edit)
+        if config.edit.instructions:
+            instructions = read_instructions(config.edit.instructions)
+            instance_data = with_instructions(instance_data, instructions, config.data.token, config.edit.instructions)
     cache_text = not config.train_text_encoder  # a trained text encoder must run every step
-    # an edit run keeps the VAE: each source crop is encoded on first use (and kept; see _source_latents)
+    # an edit run keeps the VAE: each source crop is encoded on first use and kept (_loss_function.references)
     idle = [*(() if edit else (pipe.vae,)), *(text_encoders.values() if cache_text else ())]
     if config.cache_latents:
         from personalize.data import cache_dataset
@@ -113,12 +116,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         idle_until_validation(idle, device, own_pipe)
     validation_extra: dict[str, Any] = {}
     if edit:
-        from PIL import Image
-
+        from personalize.data.decode import decode, read_bytes
         from personalize.data.edit import first_source, pair_sources
 
-        instance_data = pair_sources(instance_data, edit)  # items get "source" pixels, aligned with the target
-        validation_extra["image"] = Image.open(first_source(instance_data, edit)).convert("RGB")
+        instance_data = pair_sources(instance_data, source_files)  # items get "source" pixels, aligned
+        validation_extra["image"] = decode(read_bytes(first_source(instance_data, source_files))).image
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original = pipe.transformer
@@ -244,6 +246,14 @@ def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
         raise UserError(
             f"--method {config.method} is not available for {family.name} models; choose one of "
             f"{', '.join(FLOW_METHODS)}"
+        )
+
+
+def _check_text_encoder(config: TrainConfig, family: FamilyDescription) -> None:
+    if config.train_text_encoder and not family.trainable_text_encoders:
+        raise UserError(
+            f"--train-text-encoder: {family.name} models have no text encoder the reference script adapts "
+            "(it trains the transformer only); drop the flag"
         )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from personalize.models.families.chroma import CHROMA
 from personalize.models.families.description import FamilyDescription
 from personalize.models.families.flux import FLUX
+from personalize.models.families.flux2 import FLUX2
+from personalize.models.families.flux2_klein import FLUX2_KLEIN
 from personalize.models.families.flux_kontext import FLUX_KONTEXT
 from personalize.models.families.hidream import HIDREAM
 from personalize.models.families.krea2 import KREA2_FAMILY
@@ -22,7 +24,10 @@ from personalize.models.families.z_image import Z_IMAGE_FAMILY
 
 FLOW_FAMILIES: dict[str, FamilyDescription] = {
     description.name: description
-    for description in (HIDREAM, CHROMA, FLUX, SD3, FLUX_KONTEXT, QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY)
+    for description in (
+        *(HIDREAM, CHROMA, FLUX2, FLUX2_KLEIN, FLUX, SD3, FLUX_KONTEXT),
+        *(QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY),
+    )
 }
 
 

@@ -24,7 +24,10 @@ branches on a family's name. What differs per family:
   `embed_shapes(config)`: their per-sample shapes (the planner builds them on the meta device); a family
   whose prompts have variable length returns them padded with a `prompt_embeds_mask` (see `trim_padding`);
 - `block_pattern`: module paths of the transformer's repeated blocks (the planner's checkpointing estimate);
-  `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase).
+  `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase);
+- `trained_latents(config, h, w)`: the (C, h', w') shape of what the recipe trains on for VAE latents of
+  h x w (personalize.models.encode.encode_images' output; None: (latent_channels, h, w); Flux.2's VAE
+  hands out 2x2 patches, (4C, h/2, w/2)).
 
 Edit models (`personalize train --task edit`) add one hook:
 
@@ -83,6 +86,13 @@ class FamilyDescription:
     embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None
     block_pattern: str = r"(single_)?transformer_blocks\.\d+"
     encoder_parameters: float = 0.0
+    trained_latents: Callable[[Mapping[str, Any], int, int], tuple[int, int, int]] | None = None
+
+    def latent_shape(self, config: Mapping[str, Any], h: int, w: int) -> tuple[int, int, int]:
+        """(C, h', w') of the latents the recipe trains on, for VAE latents of h x w."""
+        if self.trained_latents is not None:
+            return self.trained_latents(config, h, w)
+        return self.latent_channels(config), h, w
 
     def example_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of what `encode_prompt` returns for a transformer of this config."""

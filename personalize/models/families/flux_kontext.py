@@ -25,6 +25,7 @@ FLUX_KONTEXT = dataclasses.replace(
     defaults_source="diffusers' train_dreambooth_lora_flux_kontext.py defaults (rank 4, lr 1e-4, guidance 3.5, "
     "uniform timesteps, attention + feed-forward targets)",
     distilled=lambda config: None,
+    encoder_parameters=123e6 + 4762e6 + 84e6,  # CLIP-L, T5-XXL, VAE (FLUX.1's)
     published={"black-forest-labs/FLUX.1-Kontext-dev": flux.FLUX_DEV},
 )
 
