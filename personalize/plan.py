@@ -159,6 +159,7 @@ class Trace:
     activations: float  # saved for backward, no checkpointing
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
+    table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,7 +212,13 @@ def _trace(
             trainable += param.numel()
     latent = resolution // downsample
     saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
-    return Trace(quantizable, rows, other, trainable, *saved)
+    table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
+    return Trace(quantizable, rows, other, trainable, *saved, table=table)
+
+
+def _position_table(module: torch.nn.Module) -> bool:
+    """SD3's PatchEmbed with pos_embed_max_size: a stored (pos_embed_max_size^2, width) table cropped per input."""
+    return type(module).__name__ == "PatchEmbed" and bool(getattr(module, "pos_embed_max_size", None))
 
 
 def _activations(
@@ -327,6 +334,10 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
         cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
         estimate.loading = CPU_RUNTIME + idle + cast
+        if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
+            for name in estimate.parts:
+                if name.startswith("frozen weights"):
+                    estimate.parts[name] -= trace.table * compute
     else:
         estimate.caching = encoders
     return estimate

@@ -87,7 +87,7 @@ def test_cpu_loading_phase_counts_the_mapped_fp32_file_and_its_bf16_copy(tmp_pat
     assert nf4.loading == CPU_RUNTIME + idle  # read one weight at a time
 
 
-def test_sd3_position_table_is_a_frozen_weight():
+def test_sd3_position_table_is_a_frozen_weight(tmp_path):
     """SD3's sin-cos table is a buffer (0.9 GB fp32 at SD3.5 medium's pos_embed_max_size 384): it sits on the
     device with the weights. (Loading does not compute it: personalize.models.position_tables.)"""
     from personalize.models import build_tiny
@@ -97,6 +97,12 @@ def test_sd3_position_table_is_a_frozen_weight():
     n = sum(p.numel() for p in transformer.parameters())
     estimate = plan("tiny-sd3", Settings(resolution=32, mixed_precision="no"), "cuda")
     assert estimate.parts["frozen weights (fp32)"] == 4 * (n + table)
+    # on a CPU, fp32 weights stay in their file's memory map and a step reads only its crop of the table
+    build_tiny("tiny-sd3").save_pretrained(tmp_path)
+    mapped = plan(str(tmp_path), Settings(resolution=32, mixed_precision="no"), "cpu")
+    assert mapped.parts["frozen weights (fp32)"] == 4 * n
+    cast = plan(str(tmp_path), Settings(resolution=32), "cpu")  # the bf16 cast reads (and copies) all of it
+    assert cast.parts["frozen weights (bf16)"] == 2 * (n + table)
 
 
 @pytest.mark.slow
