@@ -101,6 +101,7 @@ HIDREAM = FamilyDescription(
     },
     text_tokens=lambda config: 2 * TEXT_TOKENS,  # T5 + one Llama layer per block
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
+    embed_keys=("prompt_embeds", "prompt_embeds_llama3", "pooled_prompt_embeds"),
     embed_shapes=lambda config: {
         "prompt_embeds": (TEXT_TOKENS, int(config["caption_channels"][0])),
         "prompt_embeds_llama3": (max(config["llama_layers"]) + 1, TEXT_TOKENS, int(config["caption_channels"][1])),

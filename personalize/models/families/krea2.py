@@ -98,6 +98,7 @@ KREA2_FAMILY = FamilyDescription(
     published={"krea/Krea-2-Raw": KREA2, "krea/Krea-2-Turbo": KREA2},
     text_tokens=lambda config: TEXT_TOKENS,
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
+    embed_keys=("prompt_embeds", "prompt_embeds_mask"),
     embed_shapes=lambda config: {
         "prompt_embeds": (TEXT_TOKENS, int(config["num_text_layers"]), int(config["text_hidden_dim"])),
         "prompt_embeds_mask": (TEXT_TOKENS,),

@@ -92,6 +92,7 @@ QWEN_IMAGE_FAMILY = FamilyDescription(
     published={"Qwen/Qwen-Image": QWEN_IMAGE},
     text_tokens=lambda config: 64,  # planned prompt length: a DreamBooth caption + the template's tail
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
+    embed_keys=("prompt_embeds", "prompt_embeds_mask"),
     embed_shapes=lambda config: {
         "prompt_embeds": (64, int(config["joint_attention_dim"])),
         "prompt_embeds_mask": (64,),

@@ -86,6 +86,7 @@ Z_IMAGE_FAMILY = FamilyDescription(
     published={"Tongyi-MAI/Z-Image-Turbo": Z_IMAGE, "Tongyi-MAI/Z-Image": Z_IMAGE},
     text_tokens=lambda config: 64,  # planned prompt length (captions are unpadded)
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
+    embed_keys=("prompt_embeds", "prompt_embeds_mask"),
     embed_shapes=lambda config: {"prompt_embeds": (64, int(config["cap_feat_dim"])), "prompt_embeds_mask": (64,)},
     block_pattern=r"(layers|noise_refiner|context_refiner)\.\d+",
     single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
