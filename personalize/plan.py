@@ -234,7 +234,7 @@ def _activations(
 ) -> tuple[float, float, float]:
     """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
     (in total, with checkpointing, workspace)."""
-    latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
+    latents = torch.zeros(batch, *family.latent_shape(config, size, size), device="meta", dtype=dtype)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
         for key, shape in family.example_shapes(config).items()
@@ -385,7 +385,8 @@ def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Setting
         count, nbytes = _folder_parameters(folder) if folder.is_dir() else (0.0, 0.0)
         source = nbytes / count if count else 2.0
         if source != dtype:  # cast after loading: the copy cannot be remapped
-            total += (count or ENCODER_PARAMETERS.get(family.name, 0.0) / (len(family.text_encoders) + 1)) * dtype
+            share = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) / (len(family.text_encoders) + 1)
+            total += (count or share) * dtype
     return total
 
 

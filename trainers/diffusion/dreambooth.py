@@ -420,6 +420,7 @@ def _validate(
     config: TrainConfig,
     ema: EMA | None,
     accelerator: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     from personalize.trainers.common.validation import sample_grid
 
@@ -446,6 +447,7 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
+            extra=extra,
         )
     unet.train(was_training)
     return path
