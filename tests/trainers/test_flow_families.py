@@ -170,6 +170,8 @@ def _stock_call(model, pipe):
     hook = pipe.transformer.register_forward_hook(
         lambda module, args, kwargs, output: calls.append((args, kwargs, output[0])), with_kwargs=True
     )
+    no_cfg = {"tiny-krea2": 0.0, "tiny-hidream": 1.0, "tiny-z-image": 1.0}  # one conditional call per step
+    arguments = {"guidance_scale": no_cfg[model]} if model in no_cfg else {}
     with torch.no_grad():
         pipe(
             "a photo of sks cat",
@@ -178,7 +180,7 @@ def _stock_call(model, pipe):
             width=32,
             output_type="latent",
             generator=torch.Generator().manual_seed(0),
-            **({"guidance_scale": 1.0} if model != "tiny-qwen-image" else {}),
+            **arguments,
         )
     hook.remove()
     args, kwargs, output = calls[-1]  # the second step: a timestep inside (0, 1000)
