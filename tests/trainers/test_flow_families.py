@@ -162,7 +162,7 @@ def test_a_saved_tiny_family_reloads_with_stock_from_pretrained_and_is_detected(
 
 
 def _stock_call(model, pipe):
-    """(latents (1, C, h, w), timestep in [0, 1000], the stock prediction in latent layout) of the first
+    """(latents (1, C, h, w), timestep in [0, 1000], the stock prediction in latent layout) of the second-step
     transformer call of the stock pipeline at 32 px (8 x 8 latents), read back in each family's own layout."""
     from personalize.models.families.flux import unpack
 
@@ -204,3 +204,20 @@ def test_predict_is_the_stock_pipelines_own_transformer_call(tiny_pipelines, mod
         embeds = family.encode_prompt(pipe, ["a photo of sks cat"])
         ours = family.predict(pipe.transformer, latents, timestep.float(), embeds, family.guidance_scale)
     torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_predict_in_training_mode_is_the_inference_prediction(tiny_pipelines, model):
+    """Training mode changes nothing a step sees (HiDream's transformer would otherwise return another layout
+    and route its experts differently): the loss compares the same (B, C, h, w) prediction as inference."""
+    from personalize.models.families import describe
+
+    family = describe(FAMILIES[model])
+    transformer = copy.deepcopy(tiny_pipelines(model).transformer)
+    embeds = family.encode_prompt(tiny_pipelines(model), ["a photo of sks cat"])
+    latents, timesteps = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([400.0])
+    with torch.no_grad():
+        inference = family.predict(transformer.eval(), latents, timesteps, embeds, family.guidance_scale)
+        training = family.predict(transformer.train(), latents, timesteps, embeds, family.guidance_scale)
+    assert training.shape == latents.shape
+    torch.testing.assert_close(training, inference, rtol=1e-5, atol=1e-5)
