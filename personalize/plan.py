@@ -18,9 +18,10 @@ injected there too, so its parameter count is exact for every method. The rest i
                      arrives (a separate phase: the peak is the largest of the phases)
     runtime          CPU only: the resident size of Python + torch + diffusers (measured: about 0.55 GB)
     loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
-                     compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
-                     until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
-                     Files in another dtype are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     compute dtype. From a folder of fp32 files the recipe casts one tensor at a time, read
+                     into its own buffer (personalize.models.mapped.cast_from_files: 2n + the largest tensor;
+                     `module.to` would keep every mapped page resident beside the copy, 4n + 2n). Files in
+                     another dtype (a hub cache) are cast to fp32 while mapped (file + 4n). (SD3's position table is
                      not computed while loading: personalize.models.position_tables.) On a GPU only the cast
                      copy reaches the device, so this phase does not exist there.
     buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
@@ -160,6 +161,7 @@ class Trace:
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
     table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
+    largest: float = 0.0  # elements of the largest frozen tensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -213,7 +215,8 @@ def _trace(
     latent = resolution // downsample
     saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
-    return Trace(quantizable, rows, other, trainable, *saved, table=table)
+    largest = max((t.numel() for t in (*transformer.parameters(), *transformer.buffers())), default=0)
+    return Trace(quantizable, rows, other, trainable, *saved, table=table, largest=largest)
 
 
 def _position_table(module: torch.nn.Module) -> bool:
@@ -341,7 +344,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.largest)
         estimate.loading = CPU_RUNTIME + idle + cast
         if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
             for name in estimate.parts:
@@ -364,7 +367,7 @@ def _file_bytes_per_parameter(model: str, component: str) -> float | None:
     return 2.0
 
 
-def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
+def _cast_bytes(model: str, settings: Settings, parameters: float, largest: float) -> float:
     """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
     module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
     if settings.quantize:
@@ -373,9 +376,9 @@ def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
     compute = 4 if settings.method == "full" else DTYPE_BYTES[settings.mixed_precision]
     if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
         return 4 * parameters
-    if source == 4:  # mapped fp32 pages stay until the whole file is released; no cast: read while training
-        return (4 + compute) * parameters if compute != 4 else 0.0
-    return (source + 4) * parameters  # cast to fp32 while the file is mapped
+    if source == 4:  # a folder of fp32 files: cast_from_files reads one tensor at a time; no cast: mapped pages
+        return compute * parameters + 4 * largest if compute != 4 else 0.0
+    return (source + 4) * parameters  # from a hub cache: cast to fp32 while the files are mapped
 
 
 def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
