@@ -42,6 +42,8 @@ def inference_output(transformer: torch.nn.Module) -> None:
     route as at inference (no auxiliary load-balancing loss) and the output is (B, C, h, w), not the
     training layout (B, C, tokens, 4). Idempotent; recorded in the config, as in the script's saved models."""
     model = getattr(transformer, "module", transformer)  # DDP
+    if next(model.parameters()).is_meta:  # the planner: meta tensors cannot route as at inference (bincount)
+        return
     if not model.config.force_inference_output:
         model.register_to_config(force_inference_output=True)
         for module in model.modules():
