@@ -15,7 +15,8 @@ def train(config: Any = None, **options: Any) -> Any:
     from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
     method = getattr(config, "method", None) or options.get("method")
-    edit = getattr(getattr(config, "edit", None), "sources", None) or (options.get("edit") or {}).get("sources")
+    edit_options = getattr(config, "edit", None) or options.get("edit") or {}
+    edit = edit_options.get("sources") if isinstance(edit_options, dict) else getattr(edit_options, "sources", "")
     if edit and not _flow_model(config, options):
         from personalize.errors import UserError
 
@@ -34,10 +35,12 @@ def train(config: Any = None, **options: Any) -> Any:
 
 def _flow_model(config: Any, options: dict[str, Any]) -> bool:
     """SD3 / Flux (a described DiT family: personalize.models.families) train with the flow-matching recipe."""
-    from personalize.models.families import described_family
+    from personalize.models.families import check_described, described_family
     from personalize.trainers.diffusion.config import DEFAULT_MODEL
 
     model = getattr(config, "model", None) or options.get("model") or DEFAULT_MODEL
+    if options.get("pipe") is None:
+        check_described(model)  # a DiT family without a description: one line, not a UNet recipe failure
     return described_family(model, options.get("pipe")) is not None
 
 

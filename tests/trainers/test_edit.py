@@ -125,6 +125,7 @@ def test_edit_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, 
     assert "name: instruction" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
     error = _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-flux"])
     assert "flux-kontext" in error and "edit" in error  # a family without a source input names those with one
+    assert "edit model" in _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-sd15"])  # a UNet
     error = _one_line_error(capsys, ["train", "--images", str(targets), "--control", str(sources)])
     assert "--task edit" in error
     error = _one_line_error(capsys, ["train", "--task", "edit", "--images", str(targets)])

@@ -122,6 +122,13 @@ def test_saved_folder_is_told_apart_by_its_pipeline(tmp_path, tiny_pipelines, mo
     assert family_of_config(config).name == ("flux" if model == "tiny-flux-kontext" else FAMILIES[model])
 
 
+def test_train_text_encoder_on_a_family_without_one_is_one_line(capsys, tmp_path, cache_dir):
+    assert main(_argv("tiny-flux2-klein", tmp_path / "out", cache_dir, "--train-text-encoder")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --train-text-encoder") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_flux2_latents_and_positions_are_the_pipelines(tiny_pipelines):
     """Our Flux.2 step feeds the transformer what Flux2Pipeline feeds it: batch-normalized 2x2 latent patches,
     (0, row, column, 0) image ids, (0, 0, 0, l) text ids, and a reference image at T = 10."""
@@ -162,14 +169,94 @@ def test_flux2_latents_and_positions_are_the_pipelines(tiny_pipelines):
 def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path, model):
     """Each family's planner estimate against the peak RSS of `personalize train` (fp32, 256 px, LoRA rank 4) on
     its build at 8 heads of 128 (width 1024), 1 + 1 blocks, saved as a folder."""
+    from benchmarks.plan_check import Case, measure
     from personalize.models.tiny_flow2 import reduced_pipeline
-    from personalize.plan import GB, Settings, plan
-    from tests.test_plan import _measured_peak
+    from personalize.plan import GB, plan
 
     folder = tmp_path / model
     reduced_pipeline(model, heads=8).save_pretrained(folder)
-    measured = _measured_peak(folder)
-    planned = plan(str(folder), Settings(resolution=256, rank=4, mixed_precision="no"), "cpu").peak
+    case = Case(model, "no", checkpointing=False, quantize="")  # fp32, 256 px, LoRA rank 4, 2 steps
+    measured = measure(folder, case, tmp_path / "run")["peak"]
+    planned = plan(str(folder), case.settings(), "cpu").peak
     error = (planned - measured) / measured
     print(f"{model} width 1024: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
     assert abs(error) <= 0.20
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_predict_is_the_pipelines_own_transformer_call(tiny_pipelines, model):
+    """One denoising call of the stock pipeline, recomputed by the family's `predict` from our encode_prompt:
+    the same packing, position ids, text mask, timestep scale and guidance input give the same prediction."""
+    from personalize.models.families import describe
+    from personalize.models.families.flux import unpack
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    arguments = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    arguments["guidance_scale"] = family.guidance_scale or 1.0  # the distilled input, or no CFG pass
+    if "max_area" in inspect.signature(pipe.__call__).parameters:
+        arguments["max_area"] = 64 * 64
+    with torch.no_grad():
+        pipe(prompt="a photo of sks cat", generator=torch.Generator().manual_seed(0), **arguments)
+        hook.remove()
+        kwargs, expected = calls[0]
+        tokens = kwargs["hidden_states"]  # (1, N, C)
+        if tokens.shape[-1] == pipe.transformer.config.in_channels and family.trained_latents is not None:
+
+            def to_latents(x):  # Flux.2: tokens are the 4 x 4 patch grid
+                return x.transpose(1, 2).reshape(1, -1, 4, 4)
+        else:
+
+            def to_latents(x):  # Flux.1 layout: 2x2 patches of an 8 x 8 latent
+                return unpack(x, 8, 8)
+
+        embeds = family.encode_prompt(pipe, ["a photo of sks cat"])
+        ours = family.predict(
+            pipe.transformer, to_latents(tokens), kwargs["timestep"] * 1000, embeds, family.guidance_scale
+        )
+    torch.testing.assert_close(ours, to_latents(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+def test_predict_edit_is_the_pipelines_own_call_with_a_source_image(tiny_pipelines, model):
+    """The stock pipeline editing an image (Kontext) / with a reference image (Flux.2): its transformer call,
+    recomputed by `predict_edit` from the noisy and the source tokens it was given, gives the same prediction."""
+    from PIL import Image
+
+    from personalize.models.families import describe
+    from personalize.models.families.flux import unpack
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    arguments = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    arguments["guidance_scale"] = family.guidance_scale or 1.0
+    if "max_area" in inspect.signature(pipe.__call__).parameters:
+        arguments.update(max_area=64 * 64, _auto_resize=False)
+    source = Image.new("RGB", (64, 64), (200, 40, 90))
+    with torch.no_grad():
+        pipe(image=source, prompt="add a ball", generator=torch.Generator().manual_seed(0), **arguments)
+        hook.remove()
+        kwargs, expected = calls[0]
+        tokens = kwargs["hidden_states"]  # (1, 16 noisy + 16 source, C)
+        assert tokens.shape[1] == 32
+        if family.trained_latents is not None:
+
+            def to_latents(x):  # Flux.2: tokens are the 4 x 4 patch grid
+                return x.transpose(1, 2).reshape(1, -1, 4, 4)
+        else:
+
+            def to_latents(x):  # Flux.1 layout: 2x2 patches of an 8 x 8 latent
+                return unpack(x, 8, 8)
+
+        embeds = family.encode_prompt(pipe, ["add a ball"])
+        noisy, reference = to_latents(tokens[:, :16]), to_latents(tokens[:, 16:])
+        ours = family.predict_edit(
+            pipe.transformer, noisy, kwargs["timestep"] * 1000, embeds, family.guidance_scale, reference
+        )
+    torch.testing.assert_close(ours, to_latents(expected[:, :16]), rtol=1e-4, atol=1e-4)

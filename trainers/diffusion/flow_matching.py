@@ -64,6 +64,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     family = _family(config, pipe)
     config, notes = resolve(with_family_defaults(config, family), pipe)
     _check_method(config, family)
+    _check_text_encoder(config, family)
     _check_edit(config, family)
     caveat = _check_distilled(
         config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
@@ -135,6 +136,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         if config.quantize:
             _quantize(transformer, family, config.quantize, weight_dtype, own_pipe, device)
+        elif own_pipe:  # one tensor at a time from the files: the fp32 map never resident beside the copy
+            from personalize.models.mapped import cast_from_files
+
+            cast_from_files(transformer, weight_dtype)
         place(transformer, device, weight_dtype)
         adapters.inject(transformer, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:
@@ -245,6 +250,14 @@ def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
         raise UserError(
             f"--method {config.method} is not available for {family.name} models; choose one of "
             f"{', '.join(FLOW_METHODS)}"
+        )
+
+
+def _check_text_encoder(config: TrainConfig, family: FamilyDescription) -> None:
+    if config.train_text_encoder and not family.trainable_text_encoders:
+        raise UserError(
+            f"--train-text-encoder: {family.name} models have no text encoder the reference script adapts "
+            "(it trains the transformer only); drop the flag"
         )
 
 

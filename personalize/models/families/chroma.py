@@ -2,8 +2,10 @@
 
 Facts from diffusers' ChromaPipeline and ChromaTransformer2DModel: latents are packed into 2x2 patches
 with Flux's (0, row, column) image ids and zero text ids (flux.py); the prompt is T5 alone, encoded with
-its attention mask, and the transformer attends to the text tokens up to and including the first
-padding token (the pipeline's mask: position <= prompt length), then to every image token; there is no
+its attention mask, and the transformer gets a mask that is 1 for the text tokens up to and including
+the first padding token (position <= prompt length) and for every image token, 0 elsewhere; the installed
+ChromaPipeline passes it as a float tensor, which the attention adds to its logits (a +1 bias on the
+kept pairs) rather than masking, and we pass it the same way so that training matches inference; there is no
 pooled CLIP input and no distilled guidance input (Chroma uses real classifier-free guidance at
 inference, so training sees none); timesteps go in as t / 1000; the AdaLN modulations come from one
 `distilled_guidance_layer` (the "approximator") instead of per-block projections. diffusers ships no
@@ -35,8 +37,10 @@ def predict(
     b, _, h, w = noisy.shape
     text = embeds["prompt_embeds"]  # (B, T, D)
     tokens = (h // 2) * (w // 2)
-    image_mask = torch.ones(b, tokens, device=noisy.device, dtype=torch.bool)
-    mask = torch.cat([embeds["prompt_attention_mask"].to(device=noisy.device, dtype=torch.bool), image_mask], dim=1)
+    # The mask as ChromaPipeline builds it: 0 / 1 in the compute dtype (a float mask, which attention adds to
+    # its logits; training sees exactly what inference does)
+    image_mask = torch.ones(b, tokens, device=noisy.device, dtype=noisy.dtype)
+    mask = torch.cat([embeds["prompt_attention_mask"].to(device=noisy.device, dtype=noisy.dtype), image_mask], dim=1)
     output = transformer(
         hidden_states=pack(noisy),  # (B, N, 4C)
         timestep=timesteps.to(noisy.dtype) / 1000,
