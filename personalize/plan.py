@@ -18,11 +18,12 @@ injected there too, so its parameter count is exact for every method. The rest i
                      arrives (a separate phase: the peak is the largest of the phases)
     runtime          CPU only: the resident size of Python + torch + diffusers (measured: about 0.55 GB)
     loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
-                     compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
-                     until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
-                     Files in another dtype are cast to fp32 while mapped (file + 4n). Before that, building
-                     the model computes SD3's sin-cos position table in float64 (4x the fp32 table at its
-                     peak). On a GPU only the cast copy reaches the device, so this phase does not exist there.
+                     compute dtype. From a folder of fp32 files the recipe casts one tensor at a time, read
+                     into its own buffer (personalize.models.mapped.cast_from_files: 2n + the largest tensor;
+                     `module.to` would keep every mapped page resident beside the copy, 4n + 2n). Files in
+                     another dtype (a hub cache) are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     not computed while loading: personalize.models.position_tables.) On a GPU only the cast
+                     copy reaches the device, so this phase does not exist there.
     buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
     idle encoders    CPU only: the text encoders (and VAE) stay resident after caching unless they can be
                      pointed back at their untouched files (personalize.models.mapped.remap: files of the same
@@ -160,7 +161,8 @@ class Trace:
     activations: float  # saved for backward, no checkpointing
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
-    built: float = 0.0  # CPU bytes while the model computes its sin-cos position table at construction
+    table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
+    largest: float = 0.0  # elements of the largest frozen tensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -203,7 +205,6 @@ def _trace(
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
     # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
     other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
-    built = sum(4 * _SINCOS_BUILD * m.pos_embed.numel() for m in transformer.modules() if _computed_table(m))
     transformer.requires_grad_(method == "full")
     if method != "full":
         adapters.inject(transformer, method, targets=targets or family.default_targets, **dict(hyper))
@@ -214,16 +215,14 @@ def _trace(
             trainable += param.numel()
     latent = resolution // downsample
     saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
-    return Trace(quantizable, rows, other, trainable, *saved, built=built)
+    table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
+    largest = max((t.numel() for t in (*transformer.parameters(), *transformer.buffers())), default=0)
+    return Trace(quantizable, rows, other, trainable, *saved, table=table, largest=largest)
 
 
-# diffusers' PatchEmbed builds its sin-cos table in float64 with its sin / cos halves alive at once: measured peak
-# 4.0x the fp32 table (tables of 96 and 216 MB), before the weights load
-_SINCOS_BUILD = 4.0
-
-
-def _computed_table(module: torch.nn.Module) -> bool:
-    return type(module).__name__ == "PatchEmbed" and getattr(module, "pos_embed", None) is not None
+def _position_table(module: torch.nn.Module) -> bool:
+    """SD3's PatchEmbed with pos_embed_max_size: a stored (pos_embed_max_size^2, width) table cropped per input."""
+    return type(module).__name__ == "PatchEmbed" and bool(getattr(module, "pos_embed_max_size", None))
 
 
 def _activations(
@@ -242,6 +241,8 @@ def _activations(
         for key, shape in family.example_shapes(config).items()
     }
     tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
+    # attention over the joint sequence, or over the image / text tokens alone (Z-Image's refiners)
+    squares = {tokens, family.image_tokens(config, size, size), family.text_tokens(config)}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -252,7 +253,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == tokens:  # math-kernel attention matrix
+        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] in squares:  # math kernel
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -273,8 +274,15 @@ def _activations(
         if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
+    # data-dependent shapes (HiDream's MoE routing: boolean indexing) cannot be known on meta tensors: count
+    # every token at every expert, an upper bound on the routed experts' activations (see README)
+    from torch.fx.experimental import _config as fx_config
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            fx_config.patch(meta_nonzero_assume_all_nonzero=True),
+        ):
             timesteps = torch.full((batch,), 500.0, device="meta")
             output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
     finally:
@@ -337,8 +345,12 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
-        estimate.loading = CPU_RUNTIME + idle + max(cast, trace.built)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.largest)
+        estimate.loading = CPU_RUNTIME + idle + cast
+        if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
+            for name in estimate.parts:
+                if name.startswith("frozen weights"):
+                    estimate.parts[name] -= trace.table * compute
     else:
         estimate.caching = encoders
     return estimate
@@ -356,7 +368,7 @@ def _file_bytes_per_parameter(model: str, component: str) -> float | None:
     return 2.0
 
 
-def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
+def _cast_bytes(model: str, settings: Settings, parameters: float, largest: float) -> float:
     """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
     module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
     if settings.quantize:
@@ -365,9 +377,9 @@ def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
     compute = 4 if settings.method == "full" else DTYPE_BYTES[settings.mixed_precision]
     if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
         return 4 * parameters
-    if source == 4:  # mapped fp32 pages stay until the whole file is released; no cast: read while training
-        return (4 + compute) * parameters if compute != 4 else 0.0
-    return (source + 4) * parameters  # cast to fp32 while the file is mapped
+    if source == 4:  # a folder of fp32 files: cast_from_files reads one tensor at a time; no cast: mapped pages
+        return compute * parameters + 4 * largest if compute != 4 else 0.0
+    return (source + 4) * parameters  # from a hub cache: cast to fp32 while the files are mapped
 
 
 def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:

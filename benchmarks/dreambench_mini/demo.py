@@ -23,7 +23,7 @@ SCALE = 6  # 16 px images, enlarged without smoothing so the pixels stay readabl
 LABEL_WIDTH = 150
 
 
-def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path: Path) -> None:
+def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path: Path) -> Path:
     """Rows: the instance photos, then each prompt; left half before training, right half after."""
     from PIL import Image, ImageDraw
 
@@ -51,6 +51,7 @@ def before_after_grid(before: dict, after: dict, photos: list[np.ndarray], path:
             paste(image, LABEL_WIDTH + seeds * cell + gap + column * cell, y)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+    return path
 
 
 def figures_table(before: dict[str, float], after: dict[str, float]) -> str:
@@ -62,7 +63,9 @@ def figures_table(before: dict[str, float], after: dict[str, float]) -> str:
     ]
     lines = [f"{'':28s}{'before':>8s}{'after':>8s}"]
     lines += [f"{label:28s}{before[key]:8.2f}{after[key]:8.2f}" for label, key in rows]
-    lines.append(f"{'drift (class accuracy lost)':28s}{'':8s}{before['class_accuracy'] - after['class_accuracy']:+8.2f}")
+    lines.append(
+        f"{'drift (class accuracy lost)':28s}{'':8s}{before['class_accuracy'] - after['class_accuracy']:+8.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--subject", default="ball", choices=list(world.SUBJECTS))
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt")
-    parser.add_argument("--grid", type=Path, default=None, help="where to write the grid (default RUN_DIR/before_after.png)")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="where to write the grid (default RUN_DIR/before_after.png)"
+    )
     args = parser.parse_args(argv)
     from personalize.models import load_pipeline
 

@@ -186,11 +186,17 @@ def probe(pipe, seeds: int = 2, steps: int = 15, guidance: float = 4.0) -> tuple
     hits = {"shape": [], "colour": [], "context": [], "all": []}
     for image, (shape, colour, context) in zip(images, PROBE * seeds):
         parsed = measures.parse(image)
-        right = {"shape": parsed.shape == shape, "colour": parsed.colour == colour, "context": parsed.context == context}
+        right = {
+            "shape": parsed.shape == shape,
+            "colour": parsed.colour == colour,
+            "context": parsed.context == context,
+        }
         for key, value in right.items():
             hits[key].append(value)
         hits["all"].append(all(right.values()))
-    grid = np.concatenate([np.concatenate(list(images[s * len(PROBE) : (s + 1) * len(PROBE)]), 1) for s in range(seeds)])
+    grid = np.concatenate(
+        [np.concatenate(list(images[s * len(PROBE) : (s + 1) * len(PROBE)]), 1) for s in range(seeds)]
+    )
     return {key: float(np.mean(values)) for key, values in hits.items()}, grid
 
 
@@ -205,7 +211,11 @@ class Ema:
 
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
         self.decay = decay
-        self.shadow = {f"{name}.{key}": value.detach().clone() for name, module in modules.items() for key, value in module.state_dict().items()}
+        self.shadow = {
+            f"{name}.{key}": value.detach().clone()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
 
     @torch.no_grad()
     def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
@@ -221,7 +231,9 @@ class Ema:
     def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
         for name, module in modules.items():
             prefix = f"{name}."
-            module.load_state_dict({key[len(prefix) :]: value for key, value in self.shadow.items() if key.startswith(prefix)})
+            module.load_state_dict(
+                {key[len(prefix) :]: value for key, value in self.shadow.items() if key.startswith(prefix)}
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,12 +241,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/.cache/dreambench-mini"))
     parser.add_argument("--vae-steps", type=int, default=200)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--unet-steps", type=int, default=4000, help="total denoiser steps (a continued run counts the old ones)")
+    parser.add_argument(
+        "--unet-steps", type=int, default=4000, help="total denoiser steps (a continued run counts the old ones)"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=12000, help="world images encoded for stage 3")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the UNet (warm-up, then constant)")
     parser.add_argument("--text-lr", type=float, default=3e-3, help="learning rate of the text encoder")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--noise-offset", type=float, default=0.15)
+    parser.add_argument("--high-noise-weight", type=float, default=5.0, help="cap of the 1 / alpha_bar loss weight")
     parser.add_argument("--probe-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -267,24 +283,41 @@ def main(argv: list[str] | None = None) -> None:
         log(f"vae check {info['vae_check']}")
     pipe.set_progress_bar_config(disable=True)
     done = info["unet_steps_done"]
-    means, stds, captions = encode_world(pipe, args.images, np.random.default_rng(1 + done))
+    session = {"from_step": done, "noise_offset": args.noise_offset, "high_noise_weight": args.high_noise_weight}
+    info.setdefault("sessions", []).append(session)  # the settings of each (continued) run, in pretrain.json
+    cache = args.output / "latents.safetensors"
+    if resumed and cache.is_file():  # the same VAE: the latents of the first session still hold
+        saved = load_file(cache)
+        means, stds = saved["means"], saved["stds"]
+        captions = json.loads((args.output / "captions.json").read_text())
+    else:
+        means, stds, captions = encode_world(pipe, args.images, np.random.default_rng(1 + done))
+        save_file({"means": means.contiguous(), "stds": stds.contiguous()}, cache)
+        (args.output / "captions.json").write_text(json.dumps(captions))
     if not resumed:
         pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         log(f"scaling factor {pipe.vae.config.scaling_factor:.4f}")
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = pipe.tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids  # (1, T)
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     modules = {"unet": unet, "text_encoder": text_encoder}
     optimizer = torch.optim.AdamW(
-        [{"params": list(unet.parameters()), "lr": args.lr}, {"params": list(text_encoder.parameters()), "lr": args.text_lr}],
+        [
+            {"params": list(unet.parameters()), "lr": args.lr},
+            {"params": list(text_encoder.parameters()), "lr": args.text_lr},
+        ],
         weight_decay=0.0,
     )
     ema = Ema(modules, args.ema)
     if resumed:  # raw weights and EMA; the optimizer restarts (a short warm-up covers its empty moments)
         saved = load_file(state_path)
         for name, module in modules.items():
-            module.load_state_dict({key[len(name) + 5 :]: value for key, value in saved.items() if key.startswith(f"raw.{name}.")})
+            module.load_state_dict(
+                {key[len(name) + 5 :]: value for key, value in saved.items() if key.startswith(f"raw.{name}.")}
+            )
         ema.shadow = {key[4:]: value for key, value in saved.items() if key.startswith("ema.")}
     peaks = [group["lr"] for group in optimizer.param_groups]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -294,9 +327,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def snapshot(step: int) -> None:
         """Save the raw and EMA weights (to continue) and the EMA pipeline (to use); probe it."""
-        tensors = {f"raw.{name}.{key}": value.contiguous() for name, module in modules.items() for key, value in module.state_dict().items()}
+        tensors = {
+            f"raw.{name}.{key}": value.contiguous()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
         tensors.update({f"ema.{key}": value.contiguous() for key, value in ema.shadow.items()})
-        raw = {name: {key: value.clone() for key, value in module.state_dict().items()} for name, module in modules.items()}
+        raw = {
+            name: {key: value.clone() for key, value in module.state_dict().items()} for name, module in modules.items()
+        }
         ema.copy_to(modules)
         unet.eval(), text_encoder.eval()
         figures, grid = probe(pipe)
@@ -317,13 +356,20 @@ def main(argv: list[str] | None = None) -> None:
         index = torch.randint(0, len(means), (args.batch,), generator=generator)
         clean = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
         noise = torch.randn(clean.shape, generator=generator)  # (B, 4, 16, 16)
+        # Offset noise (Guttenberg 2023): SD's schedule leaves ~7% of the image in x_T, so a plain model takes
+        # the background's colour from x_t instead of from the prompt; a random per-channel offset hides it.
+        noise = noise + args.noise_offset * torch.randn((args.batch, clean.shape[1], 1, 1), generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
         noisy = noise_scheduler.add_noise(clean, noise, t)
         tokens = ids[index].clone()  # (B, T)
         dropped = torch.rand(args.batch, generator=generator) < 0.1  # classifier-free guidance's empty prompt
         tokens[dropped] = empty
         context = text_encoder(tokens)[0]  # (B, T, 64)
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        # High-noise steps decide the layout and colours, i.e. what the prompt says: weight each sample's
+        # epsilon-MSE by min(1 / alpha_bar_t, 5) (x0-error weighting, clamped), normalized over the batch.
+        error = (unet(noisy, t, context).sample - noise).square().mean(dim=(1, 2, 3))  # (B,)
+        weight = (1.0 / noise_scheduler.alphas_cumprod[t]).clamp(max=args.high_noise_weight)  # (B,)
+        loss = (weight * error).sum() / weight.sum()
         warm = min(1.0, (step - done + 1) / 100)
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * warm

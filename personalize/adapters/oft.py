@@ -166,7 +166,8 @@ class MergedRotation(torch.autograd.Function):
         if on_input:
             merged_t = torch.bmm(mats, wt.reshape(k, b, out_f)).reshape(in_f, out_f)  # rows of W^T by R_j
         else:
-            merged_t = torch.bmm(wt.reshape(in_f, k, b).transpose(0, 1), mats).transpose(0, 1).reshape(in_f, out_f)
+            blocks_t = weight.reshape(k, b, in_f).transpose(1, 2)  # (k, in, b): W_j^T, BLAS reads it as is
+            merged_t = torch.bmm(blocks_t, mats).transpose(0, 1).reshape(in_f, out_f)  # columns of W^T by R_j
         flat = x.reshape(-1, in_f)  # (T, in)
         y = flat @ merged_t if bias is None else torch.addmm(bias, flat, merged_t)  # (T, out)
         ctx.save_for_backward(x if on_input else y, mats, merged_t, bias)
@@ -182,10 +183,12 @@ class MergedRotation(torch.autograd.Function):
         grad_x = g @ merged_t.t()  # (T, in): what the frozen layer's backward costs anyway
         inverse_t = mats if ctx.orthogonal else torch.linalg.inv(mats).transpose(-1, -2)  # R^-T
         if ctx.on_input:  # x' = x R: grad_x = grad_x' R^T, so grad_x' = grad_x R^-T
-            xs, gs = saved.reshape(-1, k, b).transpose(0, 1), grad_x.reshape(-1, k, b).transpose(0, 1)  # (k, T, b)
+            xs = saved.reshape(-1, k, b).transpose(0, 1).contiguous()  # (k, T, b); see RowRotation
+            gs = grad_x.reshape(-1, k, b).transpose(0, 1).contiguous()
             grad_mats = torch.bmm(xs.transpose(1, 2), gs) @ inverse_t  # (k, b, b)
         else:  # y = y0 R + b: y0 = (y - b) R^-1
-            ys, gs = saved.reshape(-1, k, b).transpose(0, 1), g.reshape(-1, k, b).transpose(0, 1)
+            ys = saved.reshape(-1, k, b).transpose(0, 1).contiguous()
+            gs = g.reshape(-1, k, b).transpose(0, 1).contiguous()
             products = torch.bmm(ys.transpose(1, 2), gs)  # (k, b, b) = y_j^T g_j
             if bias is not None:
                 products = products - bias.reshape(k, b, 1) * g.sum(0).reshape(k, 1, b)
@@ -198,31 +201,31 @@ class RowRotation(torch.autograd.Function):
     """z = (v - shift) R + shift per block of the last dim (v (T, k b), R (k, b, b), shift (k b,) or None):
     OFT on the activations with the bias taken out and put back in the same batched product, so that a
     frozen layer's output is rotated without the delta's extra passes (y + ((y - b) (R - I)) ...).
-    Backward: grad_v = g R^T, grad_R_j = (v - shift)_j^T g_j; strided views feed bmm without copies."""
+    Backward: grad_v = g R^T, grad_R_j = (v - shift)_j^T g_j. The block-major copies are made explicitly:
+    torch's bmm copies strided (T, k, b) views element by element, several times slower."""
 
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         k, b, _ = mats.shape
-        vs = v.reshape(-1, k, b).transpose(0, 1)  # (k, T, b), a view
+        vs = v.reshape(-1, k, b).transpose(0, 1).contiguous()  # (k, T, b): bmm copies strided views slowly
         if shift is None:
             out = torch.bmm(vs, mats)
         else:  # (v - s) R + s = v R + (s - s R): the constant joins the product (baddbmm)
             blocks = shift.reshape(k, 1, b)
             out = torch.baddbmm(blocks - torch.bmm(blocks, mats), vs, mats)
-        ctx.save_for_backward(v, mats, shift)
+        ctx.save_for_backward(vs, mats, shift)
         return out.transpose(0, 1).reshape(v.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        v, mats, shift = ctx.saved_tensors
+        vs, mats, shift = ctx.saved_tensors
         k, b, _ = mats.shape
-        vs = v.reshape(-1, k, b).transpose(0, 1)  # (k, T, b)
-        gs = grad.reshape(-1, k, b).transpose(0, 1)
+        gs = grad.reshape(-1, k, b).transpose(0, 1).contiguous()  # (k, T, b)
         grad_mats = torch.bmm(vs.transpose(1, 2), gs)  # (k, b, b)
         if shift is not None:
             grad_mats = grad_mats - shift.reshape(k, b, 1) * gs.sum(1).reshape(k, 1, b)
         grad_v = (
-            torch.bmm(gs, mats.transpose(1, 2)).transpose(0, 1).reshape(v.shape) if ctx.needs_input_grad[0] else None
+            torch.bmm(gs, mats.transpose(1, 2)).transpose(0, 1).reshape(grad.shape) if ctx.needs_input_grad[0] else None
         )
         return grad_v, grad_mats, None
 

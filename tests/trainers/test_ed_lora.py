@@ -77,6 +77,18 @@ def test_ed_lora_trains_a_token_per_layer_and_loads_into_a_stock_pipeline(quick,
     assert all(torch.equal(a, b) for a, b in zip(base, _cross_attention_inputs(pipe, "a photo of a cat")))
 
 
+def test_the_token_stops_at_its_norm_limit(quick, tiny_pipelines):
+    """Mix-of-Show's stop: a limit below the starting norm keeps every layer's vectors at the init word's."""
+    result = quick(
+        method="ed-lora", token=TOKEN, init_word="cat", steps=2, validation_images=0, lr=1e-2, embedding_norm_limit=1e-6
+    )
+    embeds = load_file(str(result.output_dir / "learned_embeds.safetensors"))
+    pipe = tiny_pipelines("tiny-sd15")
+    cat = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("cat", add_special_tokens=False).input_ids]
+    assert all(torch.equal(vectors, cat) for vectors in embeds.values())
+    assert "embedding_norm_limit: 1.0e-06" in (result.output_dir / "config.yaml").read_text()
+
+
 def test_a_layer_wise_token_for_another_unet_is_refused(tiny_pipelines):
     pipe = copy.deepcopy(tiny_pipelines("tiny-sd15"))
     embeddings = {layerwise.layer_token(TOKEN, layer): {"text_encoder": torch.zeros(1, 32)} for layer in range(16)}

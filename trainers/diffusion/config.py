@@ -189,6 +189,9 @@ class TrainConfig:
         "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
     )
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
+    embedding_norm_limit: float = option(
+        0.0, "freeze the token once the mean norm of its vectors reaches this (Mix-of-Show: 0.55 on SD1.5); 0 = off"
+    )
     # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
     weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
         "",
@@ -355,6 +358,8 @@ def check_token_options(config: TrainConfig) -> None:
     """The textual-inversion / pivotal keys."""
     if config.vectors < 1:
         raise UserError(f"--vectors must be at least 1 (got {config.vectors})")
+    if config.embedding_norm_limit < 0:
+        raise UserError(f"embedding_norm_limit must be 0 (off) or positive (got {config.embedding_norm_limit})")
     if config.embedding_lr is not None and config.embedding_lr <= 0:
         raise UserError(f"--embedding-lr must be positive (got {config.embedding_lr})")
     stop = config.stop_embedding_after

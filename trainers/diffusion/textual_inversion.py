@@ -154,7 +154,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode this step's prompts through the current token rows, then the DreamBooth loss."""
-        learning = state.step < stop_step
+        learning = state.step < stop_step and not _norm_reached(tokens, config.embedding_norm_limit)
         with torch.set_grad_enabled(learning):  # frozen: no graph, and no gradient for data parallelism to wait on
             rows = rows_model()
         tokens.use(rows if learning else {name: value.detach() for name, value in rows.items()})
@@ -273,6 +273,16 @@ def _encode(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     return encode_text(pipe, prompts)
 
 
+def _norm_reached(tokens: NewTokens, limit: float) -> bool:
+    """Mix-of-Show's stop: the token trains until the mean norm of its vectors reaches `limit` (0: never).
+    Frozen rows keep their norm, so the stop holds from then on (also after a resume)."""
+    if limit <= 0:
+        return False
+    with torch.no_grad():
+        norms = [rows.norm(dim=-1).mean() for rows in tokens.rows.rows.values()]  # (L*n, d) -> mean row norm
+        return float(torch.stack(norms).mean()) >= limit
+
+
 def _token_layers(pipe: Any, config: TrainConfig) -> int:
     """ED-LoRA: the number of cross-attention layers (one set of token vectors each); else 1."""
     if config.method != "ed-lora":
@@ -324,7 +334,7 @@ def _default_prompt(config: TrainConfig, tokens: NewTokens, dataset: Any) -> str
 
 
 def _token_settings(config: TrainConfig) -> dict[str, Any]:
-    keys = ("init_word", "vectors", "embedding_lr", "stop_embedding_after")
+    keys = ("init_word", "vectors", "embedding_lr", "stop_embedding_after", "embedding_norm_limit")
     keys += ("learnable_property",) if config.method == "textual-inversion" else ("pivotal_method",)
     return {key: getattr(config, key) for key in keys}
 
