@@ -23,7 +23,7 @@ from personalize.config import nearest
 from personalize.errors import UserError
 from personalize.formats.detect import selective_method
 from personalize.pipelines import embeddings as ti
-from personalize.pipelines import fusion
+from personalize.pipelines import fusion, layerwise
 from personalize.pipelines.components import require_components
 from personalize.pipelines.source import AdapterSource, _read
 
@@ -39,6 +39,7 @@ class LoadedAdapter:
     components: list[str]  # pipeline components that carry its weights
     embeddings: ti.PerEncoder = field(default_factory=dict)
     fused: bool = False
+    controlnext: bool = False  # a ControlNeXt module runs in the UNet (pipelines/controlnext.py)
 
     @property
     def tokens(self) -> list[str]:
@@ -141,6 +142,15 @@ def load_adapter(
 
     Nothing is changed when any part does not fit: the error names the keys that do not."""
     registry = loaded_adapters(pipe)
+    from personalize.pipelines import controlnext
+
+    if (file := controlnext.controlnext_file(path_or_components)) is not None:  # module hooks + UNet values
+        name = name or _default_name(path_or_components, registry)
+        if name in registry:
+            raise UserError(f"an adapter named '{name}' is already loaded; unload it first or pass another name")
+        components = controlnext.load(pipe, file, float(scale), name)
+        registry[name] = LoadedAdapter(name, str(path_or_components), float(scale), components, controlnext=True)
+        return name
     source: AdapterSource = _read(path_or_components, pipe, allow_pickle=allow_pickle)
     if isinstance(path_or_components, (str, Path)):
         source.label = str(path_or_components)
@@ -154,6 +164,7 @@ def load_adapter(
     selective = selective_method(source.metadata) is not None
     loaded_embeddings = [adapter.embeddings for adapter in registry.values()]
     per_encoder = ti.check(pipe, source.embeddings, ti.taken_tokens(loaded_embeddings))
+    layerwise.check(pipe, _tokens([*loaded_embeddings, per_encoder]))  # ED-LoRA tokens fit the UNet
     done: list[str] = []
     try:
         for component, tensors in weights.items():
@@ -161,12 +172,17 @@ def load_adapter(
             done.append(component)
         if per_encoder:
             ti.rebuild(pipe, [*loaded_embeddings, per_encoder])
+            layerwise.rebuild(pipe, _tokens([*loaded_embeddings, per_encoder]))
     except BaseException:
         for component in done:
             _remove_quietly(modules[component], name)
         raise
     registry[name] = LoadedAdapter(name, source.label, float(scale), list(weights), per_encoder)
     return name
+
+
+def _tokens(loaded: list[ti.PerEncoder]) -> set[str]:
+    return {token for per_encoder in loaded for tokens in per_encoder.values() for token in tokens}
 
 
 def _modules(pipe: Any, adapter: LoadedAdapter) -> list[nn.Module]:
@@ -224,9 +240,14 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
     for adapter in reversed(chosen):
         for module in _modules(pipe, adapter):
             adapters.remove(module, adapter.name)
+        if adapter.controlnext:
+            from personalize.pipelines import controlnext
+
+            controlnext.unload(pipe)
         del registry[adapter.name]
     if any(adapter.embeddings for adapter in chosen):
         ti.rebuild(pipe, [adapter.embeddings for adapter in registry.values()])
+        layerwise.rebuild(pipe, _tokens([adapter.embeddings for adapter in registry.values()]))
     return [adapter.name for adapter in chosen]
 
 

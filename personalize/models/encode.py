@@ -14,7 +14,11 @@ Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); s
 pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
-z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux).
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or per channel
+z = (E(x) - latents_mean) / latents_std for VAEs that store channel statistics (Qwen-Image, Krea 2). Video-style
+VAEs (a `temperal_downsample` config: Qwen-Image's, Wan's) take (B, 3, F, H, W); an image is one frame.
+A VAE with latent batch-norm statistics (Flux.2's AutoencoderKLFlux2) has its own latent space: E(x) in 2x2
+patches (B, 4C, H/16, W/16), normalized per channel, z = (patches - running_mean) / sqrt(running_var + eps).
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
 deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
@@ -85,6 +89,27 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     raise ValueError(f"encode_text does not support the {family} family")
 
 
+def vae_factors(config: Any) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
+    (scale_factor_spatial / _temporal) or list their downsamples (Qwen-Image's temperal_downsample),
+    image VAEs halve once per block after the first."""
+    spatial = getattr(config, "scale_factor_spatial", None)
+    if spatial is None and getattr(config, "temperal_downsample", None) is not None:
+        spatial = 2 ** len(config.temperal_downsample)
+    spatial = spatial or 2 ** (len(config.block_out_channels) - 1)
+    return int(spatial), int(getattr(config, "scale_factor_temporal", None) or 1)
+
+
+def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) of each latent channel, shaped to broadcast over latents of `ndim` dims; None when
+    the VAE scales all channels alike (scaling_factor / shift_factor)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean)) + (1,) * (ndim - 2)
+    return torch.tensor(mean).reshape(shape), torch.tensor(std).reshape(shape)
+
+
 def latent_scale(vae: Any) -> tuple[float, float]:
     """(shift_factor, scaling_factor) from the VAE config (shift 0 when it has none)."""
     shift = getattr(vae.config, "shift_factor", None)
@@ -96,7 +121,25 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
-    posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w)
+    one_frame = pixels.ndim == 4 and "temperal_downsample" in vae.config  # an image through a video-style VAE
+    pixels = pixels.to(device=device, dtype=dtype)
+    posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
+    latents = latents[:, :, 0] if one_frame else latents  # (B, C, h, w)
+    if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2: batch-normalized 2x2 patches
+        return normalize_patches(latents, vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps)
+    statistics = channel_statistics(vae, latents.ndim)
+    if statistics is not None:
+        mean, std = (value.to(latents.device, latents.dtype) for value in statistics)
+        return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale
+
+
+def normalize_patches(latents: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 4C, h/2, w/2): 2x2 patches (channel-major inside a patch, as Flux2Pipeline's
+    _patchify_latents), each channel normalized by the VAE's batch-norm statistics (4C,)."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    std = torch.sqrt(var.to(patches) + eps)
+    return (patches - mean.to(patches).view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

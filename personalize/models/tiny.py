@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from personalize.models import tiny_diffusion, tiny_text
+from personalize.models import tiny_diffusion, tiny_flow2, tiny_flow_more, tiny_text
 
 TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd15": tiny_diffusion.tiny_sd15,
@@ -14,6 +14,14 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sdxl": tiny_diffusion.tiny_sdxl,
     "tiny-sd3": tiny_diffusion.tiny_sd3,
     "tiny-flux": tiny_diffusion.tiny_flux,
+    "tiny-qwen-image": tiny_flow_more.tiny_qwen_image,
+    "tiny-z-image": tiny_flow_more.tiny_z_image,
+    "tiny-hidream": tiny_flow_more.tiny_hidream,
+    "tiny-krea2": tiny_flow_more.tiny_krea2,
+    "tiny-flux-kontext": tiny_flow2.tiny_flux_kontext,
+    "tiny-chroma": tiny_flow2.tiny_chroma,
+    "tiny-flux2": tiny_flow2.tiny_flux2,
+    "tiny-flux2-klein": tiny_flow2.tiny_flux2_klein,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-llama": tiny_text.tiny_llama,

@@ -23,10 +23,12 @@ def sample_grid(
     steps: int = 25,
     size: int | None = None,
     autocast: Callable[[], Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Generate `images_per_prompt` images per prompt (image i: seed + i) and save them as one grid.
 
-    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata.
+    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata. `extra`: more
+    pipeline arguments (an edit model's source `image`).
     """
     from personalize.pipelines.generate import GenerationSettings, generate
 
@@ -37,7 +39,13 @@ def sample_grid(
     try:
         for prompt in prompts:
             settings = GenerationSettings(
-                prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
+                prompt=prompt,
+                steps=steps,
+                seed=seed,
+                num_images=images_per_prompt,
+                width=size,
+                height=size,
+                extra=dict(extra or {}),
             )
             with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
                 images.extend(generate(pipe, settings))
