@@ -74,7 +74,10 @@ def peer_argv(family: str, model: Path, out: Path, steps: int, precision: str, a
     script = argparse.Namespace(peer_script=args.peer_dir / SCRIPTS[family], resolution=args.resolution)
     shared = train_step.peer_argv(model, out, steps, script)
     argv = [f"--mixed_precision={precision}" if a == "--mixed_precision=no" else a for a in shared]
-    argv += ["--cache_latents", f"--max_sequence_length={PEER_SEQUENCE[family]}"]
+    # the SD3 script's latent caching sends bf16 pixels into its fp32 VAE and fails ("Input type (c10::BFloat16)
+    # and bias type (float) should be the same"): its bf16 runs encode every step instead
+    caching = [] if (family == "sd3" and precision == "bf16") else ["--cache_latents"]
+    argv += [*caching, f"--max_sequence_length={PEER_SEQUENCE[family]}"]
     return argv + (["--lora_alpha=4"] if family == "flux" else [])  # the SD3 script sets alpha = rank (4)
 
 
