@@ -241,6 +241,8 @@ def _activations(
         for key, shape in family.example_shapes(config).items()
     }
     tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
+    # attention over the joint sequence, or over the image / text tokens alone (Z-Image's refiners)
+    squares = {tokens, family.image_tokens(config, size, size), family.text_tokens(config)}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -251,7 +253,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == tokens:  # math-kernel attention matrix
+        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] in squares:  # math kernel
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -272,8 +274,15 @@ def _activations(
         if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
+    # data-dependent shapes (HiDream's MoE routing: boolean indexing) cannot be known on meta tensors: count
+    # every token at every expert, an upper bound on the routed experts' activations (see README)
+    from torch.fx.experimental import _config as fx_config
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            fx_config.patch(meta_nonzero_assume_all_nonzero=True),
+        ):
             timesteps = torch.full((batch,), 500.0, device="meta")
             output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
     finally:

@@ -89,6 +89,27 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     raise ValueError(f"encode_text does not support the {family} family")
 
 
+def vae_factors(config: Any) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
+    (scale_factor_spatial / _temporal) or list their downsamples (Qwen-Image's temperal_downsample),
+    image VAEs halve once per block after the first."""
+    spatial = getattr(config, "scale_factor_spatial", None)
+    if spatial is None and getattr(config, "temperal_downsample", None) is not None:
+        spatial = 2 ** len(config.temperal_downsample)
+    spatial = spatial or 2 ** (len(config.block_out_channels) - 1)
+    return int(spatial), int(getattr(config, "scale_factor_temporal", None) or 1)
+
+
+def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) of each latent channel, shaped to broadcast over latents of `ndim` dims; None when
+    the VAE scales all channels alike (scaling_factor / shift_factor)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean)) + (1,) * (ndim - 2)
+    return torch.tensor(mean).reshape(shape), torch.tensor(std).reshape(shape)
+
+
 def latent_scale(vae: Any) -> tuple[float, float]:
     """(shift_factor, scaling_factor) from the VAE config (shift 0 when it has none)."""
     shift = getattr(vae.config, "shift_factor", None)
@@ -100,16 +121,16 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
-    frames = "temperal_downsample" in vae.config
+    one_frame = pixels.ndim == 4 and "temperal_downsample" in vae.config  # an image through a video-style VAE
     pixels = pixels.to(device=device, dtype=dtype)
-    posterior = vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w) / (B, C, 1, h, w)
-    latents = latents[:, :, 0] if frames else latents
+    posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
+    latents = latents[:, :, 0] if one_frame else latents  # (B, C, h, w)
     if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2: batch-normalized 2x2 patches
         return normalize_patches(latents, vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps)
-    if vae.config.get("latents_mean") is not None:
-        mean = torch.tensor(vae.config.latents_mean, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+    statistics = channel_statistics(vae, latents.ndim)
+    if statistics is not None:
+        mean, std = (value.to(latents.device, latents.dtype) for value in statistics)
         return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale

@@ -218,3 +218,45 @@ def test_predict_is_the_pipelines_own_transformer_call(tiny_pipelines, model):
             pipe.transformer, to_latents(tokens), kwargs["timestep"] * 1000, embeds, family.guidance_scale
         )
     torch.testing.assert_close(ours, to_latents(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+def test_predict_edit_is_the_pipelines_own_call_with_a_source_image(tiny_pipelines, model):
+    """The stock pipeline editing an image (Kontext) / with a reference image (Flux.2): its transformer call,
+    recomputed by `predict_edit` from the noisy and the source tokens it was given, gives the same prediction."""
+    from PIL import Image
+
+    from personalize.models.families import describe
+    from personalize.models.families.flux import unpack
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    arguments = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    arguments["guidance_scale"] = family.guidance_scale or 1.0
+    if "max_area" in inspect.signature(pipe.__call__).parameters:
+        arguments.update(max_area=64 * 64, _auto_resize=False)
+    source = Image.new("RGB", (64, 64), (200, 40, 90))
+    with torch.no_grad():
+        pipe(image=source, prompt="add a ball", generator=torch.Generator().manual_seed(0), **arguments)
+        hook.remove()
+        kwargs, expected = calls[0]
+        tokens = kwargs["hidden_states"]  # (1, 16 noisy + 16 source, C)
+        assert tokens.shape[1] == 32
+        if family.trained_latents is not None:
+
+            def to_latents(x):  # Flux.2: tokens are the 4 x 4 patch grid
+                return x.transpose(1, 2).reshape(1, -1, 4, 4)
+        else:
+
+            def to_latents(x):  # Flux.1 layout: 2x2 patches of an 8 x 8 latent
+                return unpack(x, 8, 8)
+
+        embeds = family.encode_prompt(pipe, ["add a ball"])
+        noisy, reference = to_latents(tokens[:, :16]), to_latents(tokens[:, 16:])
+        ours = family.predict_edit(
+            pipe.transformer, noisy, kwargs["timestep"] * 1000, embeds, family.guidance_scale, reference
+        )
+    torch.testing.assert_close(ours, to_latents(expected[:, :16]), rtol=1e-4, atol=1e-4)
