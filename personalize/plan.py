@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.models.families import FamilyDescription, family_of_config, transformer_config
+from personalize.models.families import FamilyDescription, described_family, family_of_config, transformer_config
 
 GB = 1024**3
 CPU_RUNTIME = 0.55 * GB
@@ -140,7 +140,8 @@ def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
             "UNet models (SD1.x, SDXL) are not described yet"
         )
     config = dict(transformer.config) if transformer is not None else transformer_config(model)
-    family = family_of_config(config) if config is not None else None
+    # by name, published id or folder first: families sharing a config (Flux, Flux Kontext) differ by pipeline
+    family = (described_family(model) or family_of_config(config)) if config is not None else None
     if family is None or config is None:
         raise UserError(
             f"cannot plan for {model}: its transformer config is not readable here (the planner knows SD3 and Flux "

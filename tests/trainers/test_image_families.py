@@ -260,3 +260,37 @@ def test_predict_edit_is_the_pipelines_own_call_with_a_source_image(tiny_pipelin
             pipe.transformer, noisy, kwargs["timestep"] * 1000, embeds, family.guidance_scale, reference
         )
     torch.testing.assert_close(ours, to_latents(expected[:, :16]), rtol=1e-4, atol=1e-4)
+
+
+CARD_PRESETS = {
+    "flux2-klein-lora-16gb": ("flux2-klein", 16),
+    "flux2-klein-lora-24gb": ("flux2-klein", 24),
+    "chroma-lora-16gb": ("chroma", 16),
+    "chroma-lora-24gb": ("chroma", 24),
+    "flux-kontext-lora-16gb": ("flux-kontext", 16),
+    "flux-kontext-lora-24gb": ("flux-kontext", 24),
+}
+
+
+@pytest.mark.parametrize("name", _only("flux2-klein-lora-16gb", sorted(CARD_PRESETS)))
+def test_card_presets_open_with_their_command_and_fit_their_card(name):
+    """Each preset's own settings, planned on a GPU (no weights read), fit the card it names."""
+    from importlib import resources
+
+    from personalize.config import build
+    from personalize.plan import GB, model_config, plan, settings_of
+    from personalize.trainers.diffusion.config import TrainConfig
+
+    text = resources.files("personalize.configs").joinpath(f"{name}.yaml").read_text()
+    assert text.startswith("# personalize train ") and f"--preset {name}" in text.splitlines()[0]
+    config = build(TrainConfig, preset=name, flags={"data": {"images": str(CAT)}})
+    family, gigabytes = CARD_PRESETS[name]
+    assert model_config(config.model)[0].name == family
+    assert plan(config.model, settings_of(config), "cuda").peak <= gigabytes * GB
+
+
+@pytest.mark.slow
+def test_flux2_dev_fits_no_24gb_card_and_says_what_is_closest(capsys):
+    """FLUX.2-dev has no card preset: its 24B Mistral text encoder alone is 45 GB in bf16 while it caches."""
+    assert main(["plan", "--model", "black-forest-labs/FLUX.2-dev", "--resolution", "1024", "--vram", "24GB"]) == 2
+    assert "nothing fits 24 GB" in capsys.readouterr().err
