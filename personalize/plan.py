@@ -162,7 +162,7 @@ class Trace:
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
     table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
-    largest: float = 0.0  # elements of the largest frozen tensor
+    tensors: tuple[float, ...] = ()  # elements of each floating tensor, in the order the files are cast
 
 
 @functools.lru_cache(maxsize=16)
@@ -203,6 +203,7 @@ def _trace(
             quantizable += module.weight.numel()
             rows += module.weight.shape[0]
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
+    state_dict = transformer.state_dict()  # before the adapter: the files' tensors, in cast order
     # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
     other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
     transformer.requires_grad_(method == "full")
@@ -216,8 +217,8 @@ def _trace(
     latent = resolution // downsample
     saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
-    largest = max((t.numel() for t in (*transformer.parameters(), *transformer.buffers())), default=0)
-    return Trace(quantizable, rows, other, trainable, *saved, table=table, largest=largest)
+    tensors = tuple(float(t.numel()) for t in state_dict.values() if t.is_floating_point())
+    return Trace(quantizable, rows, other, trainable, *saved, table=table, tensors=tensors)
 
 
 def _position_table(module: torch.nn.Module) -> bool:
@@ -345,7 +346,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.largest)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.tensors)
         estimate.loading = CPU_RUNTIME + idle + cast
         if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
             for name in estimate.parts:
@@ -368,7 +369,7 @@ def _file_bytes_per_parameter(model: str, component: str) -> float | None:
     return 2.0
 
 
-def _cast_bytes(model: str, settings: Settings, parameters: float, largest: float) -> float:
+def _cast_bytes(model: str, settings: Settings, parameters: float, tensors: tuple[float, ...]) -> float:
     """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
     module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
     if settings.quantize:
@@ -378,7 +379,13 @@ def _cast_bytes(model: str, settings: Settings, parameters: float, largest: floa
     if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
         return 4 * parameters
     if source == 4:  # a folder of fp32 files: cast_from_files reads one tensor at a time; no cast: mapped pages
-        return compute * parameters + 4 * largest if compute != 4 else 0.0
+        if compute == 4:
+            return 0.0
+        peak = done = 0.0
+        for numel in tensors:  # the copies so far + this tensor read in fp32 + its copy
+            peak = max(peak, done + (4 + compute) * numel)
+            done += compute * numel
+        return max(peak, compute * parameters)
     return (source + 4) * parameters  # from a hub cache: cast to fp32 while the files are mapped
 
 
