@@ -77,7 +77,8 @@ def _pipeline_call_arguments(pipe: Any, settings: GenerationSettings) -> dict[st
 
 
 def generate(pipe: Any, settings: GenerationSettings) -> list[Any]:
-    """Generate `settings.num_images` PIL images, image i from seed `settings.seed + i`."""
+    """Generate `settings.num_images` PIL images, image i from seed `settings.seed + i` (video pipelines:
+    one list of frames per clip)."""
     import torch
 
     if settings.scheduler:
@@ -89,7 +90,7 @@ def generate(pipe: Any, settings: GenerationSettings) -> list[Any]:
     for index in range(settings.num_images):
         generator = torch.Generator(generator_device).manual_seed(settings.seed + index)
         result = pipe(**arguments, generator=generator, output_type="pil")
-        images.extend(result.images)
+        images.extend(result.frames if hasattr(result, "frames") else result.images)  # video: a list of frames each
     return images
 
 

@@ -14,7 +14,9 @@ Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); s
 pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
-z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux).
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or, for
+VAEs that normalise each latent channel (their config has latents_mean / latents_std: Wan),
+z_c = (E(x)_c - mean_c) / std_c. Video VAEs take clips (B, 3, F, H, W) and give (B, C, F', h, w).
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
 deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
@@ -85,6 +87,23 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     raise ValueError(f"encode_text does not support the {family} family")
 
 
+def vae_factors(config: Any) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
+    (scale_factor_spatial / _temporal), image VAEs halve once per block after the first."""
+    spatial = getattr(config, "scale_factor_spatial", None) or 2 ** (len(config.block_out_channels) - 1)
+    return int(spatial), int(getattr(config, "scale_factor_temporal", None) or 1)
+
+
+def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) of each latent channel, shaped to broadcast over latents of `ndim` dims; None when
+    the VAE scales all channels alike (scaling_factor / shift_factor)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean)) + (1,) * (ndim - 2)
+    return torch.tensor(mean).reshape(shape), torch.tensor(std).reshape(shape)
+
+
 def latent_scale(vae: Any) -> tuple[float, float]:
     """(shift_factor, scaling_factor) from the VAE config (shift 0 when it has none)."""
     shift = getattr(vae.config, "shift_factor", None)
@@ -94,9 +113,13 @@ def latent_scale(vae: Any) -> tuple[float, float]:
 def encode_images(
     vae: Any, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
+    """(B, 3, [F,] H, W) in [-1, 1] -> (B, C, [F',] H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
     posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, h, w)
+    latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
+    statistics = channel_statistics(vae, latents.ndim)
+    if statistics is not None:
+        mean, std = (value.to(latents.device, latents.dtype) for value in statistics)
+        return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from personalize.models import tiny_diffusion, tiny_text
+from personalize.models import tiny_diffusion, tiny_text, tiny_video
 
 TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd15": tiny_diffusion.tiny_sd15,
@@ -14,6 +14,7 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sdxl": tiny_diffusion.tiny_sdxl,
     "tiny-sd3": tiny_diffusion.tiny_sd3,
     "tiny-flux": tiny_diffusion.tiny_flux,
+    "tiny-wan": tiny_video.tiny_wan,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-llama": tiny_text.tiny_llama,

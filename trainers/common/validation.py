@@ -1,4 +1,5 @@
-"""Validation sampling during and after training: prompts x seeds -> one grid per step in samples/."""
+"""Validation sampling during and after training: prompts x seeds -> one grid per step in samples/
+(video models: an animated GIF of grids, one per frame)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from personalize.images import make_grid, save_png
+from personalize.images import make_grid, save_gif, save_png
 
 
 def sample_grid(
@@ -23,10 +24,13 @@ def sample_grid(
     steps: int = 25,
     size: int | None = None,
     autocast: Callable[[], Any] | None = None,
+    frames: int | None = None,
+    fps: float = 16.0,
 ) -> Path:
     """Generate `images_per_prompt` images per prompt (image i: seed + i) and save them as one grid.
 
-    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata.
+    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata. `frames` (video
+    pipelines): clips of that many frames, saved as `step-N.gif` at `fps`, each frame a grid.
     """
     from personalize.pipelines.generate import GenerationSettings, generate
 
@@ -39,10 +43,15 @@ def sample_grid(
             settings = GenerationSettings(
                 prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
             )
+            if frames:
+                settings.extra["num_frames"] = frames
             with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
                 images.extend(generate(pipe, settings))
     finally:
         pipe._progress_bar_config = previous
-    grid = make_grid(images, columns=images_per_prompt)
     info = {"prompt": " | ".join(prompts), "seed": seed, "steps": steps, "training_step": step}
+    if frames:  # clips: images[i] is a list of frames
+        grids = [make_grid([clip[f] for clip in images], columns=images_per_prompt) for f in range(len(images[0]))]
+        return save_gif(grids, Path(folder) / f"step-{step:06d}.gif", fps, info)
+    grid = make_grid(images, columns=images_per_prompt)
     return save_png(grid, Path(folder) / f"step-{step:06d}.png", info)

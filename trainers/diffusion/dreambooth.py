@@ -457,6 +457,8 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
+            frames=config.data.frames or None,  # video models sample clips of the training length
+            fps=config.data.fps or 16.0,
         )
     unet.train(was_training)
     return path

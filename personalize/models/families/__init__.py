@@ -1,4 +1,4 @@
-"""Flow-matching DiT families, one description each (flux.py, sd3.py): see description.py.
+"""Flow-matching DiT families, one description each (flux.py, sd3.py, wan.py): see description.py.
 
 Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked first.
 """
@@ -11,8 +11,9 @@ from typing import Any
 from personalize.models.families.description import FamilyDescription
 from personalize.models.families.flux import FLUX
 from personalize.models.families.sd3 import SD3
+from personalize.models.families.wan import WAN
 
-FLOW_FAMILIES: dict[str, FamilyDescription] = {description.name: description for description in (FLUX, SD3)}
+FLOW_FAMILIES: dict[str, FamilyDescription] = {description.name: description for description in (FLUX, SD3, WAN)}
 
 
 def describe(family: str) -> FamilyDescription | None:

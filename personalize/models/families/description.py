@@ -19,7 +19,11 @@ branches on a family's name. What differs per family:
 - `targets`: adapter target presets (regexes on diffusers module paths) and the default preset;
 - LoRA key names: the diffusers component prefix and the single-file (ComfyUI) prefix;
 - `defaults`: rank / lr / steps with their source; `distilled(config)`: the caveat of a distilled model;
-- `published`: transformer configs of the released checkpoints, by hub id, for the planner (no download).
+- `published`: transformer configs of the released checkpoints, by hub id, for the planner (no download);
+- `embed_shapes(config)`: the per-sample shape of each embedding `encode_prompt` returns (the planner's
+  stand-ins); `native_resolution`: the training side when the model's config names none;
+- `clip`: (frames, fps) for video families, whose latents carry a frame axis (B, C, F, h, w) and whose data
+  are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from typing import Any
 import torch
 
 Embeds = dict[str, torch.Tensor]
+
+
+def pooled_and_sequence(config: Mapping[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
+    """The SD3 / Flux embeddings: a (tokens, joint_attention_dim) sequence and a pooled vector."""
+    return {
+        "prompt_embeds": (text_tokens, int(config["joint_attention_dim"])),
+        "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
+    }
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,16 @@ class FamilyDescription:
     single_file_prefix: str = "lora_transformer"  # what ComfyUI maps onto the transformer (see README)
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_tokens: Callable[[Mapping[str, Any]], int] = lambda config: 77
-    image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w
+    image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w  # per latent frame
+    embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None  # None: pooled + sequence
+    clip: tuple[int, float] | None = None  # video families: default (frames, fps) of a training clip
+    native_resolution: int | None = None
+
+    def embedding_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of the embeddings the transformer takes (without the batch dimension)."""
+        if self.embed_shapes is not None:
+            return self.embed_shapes(config)
+        return pooled_and_sequence(config, self.text_tokens(config))
 
     def method_defaults(self, method: str) -> tuple[int | None, float, int] | None:
         return self.defaults.get(method)
