@@ -1,4 +1,4 @@
-"""Memory planner for flow-matching DiT training (SD3, Flux): peak device memory before anything is loaded.
+"""Memory planner for flow-matching DiT training (SD3, Flux, Wan): peak device memory before anything is loaded.
 
 Reads no weights: the transformer is built on PyTorch's meta device from its config (a published config
 by hub id, or the folder's config.json), so every shape is exact and no memory is taken; the adapter is
@@ -44,7 +44,7 @@ DTYPE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
 PLANNED_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")  # the flow-matching recipe's methods
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 # what a published family's text encoders and VAE hold (parameters of the released files)
-ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6}
+ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6, "wan": 5680e6 + 127e6}
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Settings:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     method_options: tuple[tuple[str, Any], ...] = ()
+    frames: int = 1  # video families: frames per training clip
 
 
 @dataclass
@@ -103,14 +104,14 @@ def _tiny(model: str) -> Any:
     return build_tiny(model)
 
 
-def vae_factor(model: str) -> int:
-    """How much the VAE downsamples: 2^(blocks - 1) from its config (8 for every published SD3/Flux VAE)."""
+def vae_factors(model: str) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the VAE, from its config (published models: 8x, and 4x in time)."""
+    from personalize.models.encode import vae_factors as of_config
+
     if model.startswith("tiny-"):
-        blocks = len(_tiny(model).vae.config.block_out_channels)
-    else:
-        file = Path(model).expanduser() / "vae" / "config.json"
-        blocks = len(json.loads(file.read_text())["block_out_channels"]) if file.is_file() else 4
-    return 2 ** (blocks - 1)
+        return of_config(dict(_tiny(model).vae.config))
+    file = Path(model).expanduser() / "vae" / "config.json"
+    return of_config(json.loads(file.read_text())) if file.is_file() else (8, 4)
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
@@ -155,6 +156,7 @@ def _trace(
     batch: int,
     half: bool,
     downsample: int,
+    frames: int = 1,
 ) -> Trace:
     """One training forward of the transformer on the meta device (no memory, no weights)."""
     from diffusers import models as diffusers_models
@@ -191,7 +193,8 @@ def _trace(
             param.data = param.data.float()
             trainable += param.numel()
     latent = resolution // downsample
-    saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
+    dtype = torch.bfloat16 if half else torch.float32
+    saved = _activations(transformer, family, config, latent, batch, dtype, frames)
     return Trace(quantizable, rows, other, trainable, *saved)
 
 
@@ -202,14 +205,16 @@ def _activations(
     size: int,
     batch: int,
     dtype: torch.dtype,
+    frames: int = 1,
 ) -> tuple[float, float, float]:
-    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
-    (in total, with checkpointing, workspace)."""
-    latents = torch.zeros(batch, family.latent_channels(config), size, size, device="meta", dtype=dtype)
-    text = torch.zeros(batch, family.text_tokens(config), int(config["joint_attention_dim"]), device="meta")
-    pooled = torch.zeros(batch, int(config["pooled_projection_dim"]), device="meta")
-    embeds = {"prompt_embeds": text.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
-    tokens = family.image_tokens(config, size, size) + text.shape[1]
+    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size` (video families:
+    `frames` latent frames): (in total, with checkpointing, workspace)."""
+    shape = (batch, family.latent_channels(config), *((frames,) if family.clip else ()), size, size)
+    latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
+    shapes = family.embedding_shapes(config)
+    embeds = {name: torch.zeros(batch, *dims, device="meta", dtype=dtype) for name, dims in shapes.items()}
+    image, text = family.image_tokens(config, size, size) * frames, shapes["prompt_embeds"][0]
+    tokens = {image, text, image + text}  # joint (SD3, Flux), self- and cross-attention (Wan) sequence lengths
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -220,7 +225,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == tokens:  # math-kernel attention matrix
+        if tensor.dim() >= 3 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -237,8 +242,10 @@ def _activations(
         return hook
 
     handles = []
+    # the transformer blocks: the classes diffusers names as its repeated / never-split units
+    block_classes = {*getattr(transformer, "_repeated_blocks", ()), *(transformer._no_split_modules or ())}
     for name, module in transformer.named_modules():
-        if re.fullmatch(r"(single_)?transformer_blocks\.\d+", name):
+        if type(module).__name__ in block_classes:
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
     try:
@@ -260,6 +267,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
     half = DTYPE_BYTES[settings.mixed_precision] == 2
+    spatial, temporal = vae_factors(model)
+    latent_frames = 1 + (max(settings.frames, 1) - 1) // temporal  # the VAE keeps the first frame, then 1 in `temporal`
     hyper = {**dict(settings.method_options)}
     if settings.method in ("lora", "dora", "loha", "lokr"):
         hyper.update(rank=settings.rank, alpha=settings.rank)
@@ -273,7 +282,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
             settings.resolution,
             settings.batch_size,
             half,
-            vae_factor(model),
+            spatial,
+            latent_frames if family.clip else 1,
         )
     except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
         raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
@@ -397,6 +407,7 @@ def settings_of(config: Any) -> Settings:
         gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer,
         method_options=tuple(sorted(config.method_options.items())),
+        frames=config.data.frames or 1,
     )
 
 

@@ -87,7 +87,7 @@ def read_clip(data: bytes, frames: int, fps: float = 0.0, max_pixels: int = MAX_
     except BadImage:
         raise
     except Exception as error:  # PyAV raises its own FFmpeg error types (InvalidDataError, ...)
-        reason = str(error).splitlines()[0][:80] if str(error) else type(error).__name__
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:80] or type(error).__name__
         raise BadImage(f"not a decodable video ({reason})") from None
     chosen = frame_times(times, frames, fps)
     if len(chosen) < frames:

@@ -25,6 +25,7 @@ the latent scale), so training on the mean loses nothing measurable. `sample=Tru
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -87,11 +88,11 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     raise ValueError(f"encode_text does not support the {family} family")
 
 
-def vae_factors(config: Any) -> tuple[int, int]:
+def vae_factors(config: Mapping[str, Any]) -> tuple[int, int]:
     """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
     (scale_factor_spatial / _temporal), image VAEs halve once per block after the first."""
-    spatial = getattr(config, "scale_factor_spatial", None) or 2 ** (len(config.block_out_channels) - 1)
-    return int(spatial), int(getattr(config, "scale_factor_temporal", None) or 1)
+    spatial = config.get("scale_factor_spatial") or 2 ** (len(config["block_out_channels"]) - 1)
+    return int(spatial), int(config.get("scale_factor_temporal") or 1)
 
 
 def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
