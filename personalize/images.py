@@ -75,7 +75,9 @@ def read_png_settings(path: str | Path) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-def save_gif(frames: Sequence[Image.Image], path: str | Path, fps: float, settings: Mapping[str, Any] | None = None) -> Path:
+def save_gif(
+    frames: Sequence[Image.Image], path: str | Path, fps: float, settings: Mapping[str, Any] | None = None
+) -> Path:
     """Write frames as a looping animated GIF atomically (video samples), the settings in its comment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +85,6 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, fps: float, settin
     comment = json.dumps(dict(settings), sort_keys=True, default=str).encode() if settings else b""
     first, *rest = [frame.convert("RGB") for frame in frames]
     duration = max(20, round(1000 / fps)) if fps > 0 else 100  # milliseconds per frame (GIF: 10 ms steps)
-    first.save(
-        partial, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0, comment=comment
-    )
+    first.save(partial, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0, comment=comment)
     os.replace(partial, path)
     return path

@@ -1,4 +1,4 @@
-"""Memory planner for flow-matching DiT training (SD3, Flux, Wan): peak device memory before anything is loaded.
+"""Memory planner for flow-matching DiT training (SD3, Flux, Wan, ...): peak device memory before anything is loaded.
 
 Reads no weights: the transformer is built on PyTorch's meta device from its config (a published config
 by hub id, or the folder's config.json), so every shape is exact and no memory is taken; the adapter is
@@ -44,7 +44,7 @@ DTYPE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
 PLANNED_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")  # the flow-matching recipe's methods
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 # what a published family's text encoders and VAE hold (parameters of the released files)
-ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6, "wan": 5680e6 + 127e6}
+ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6}
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,16 @@ def _tiny(model: str) -> Any:
 
 
 def vae_factors(model: str) -> tuple[int, int]:
-    """(spatial, temporal) downsampling of the VAE, from its config (published models: 8x, and 4x in time)."""
+    """(spatial, temporal) downsampling of the VAE (8x for every published SD3/Flux/Qwen-Image/Wan VAE; Wan's
+    also 4x in time), from its config (personalize.models.encode.vae_factors)."""
     from personalize.models.encode import vae_factors as of_config
 
     if model.startswith("tiny-"):
-        return of_config(dict(_tiny(model).vae.config))
-    file = Path(model).expanduser() / "vae" / "config.json"
-    return of_config(json.loads(file.read_text())) if file.is_file() else (8, 4)
+        config = dict(_tiny(model).vae.config)
+    else:
+        file = Path(model).expanduser() / "vae" / "config.json"
+        config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0] * 4}
+    return of_config(config)
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
@@ -211,9 +214,11 @@ def _activations(
     `frames` latent frames): (in total, with checkpointing, workspace)."""
     shape = (batch, family.latent_channels(config), *((frames,) if family.clip else ()), size, size)
     latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
-    shapes = family.embedding_shapes(config)
-    embeds = {name: torch.zeros(batch, *dims, device="meta", dtype=dtype) for name, dims in shapes.items()}
-    image, text = family.image_tokens(config, size, size) * frames, shapes["prompt_embeds"][0]
+    embeds = {
+        key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
+        for key, shape in family.example_shapes(config).items()
+    }
+    image, text = family.image_tokens(config, size, size) * frames, family.text_tokens(config)
     tokens = {image, text, image + text}  # joint (SD3, Flux), self- and cross-attention (Wan) sequence lengths
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
@@ -242,10 +247,8 @@ def _activations(
         return hook
 
     handles = []
-    # the transformer blocks: the classes diffusers names as its repeated / never-split units
-    block_classes = {*getattr(transformer, "_repeated_blocks", ()), *(transformer._no_split_modules or ())}
     for name, module in transformer.named_modules():
-        if type(module).__name__ in block_classes:
+        if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
     try:
@@ -330,7 +333,7 @@ def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) ->
         for name in (*family.text_encoders, "vae"):
             total += _folder_parameters(folder / name) * (4 if name == "vae" else compute)
         return total
-    return ENCODER_PARAMETERS.get(family.name, 0.0) * compute
+    return ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) * compute
 
 
 def _folder_parameters(folder: Path) -> float:

@@ -97,6 +97,8 @@ def compose(
         ("--ip-adapter", ip_adapter, "--ip-image", ip_image),
     ]
     for flag, value, image_flag, image in pairs:
+        if image_flag == "--control-image" and image and not value and not t2i_adapter:
+            continue  # a ControlNeXt adapter loaded with --adapter takes the control image (below)
         if bool(value) != bool(image):
             given, missing = (flag, image_flag) if value else (image_flag, flag)
             raise UserError(f"{given} needs {missing} too")
@@ -106,6 +108,10 @@ def compose(
     if controlnet:
         pipe = with_controlnet(pipe, controlnet)
         arguments.update(image=_image(control_image, "--control-image"), controlnet_conditioning_scale=control_scale)
+    if control_image and not controlnet:
+        from personalize.pipelines.controlnext import set_control_image
+
+        set_control_image(pipe, _image(control_image, "--control-image"), control_scale)
     if t2i_adapter:
         pipe = with_t2i_adapter(pipe, t2i_adapter)
         arguments.update(image=_image(adapter_image, "--adapter-image"), adapter_conditioning_scale=adapter_scale)
@@ -118,8 +124,13 @@ def compose(
 def add_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--controlnet", default="", metavar="DIR", help="a ControlNet folder (e.g. a controlnet run's output)")
-    add("--control-image", default="", metavar="IMG", help="the ControlNet's conditioning image (edges, ...)")
-    add("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet strength (default 1.0)")
+    add(
+        "--control-image",
+        default="",
+        metavar="IMG",
+        help="the conditioning image (edges, ...) of --controlnet or of a ControlNeXt --adapter",
+    )
+    add("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet/ControlNeXt strength (default 1.0)")
     add("--t2i-adapter", default="", metavar="DIR", help="a T2I-Adapter folder (e.g. a t2i-adapter run's output)")
     add("--adapter-image", default="", metavar="IMG", help="the T2I-Adapter's conditioning image")
     add("--adapter-scale", type=float, default=1.0, metavar="S", help="T2I-Adapter strength (default 1.0)")

@@ -39,6 +39,7 @@ class LoadedAdapter:
     components: list[str]  # pipeline components that carry its weights
     embeddings: ti.PerEncoder = field(default_factory=dict)
     fused: bool = False
+    controlnext: bool = False  # a ControlNeXt module runs in the UNet (pipelines/controlnext.py)
 
     @property
     def tokens(self) -> list[str]:
@@ -141,6 +142,15 @@ def load_adapter(
 
     Nothing is changed when any part does not fit: the error names the keys that do not."""
     registry = loaded_adapters(pipe)
+    from personalize.pipelines import controlnext
+
+    if (file := controlnext.controlnext_file(path_or_components)) is not None:  # module hooks + UNet values
+        name = name or _default_name(path_or_components, registry)
+        if name in registry:
+            raise UserError(f"an adapter named '{name}' is already loaded; unload it first or pass another name")
+        components = controlnext.load(pipe, file, float(scale), name)
+        registry[name] = LoadedAdapter(name, str(path_or_components), float(scale), components, controlnext=True)
+        return name
     source: AdapterSource = _read(path_or_components, pipe, allow_pickle=allow_pickle)
     if isinstance(path_or_components, (str, Path)):
         source.label = str(path_or_components)
@@ -224,6 +234,10 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
     for adapter in reversed(chosen):
         for module in _modules(pipe, adapter):
             adapters.remove(module, adapter.name)
+        if adapter.controlnext:
+            from personalize.pipelines import controlnext
+
+            controlnext.unload(pipe)
         del registry[adapter.name]
     if any(adapter.embeddings for adapter in chosen):
         ti.rebuild(pipe, [adapter.embeddings for adapter in registry.values()])

@@ -36,19 +36,33 @@ def language_family(model: str) -> str | None:
 
 
 def attach_adapter(model: Any, folder: str | Path, name: str = "default") -> str:
-    """Inject the peft-layout adapter in `folder` into `model` with the core; returns its method."""
-    from personalize import adapters
-    from personalize.pipelines.peft_layout import prompt_method, read_prompt
+    """Inject the adapter a run wrote to `folder` into `model` with the core; returns its method.
 
-    prompt = prompt_method(folder)
+    personalize_adapter.safetensors (methods peft lacks) -> adapters.load_native; peft PROMPT_TUNING,
+    PREFIX_TUNING and P_TUNING -> the prompt methods with the saved prompt; ADAPTION_PROMPT -> llama-adapter;
+    every other peft type -> personalize.formats' reader (LoRA family, IA3, AdaLoRA, OFT, BOFT, VeRA)."""
+    from personalize import adapters
+    from personalize.adapters.native import NATIVE_FILE
+    from personalize.pipelines.peft_layout import adaption_prompt, prompt_method, read_prompt
+
+    path = Path(folder).expanduser()
+    if (path / NATIVE_FILE).is_file() or path.name == NATIVE_FILE:
+        return adapters.load_native(model, path, name)
+    prompt = prompt_method(path)
     if prompt is not None:
         method, tokens = prompt
         adapters.inject(model, method, name=name, num_virtual_tokens=tokens)
-        adapters.load_state_dict(model, read_prompt(folder), name)
+        adapters.load_state_dict(model, read_prompt(path), name)
         return method
+    gated = adaption_prompt(path)
+    if gated is not None:
+        options, tensors = gated
+        adapters.inject(model, "llama-adapter", name=name, **options)
+        adapters.load_state_dict(model, tensors, name)
+        return "llama-adapter"
     from personalize.formats import read_adapter
 
-    found = read_adapter(folder, model)
+    found = read_adapter(path, model)
     adapters.inject_from_state_dict(model, found.components["model"], name)
     return found.metadata.get("personalize_method") or adapters.describe(model).split()[1]
 

@@ -48,10 +48,14 @@ def register(subparsers: Any) -> None:
     add(
         "--method",
         help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, vera, difffit, bitfit, norm, full, "
-        "textual-inversion, pivotal, controlnet, t2i-adapter or ip-adapter",
+        "textual-inversion, pivotal, controlnet, controlnext, t2i-adapter or ip-adapter",
     )
-    add("--conditioning", metavar="DIR", help="controlnet/t2i-adapter: conditioning images named like the images")
-    add("--annotator", help="controlnet/t2i-adapter without --conditioning: canny (default) or tile")
+    add(
+        "--conditioning",
+        metavar="DIR",
+        help="controlnet/controlnext/t2i-adapter: conditioning images named like the images",
+    )
+    add("--annotator", help="controlnet/controlnext/t2i-adapter without --conditioning: canny (default) or tile")
     add("--reference", metavar="DIR", help="ip-adapter: reference images named like the images (default: themselves)")
     add("--image-encoder", help="ip-adapter: CLIPVisionModelWithProjection hub id or folder")
     add("--targets", help="layers to adapt: attention, attention+ff, conv, all, or a regex")

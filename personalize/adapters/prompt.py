@@ -182,12 +182,29 @@ def _forward_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
     return (), active[0].hook(model, dict(kwargs))
 
 
+def _missing_input(model: nn.Module, method: str) -> str | None:
+    """What `model` lacks to read virtual tokens (None: nothing): token input embeddings, a text-only
+    input (a VLM merges image tokens into it), and for a prefix, a decoder that generates with a cache."""
+    if "ForConditionalGeneration" in type(model).__name__:
+        return "its input merges image tokens"
+    try:
+        embedding = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Embedding):
+        return "it has no token input embeddings"
+    generates = getattr(model, "can_generate", None)
+    if method in ("prefix-tuning", "mam", "unipelt") and not (callable(generates) and generates()):
+        return "it is no decoder that generates with a key/value cache"
+    return None
+
+
 def attach(model: nn.Module, method: str, name: str, scale: float = 1.0, **hyper: Any) -> nn.Module:
-    vlm = "ForConditionalGeneration" in type(model).__name__
     takes_input = not getattr(BUILDERS[method], "any_model", False)  # LLaMA-Adapter checks its own layers
-    if takes_input and (not hasattr(model, "get_input_embeddings") or vlm):
+    missing = _missing_input(model, method) if takes_input else None
+    if missing:
         raise UserError(
-            f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__}; use lora"
+            f"{method} works on causal language models (…ForCausalLM), not {type(model).__name__} ({missing}); use lora"
         )
     if len(registry(model)):
         raise UserError(f"{method}: this model already has a prompt adapter ({', '.join(registry(model))})")

@@ -33,8 +33,8 @@ from personalize.models.family import detect_family
 
 log = logging.getLogger(__name__)
 ENCODE_VERSION = "1"  # bump when encode_text / encode_images change what they return
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")  # HiDream has four
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

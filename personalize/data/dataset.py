@@ -3,9 +3,9 @@
 Each usable file becomes a `Record` (content hash, oriented size, prompt, bucket); unusable files are
 named in `dataset.report`. With `data.frames` set (video models) every item is a clip (3, F, H, W): a
 video file its first `frames` frames at `data.fps` (personalize.data.video), a still image a one-frame
-clip; the batches then group clips of the same length as well as the same bucket. An index may be an int (epoch 0) or an `(epoch, index)` pair, which is what
-`build_loader`'s sampler yields: random crops and flips are then a function of (seed, epoch, index)
-alone and identical in every worker process.
+clip; the batches then group clips of the same length as well as the same bucket. An index may be an
+int (epoch 0) or an `(epoch, index)` pair, which is what `build_loader`'s sampler yields: random crops
+and flips are then a function of (seed, epoch, index) alone and identical in every worker process.
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def from_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
     if peft_type not in ("LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "ADALORA"):
         raise UserError(
             f"peft adapter type '{peft_type}' is not one this toolkit reads (LORA, LOHA, LOKR, IA3, OFT, BOFT, "
-            "VERA, ADALORA; prompt and prefix tuning through `personalize generate`); stock peft loads it: "
+            "VERA, ADALORA; PROMPT_TUNING, PREFIX_TUNING, P_TUNING, ADAPTION_PROMPT through `personalize generate`); "
+            "stock peft loads it: "
             "PeftModel.from_pretrained(base, FOLDER)"
         )
     if peft_type == "VERA":

@@ -15,8 +15,9 @@ pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
 z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or, for
-VAEs that normalise each latent channel (their config has latents_mean / latents_std: Wan),
-z_c = (E(x)_c - mean_c) / std_c. Video VAEs take clips (B, 3, F, H, W) and give (B, C, F', h, w).
+VAEs that normalise each latent channel (their config has latents_mean / latents_std: Qwen-Image, Krea 2,
+Wan), z_c = (E(x)_c - mean_c) / std_c. Video-style VAEs (a `temperal_downsample` config: Qwen-Image's,
+Wan's) take clips (B, 3, F, H, W) and give (B, C, F', h, w); an image (B, 3, H, W) goes in as one frame.
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
 deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
@@ -91,8 +92,11 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
 def vae_factors(config: Mapping[str, Any]) -> tuple[int, int]:
     """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
     (scale_factor_spatial / _temporal), image VAEs halve once per block after the first."""
-    spatial = config.get("scale_factor_spatial") or 2 ** (len(config["block_out_channels"]) - 1)
-    return int(spatial), int(config.get("scale_factor_temporal") or 1)
+    if "temperal_downsample" in config:  # Wan / Qwen-Image style: one halving per stage, some also in time
+        stages = list(config["temperal_downsample"])
+        spatial = config.get("scale_factor_spatial") or 2 ** len(stages)
+        return int(spatial), int(config.get("scale_factor_temporal") or 2 ** sum(map(bool, stages)))
+    return 2 ** (len(config["block_out_channels"]) - 1), 1
 
 
 def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -116,8 +120,11 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, [F,] H, W) in [-1, 1] -> (B, C, [F',] H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
-    posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+    pixels = pixels.to(device=device, dtype=dtype)
+    one_frame = "temperal_downsample" in vae.config and pixels.ndim == 4  # an image into a video-style VAE
+    posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
+    latents = latents[:, :, 0] if one_frame else latents
     statistics = channel_statistics(vae, latents.ndim)
     if statistics is not None:
         mean, std = (value.to(latents.device, latents.dtype) for value in statistics)

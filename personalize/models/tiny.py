@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from personalize.models import tiny_diffusion, tiny_text, tiny_video
+from personalize.models import tiny_diffusion, tiny_flow_more, tiny_text, tiny_video
 
 TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd15": tiny_diffusion.tiny_sd15,
@@ -14,6 +14,10 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sdxl": tiny_diffusion.tiny_sdxl,
     "tiny-sd3": tiny_diffusion.tiny_sd3,
     "tiny-flux": tiny_diffusion.tiny_flux,
+    "tiny-qwen-image": tiny_flow_more.tiny_qwen_image,
+    "tiny-z-image": tiny_flow_more.tiny_z_image,
+    "tiny-hidream": tiny_flow_more.tiny_hidream,
+    "tiny-krea2": tiny_flow_more.tiny_krea2,
     "tiny-wan": tiny_video.tiny_wan,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {

@@ -76,6 +76,40 @@ def _sd_vae():
     )
 
 
+def _sd_scheduler(**overrides):
+    """SD1.x/2.x's DDIM settings (scaled-linear betas, steps offset 1)."""
+    from diffusers import DDIMScheduler
+
+    settings = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return DDIMScheduler(**{**settings, **overrides})
+
+
+def _sd_pipeline(unet, scheduler, text_config):
+    """A StableDiffusionPipeline around a tiny UNet: the tiny VAE, then a CLIP text encoder (this order
+    keeps the seeded weights of every builder as they were)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=_sd_vae(),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tiny_clip_tokenizer(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
 def _dit_vae(latent_channels: int):
     from diffusers import AutoencoderKL
 
@@ -115,8 +149,7 @@ def _seeded(build):
 @_seeded
 def tiny_sd15():
     """SD1.x layout: one CLIP text encoder, epsilon prediction, 4 latent channels."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -129,32 +162,13 @@ def tiny_sd15():
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        scheduler=scheduler,
-        vae=_sd_vae(),
-        text_encoder=CLIPTextModel(_clip_text_config()),
-        tokenizer=tiny_clip_tokenizer(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    return _sd_pipeline(unet, _sd_scheduler(), _clip_text_config())
 
 
 @_seeded
 def tiny_sd2():
     """SD2.x layout: linear projections in the transformer blocks, v-prediction."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -168,26 +182,7 @@ def tiny_sd2():
         attention_head_dim=(2, 4),
         use_linear_projection=True,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        scheduler=scheduler,
-        vae=_sd_vae(),
-        text_encoder=CLIPTextModel(_clip_text_config(hidden_act="gelu")),
-        tokenizer=tiny_clip_tokenizer(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    return _sd_pipeline(unet, _sd_scheduler(prediction_type="v_prediction"), _clip_text_config(hidden_act="gelu"))
 
 
 @_seeded

@@ -13,6 +13,29 @@ import torch
 TINY_IMAGE_SIZE = 32
 
 
+def _seeded(build: Any) -> Any:
+    """The module `build()` makes under seed 0 (the caller's RNG untouched), in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build()
+    return model.eval()
+
+
+def _tiny_vit(layers: int, patch: int) -> Any:
+    """ViTModel without pooler: hidden 32, 4 heads, 32 px images in `patch` px patches."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=patch,
+    )
+    return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
+
+
 def tiny_clip_vision(projection_dim: int = 32) -> Any:
     """CLIPVisionModelWithProjection with random (seed 0) weights, in eval mode."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -26,28 +49,12 @@ def tiny_clip_vision(projection_dim: int = 32) -> Any:
         image_size=TINY_IMAGE_SIZE,
         patch_size=4,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPVisionModelWithProjection(config)
-    return model.eval()
+    return _seeded(lambda: CLIPVisionModelWithProjection(config))
 
 
 def tiny_dino() -> Any:
     """A ViT-S/16-style DINO backbone at toy size (ViTModel, no pooler), random (seed 0) weights, eval mode."""
-    from transformers import ViTConfig, ViTModel
-
-    config = ViTConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ViTModel(config, add_pooling_layer=False)
-    return model.eval()
+    return _tiny_vit(layers=2, patch=8)
 
 
 def tiny_clip(projection_dim: int = 16) -> tuple[Any, Any]:
@@ -61,29 +68,13 @@ def tiny_clip(projection_dim: int = 16) -> tuple[Any, Any]:
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     vision.update(image_size=TINY_IMAGE_SIZE, patch_size=8)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(config)
-    return model.eval(), tiny_clip_tokenizer()
+    return _seeded(lambda: CLIPModel(config)), tiny_clip_tokenizer()
 
 
 def tiny_vit() -> Any:
     """A ViTModel (no pooler, seed 0) for few-shot classification: 32 px images in 4 px patches, hidden 32,
     5 layers, 4 heads."""
-    from transformers import ViTConfig, ViTModel
-
-    config = ViTConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=4,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ViTModel(config, add_pooling_layer=False)
-    return model.eval()
+    return _tiny_vit(layers=5, patch=4)
 
 
 TINY_VISION = {"tiny-clip": tiny_clip, "tiny-vit": tiny_vit}  # `--task classify --model tiny-clip | tiny-vit`

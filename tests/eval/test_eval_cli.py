@@ -46,6 +46,31 @@ def test_train_with_eval_writes_the_evaluation(trained):
     assert (trained.output_dir / "eval" / "eval.json").is_file()
     assert set(trained.metrics["eval"]) >= {"dino", "clip_i", "clip_t", "drift"}
     assert (trained.output_dir / "loss.png").is_file()  # every run plots its loss
+    saved = json.loads((trained.output_dir / "metrics.json").read_text())
+    assert saved["eval"] == trained.metrics["eval"]  # metrics.json carries the figures too
+
+
+def test_textual_inversion_run_with_eval(tmp_path, tiny_pipelines):
+    """--eval after the token recipe: the learned embedding is what the evaluation loads and scores."""
+    from personalize.trainers import train
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a {token} {class} on a beach\n")
+    result = train(
+        pipe=copy.deepcopy(tiny_pipelines("tiny-sd15")),
+        images=str(CAT),
+        model="tiny-sd15",
+        method="textual-inversion",
+        steps=2,
+        resolution=64,
+        output=str(tmp_path / "ti"),
+        validation_images=0,
+        validation_steps=1,
+        checkpoint_every=0,
+        eval=str(prompts),
+    )
+    assert (result.output_dir / "eval" / "eval.json").is_file()
+    assert set(result.metrics["eval"]) >= {"dino", "clip_i", "clip_t", "drift"}
 
 
 def test_eval_writes_figures_table_and_contact_sheet(run_dir, tmp_path, capsys):

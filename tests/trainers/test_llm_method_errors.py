@@ -40,6 +40,9 @@ def data(tmp_path):
         ("ladder", "Llama-style decoder"),
         ("houlsby", "match no Linear"),
         ("adalora", "match no Linear"),
+        ("vera", "match no Linear"),
+        ("boft", "match no Linear"),
+        ("unipelt", "decoder layers"),
     ],
 )
 def test_a_method_that_cannot_apply_to_the_model_is_one_error_line(method, named, gpt2_folder, data, tmp_path, capsys):
@@ -59,3 +62,35 @@ def test_a_peft_file_of_a_method_we_do_not_read_is_one_error_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "LN_TUNING" in err and "PeftModel.from_pretrained" in err
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "p-tuning", "mam", "unipelt"])
+def test_a_prompt_method_on_a_model_without_token_input_embeddings_is_a_user_error(method):
+    """A ViT's input embeddings are patch projections: no vocabulary to prepend virtual tokens to."""
+    from transformers import ViTConfig, ViTModel
+
+    from personalize import adapters
+    from personalize.errors import UserError
+
+    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16)
+    with pytest.raises(UserError, match=r"not ViTModel \(it has no token input embeddings\)"):
+        adapters.inject(ViTModel(config), method, num_virtual_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_a_prompt_method_on_a_vlm_through_the_cli_is_one_error_line(method, data, tmp_path, capsys):
+    command = ["train", "--model", "tiny-llava", "--data", str(data), "--method", method, "--steps", "1"]
+    assert main([*command, "--output", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "not prompt methods" in errors[0]
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_a_peft_layout_that_cannot_hold_the_adapter_fails_before_training(data, tmp_path, capsys):
+    """BOFT with two butterfly stages has no peft file: refused before the first step, not after the run."""
+    command = ["train", "--model", "tiny-llama", "--data", str(data), "--method", "boft", "--steps", "1"]
+    command += ["--set", "method_options={stages: 2, block_size: 4}", "--output", str(tmp_path / "out")]
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "one butterfly stage" in errors[0] and "training" not in captured.err

@@ -126,7 +126,9 @@ def test_lokr_loads_into_a_stock_wan_pipeline_with_load_adapter(quick, tiny_pipe
     result = quick(model="tiny-wan", method="lokr", rank=4, lr=5e-2, steps=3, resolution=32, validation_images=0)
     pipe, base = copy.deepcopy(tiny_pipelines("tiny-wan")), copy.deepcopy(tiny_pipelines("tiny-wan"))
     load_adapter(pipe, result.output_dir, name="subject")
-    assert len(adapters.state_dict(pipe.transformer, "subject")) == len(load_file(str(result.output_dir / "out.safetensors")))
+    assert len(adapters.state_dict(pipe.transformer, "subject")) == len(
+        load_file(str(result.output_dir / "out.safetensors"))
+    )
     with torch.no_grad():
         assert (_frames_of(pipe) - _frames_of(base)).abs().max() > 1e-3
 

@@ -14,7 +14,17 @@ PIPELINES = {
 
 
 def usage(method: str, family: str, base_model: str, output: Path) -> str:
-    """A loading snippet with stock diffusers classes only."""
+    """A loading snippet with stock diffusers classes only (ControlNeXt: stock pipeline + our loader)."""
+    if method == "controlnext":
+        pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        return (
+            f"from diffusers import {pipeline}\nfrom diffusers.utils import load_image\n"
+            "from personalize.pipelines import load_adapter, set_control_image\n\n"
+            f'pipe = {pipeline}.from_pretrained("{base_model}")\n'
+            f'load_adapter(pipe, "{output}")\n'
+            'set_control_image(pipe, load_image("conditioning.png"))\n'
+            'image = pipe("a photo").images[0]\n'
+        )
     if method == "ip-adapter":
         pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
         return (
@@ -37,6 +47,8 @@ def usage(method: str, family: str, base_model: str, output: Path) -> str:
 
 
 def cli_usage(method: str, output: Path) -> str:
+    if method == "controlnext":
+        return f'personalize generate --model BASE --prompt "..." --adapter {output} --control-image IMAGE.png'
     flag = {"controlnet": "--controlnet", "t2i-adapter": "--t2i-adapter", "ip-adapter": "--ip-adapter"}[method]
     image = {"controlnet": "--control-image", "t2i-adapter": "--adapter-image", "ip-adapter": "--ip-image"}[method]
     target = output / "ip_adapter.safetensors" if method == "ip-adapter" else output
@@ -66,6 +78,9 @@ def render_card(
         settings["t2i_variant"] = cond.t2i_variant
     if config.method == "ip-adapter":
         settings["image_dropout"] = cond.image_dropout
+    if config.method == "controlnext":
+        settings["controlnext_scale"] = cond.controlnext_scale
+        settings["controlnext_unet"] = f"`{cond.controlnext_unet}`"
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     names = "\n".join(f"- `{path.relative_to(output) if path.is_relative_to(output) else path}`" for path in files)
     return (

@@ -7,7 +7,7 @@ from typing import Literal
 
 from personalize.config import option
 
-CONDITIONING_METHODS = ("controlnet", "t2i-adapter", "ip-adapter")
+CONDITIONING_METHODS = ("controlnet", "t2i-adapter", "ip-adapter", "controlnext")
 
 # method -> (rank, lr, steps, targets), as METHOD_DEFAULTS. Sources: ControlNet (Zhang et al. 2023, lr 1e-5),
 # T2I-Adapter (Mou et al. 2023, lr 1e-5), IP-Adapter (Ye et al. 2023, lr 1e-4); steps suit a small dataset.
@@ -15,6 +15,7 @@ CONDITIONING_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     "controlnet": (None, 1e-5, 1000, ""),
     "t2i-adapter": (None, 1e-5, 1000, ""),
     "ip-adapter": (None, 1e-4, 1000, ""),
+    "controlnext": (None, 1e-5, 1000, ""),  # ControlNeXt (Peng et al. 2024): the UNet subset; the module 10x
 }
 
 
@@ -33,4 +34,11 @@ class ConditioningConfig:
     t2i_variant: Literal["full", "light"] = option("full", "t2i-adapter: full (77M on SD1.5) or light (5M); SDXL: full")
     image_encoder: str = option(
         "", "ip-adapter: CLIPVisionModelWithProjection (hub id or folder); '' = the one the family uses"
+    )
+    controlnext_scale: float = option(
+        0.35, "controlnext: strength s of the cross-normalized control (the authors' SD1.5 runs: 0.35; dense: 1)"
+    )
+    controlnext_unet: str = option(
+        r".*\.to_out\.0\.(weight|bias)",
+        "controlnext: regex of the UNet parameters that train with the module (the authors: attention to_out)",
     )

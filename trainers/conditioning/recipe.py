@@ -1,8 +1,8 @@
-"""The recipe shared by the conditioning adapters (ControlNet, T2I-Adapter, IP-Adapter).
+"""The recipe shared by the conditioning adapters (ControlNet, T2I-Adapter, IP-Adapter, ControlNeXt).
 
 Reads top to bottom: resolve the config, load the frozen base, pair the images with their
 conditioning (or reference) images, build the side network of the method (trainers/conditioning/controlnet.py,
-t2i_adapter.py, ip_adapter.py: each gives `pair`, `build`, `predict`, `save`, `restore`), run the
+t2i_adapter.py, ip_adapter.py, controlnext.py: each gives `pair`, `build`, `predict`, `save`, `restore`), run the
 shared loop, then write what stock diffusers loads plus config.yaml and README.md.
 
 Each step: z_t = add_noise(z_0, eps, t) with t uniform (cubic for T2I-Adapter), the prompt replaced
@@ -37,6 +37,7 @@ from personalize.trainers.diffusion.dreambooth import (
 )
 
 RECIPES = {"controlnet": "controlnet", "t2i-adapter": "t2i_adapter", "ip-adapter": "ip_adapter"}
+RECIPES["controlnext"] = "controlnext"
 
 
 def cubic_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -101,9 +102,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         for module in side.values():
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
+    groups = method.param_groups(named, config.lr) if hasattr(method, "param_groups") else None
     optimizer = build_optimizer(
         config.optimizer,
-        [{"params": list(named.values())}],
+        groups or [{"params": list(named.values())}],
         lr=config.lr,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,

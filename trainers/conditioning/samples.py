@@ -22,6 +22,7 @@ OPTIONS = {
     "controlnet": ("controlnet", "control_image"),
     "t2i-adapter": ("t2i_adapter", "adapter_image"),
     "ip-adapter": ("ip_adapter", "ip_image"),
+    "controlnext": ("", "control_image"),  # loaded with load_adapter; compose gives it the control image
 }
 
 
@@ -51,7 +52,13 @@ def write_samples(
     target, image_option = OPTIONS[config.method]
     saved = saved or output
     source = saved / "ip_adapter.safetensors" if config.method == "ip-adapter" else saved
-    sampler, arguments = compose(pipe, **{target: str(source), image_option: str(condition_path)})
+    if config.method == "controlnext":
+        from personalize.pipelines import load_adapter
+
+        loaded = load_adapter(pipe, saved, name="controlnext-sample")
+        sampler, arguments = compose(pipe, control_image=str(condition_path))
+    else:
+        sampler, arguments = compose(pipe, **{target: str(source), image_option: str(condition_path)})
     prompts = config.validation_prompts or [item["prompt"]]
     size = config.data.resolution
     rows: list[Image.Image] = []
@@ -72,6 +79,10 @@ def write_samples(
     finally:
         if config.method == "ip-adapter":
             sampler.unload_ip_adapter()
+        if config.method == "controlnext":
+            from personalize.pipelines import unload_adapter
+
+            unload_adapter(pipe, loaded)
     grid = make_grid(rows, columns=config.validation_images + 1)
     info = {"prompt": " | ".join(prompts), "seed": config.seed, "steps": config.validation_steps, "training_step": step}
     return save_png(grid, folder / f"step-{step:06d}.png", info)

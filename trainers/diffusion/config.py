@@ -80,11 +80,12 @@ class TrainConfig:
         "controlnet",
         "t2i-adapter",
         "ip-adapter",
+        "controlnext",
     ] = option(
         "lora",
         "what to train: an adapter method, 'full' (fine-tune the whole UNet, DreamBooth), 'textual-inversion' "
         "(a new token only), 'pivotal' (a new token and an adapter together), or a conditioning adapter "
-        "(controlnet, t2i-adapter, ip-adapter)",
+        "(controlnet, t2i-adapter, ip-adapter, controlnext)",
     )
     rank: int | None = option(None, "adapter rank; None: the method's default (16 for LoRA)")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: equal to the rank (scale 1)")
@@ -100,7 +101,7 @@ class TrainConfig:
         help="images, prompts, resolution, class images (see personalize.data)", default_factory=DataConfig
     )
     conditioning: ConditioningConfig = option(
-        help="controlnet / t2i-adapter / ip-adapter: paired images, annotator, image encoder",
+        help="controlnet / t2i-adapter / ip-adapter / controlnext: paired images, annotator, image encoder",
         default_factory=ConditioningConfig,
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
@@ -321,9 +322,9 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay})")
     if config.method in TOKEN_METHODS:
         check_token_options(config)
-    if config.eval and config.method in (*TOKEN_METHODS, *CONDITIONING_METHODS):
+    if config.eval and config.method in CONDITIONING_METHODS:
         raise UserError(
-            f"--eval runs after the adapter recipes; for --method {config.method} run `personalize eval OUT`"
+            f"--eval scores subject adapters; for --method {config.method} run `personalize eval OUT` on a subject run"
         )
     from personalize.eval.logs import check_report_to
 

@@ -40,7 +40,7 @@ from personalize.trainers.common.loop import (
     train_loop,
 )
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import PhaseClock, begin_training, run_metrics, start_run, write_metrics
+from personalize.trainers.common.run import PhaseClock, begin_training, run_metrics, start_run
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -147,6 +147,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.eval()
 
     # --- outputs ------------------------------------------------------------------------------
+    from personalize.trainers.common.finish import evaluate_output, write_run_files
     from personalize.trainers.common.model_card import render_model_card
     from personalize.trainers.common.outputs import save_outputs
 
@@ -188,21 +189,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
                 "name": config.adapter_name,
             },
         )
-        (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
-        for path in files + samples[-1:]:
-            say(f"  {path}")
-    if config.eval and accelerator.is_main_process and not state.stopped_early:  # score it as a user loads it
-        from personalize.eval import EvalSettings, evaluate
-
-        device = str(accelerator.device)
-        settings = EvalSettings(prompts=config.eval, seed=config.seed, steps=config.validation_steps, device=device)
-        evaluation = evaluate(output, settings, say=say)
-        metrics["eval"] = evaluation.figures
-        numbers = {f"eval/{key}": value for key, value in evaluation.figures.items() if isinstance(value, float)}
-        logs.log_values(accelerator, numbers, state.step)
-        logs.log_image(accelerator, "eval/contact_sheet", evaluation.files[-1], state.step)
+        done = f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}"
+        files = write_run_files(output, card, files, samples, metrics, state, say, done)
+    evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original_unet, trained, config)

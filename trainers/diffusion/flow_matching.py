@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.eval import logs
 from personalize.models.families import FamilyDescription, transformer_config
 from personalize.trainers.common.ema import EMA
+from personalize.trainers.common.finish import evaluate_output, write_run_files
 from personalize.trainers.common.frozen_base import idle_until_validation, place, with_model_resolution
 from personalize.trainers.common.loop import (
     LoopSettings,
@@ -34,7 +36,7 @@ from personalize.trainers.common.loop import (
     raise_if_interrupted,
     train_loop,
 )
-from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
+from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import flow_step, losses, unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -152,6 +154,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
             samples.append(_validate(pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator))
+            logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation(idle, device, own_pipe)
 
@@ -169,14 +172,14 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     files = _write_outputs(accelerator, config, family, trained, hyper, ema, state, output, samples, validate, prompts)
     metrics = run_metrics(state, seconds)
     if accelerator.is_main_process:
-        _write_card(config, family, files, output, samples, metrics, hyper, trained, prompts, state)
-        files += [output / "README.md", output / "config.yaml", output / "metrics.json"]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; wrote:")
-        for path in files + samples[-1:]:
-            say(f"  {path}")
+        card = _card(config, family, files, output, samples, metrics, hyper, trained, prompts)
+        done = f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}"
+        files = write_run_files(output, card, files, samples, metrics, state, say, done)
+    evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
         _restore_pipe(pipe, original, trained, config)
+    accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
     return TrainResult(output, files, samples, metrics)
@@ -319,7 +322,6 @@ def _loss_function(
     from personalize.models.encode import encode_images
 
     device = next(transformer.parameters()).device
-    text_keys = tuple(family.embedding_shapes(dict(pipe.transformer.config)))  # what encode_prompt returns
 
     def encode(batch: dict[str, Any]) -> dict[str, Any]:
         """Fill in what the cache did not provide: latents from pixels, embeddings from prompts."""
@@ -335,10 +337,10 @@ def _loss_function(
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
         per_sample, weights, is_class = [], [], []
-        keep = ("latents", "is_class", *text_keys)
+        keep = ("latents", "is_class", *family.embed_keys)
         for group in unet_step.concat_batches([{k: item[k] for k in keep if k in item} for item in batches]):
             latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w); video (B, C, F, h, w)
-            embeds = {key: group[key] for key in text_keys}
+            embeds = {key: group[key] for key in family.embed_keys}
             values, sample_weights = flow_step.per_sample_loss(
                 family, transformer, latents, embeds, schedule, settings, generator, compute_dtype
             )
@@ -387,7 +389,7 @@ def _write_outputs(
     return files
 
 
-def _write_card(
+def _card(
     config: TrainConfig,
     family: FamilyDescription,
     files: list[Path],
@@ -397,14 +399,13 @@ def _write_card(
     hyper: dict[str, Any],
     trained: dict[str, torch.nn.Module],
     prompts: list[str],
-    state: TrainState,
-) -> None:
+) -> str:
     from personalize.trainers.common.model_card import render_model_card
 
     settings = _card_settings(config)
     settings.update(weighting_scheme=config.weighting_scheme, guidance_scale=config.guidance_scale or "")
     settings.update(precondition_outputs=config.precondition_outputs, defaults_from=family.defaults_source)
-    card = render_model_card(
+    return render_model_card(
         base_model=config.model,
         family=family.name,
         method=config.method,
@@ -417,8 +418,6 @@ def _write_card(
         metrics=metrics,
         adapter={"hyper": hyper, "targets": config.targets, "components": list(trained), "name": config.adapter_name},
     )
-    (output / "README.md").write_text(card)
-    write_metrics(output, metrics, state)
 
 
 def _restore_pipe(

@@ -41,7 +41,7 @@ from personalize.trainers.common.loop import (
     train_loop,
 )
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
-from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
+from personalize.trainers.common.run import begin_training, run_metrics, start_run
 from personalize.trainers.common.step_memory import step_memory_settings
 from personalize.trainers.diffusion import unet_step
 from personalize.trainers.diffusion.config import RANKED_METHODS, TrainConfig, config_from_options, resolve
@@ -176,6 +176,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         model.eval()
 
     # --- outputs ------------------------------------------------------------------------------
+    from personalize.trainers.common.finish import evaluate_output, write_run_files
     from personalize.trainers.common.model_card import render_model_card
     from personalize.trainers.common.outputs import save_token_outputs
 
@@ -213,11 +214,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
             metrics=metrics,
             adapter={"tokens": tokens.names, "family": family},
         )
-        (output / "README.md").write_text(card)
-        files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]
-        say(f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; prompt with {config.data.token}; wrote:")
-        for path in files + samples[-1:]:
-            say(f"  {path}")
+        done = f"done in {seconds:.0f} s; final loss {metrics['final_loss']:.4f}; prompt with {config.data.token}"
+        files = write_run_files(output, card, files, samples, metrics, state, say, done)
+    evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
     if own_pipe:
         tokens.install(pipe)  # the pipeline now holds the learned token, as after a stock load

@@ -30,9 +30,11 @@ LLM_METHODS += (
     "ladder",
     "unipelt",
 )
+LLM_METHODS += ("vera", "oft", "boft")
 RANKED = ("lora", "dora", "loha", "lokr", "adalora", "delta-lora", "increlora")
 # the default rank where 16 does not fit: IncreLoRA's is where it starts growing from
-METHOD_RANK = {"increlora": 4}
+METHOD_RANK = {"increlora": 4, "vera": 256}  # VeRA: peft's default (its matrices are shared and frozen)
+RANK_ONLY = ("vera",)  # a rank, no alpha
 PROMPT = ("prompt-tuning", "prefix-tuning", "p-tuning", "mam", "unipelt")  # virtual tokens in the input or the cache
 HOOKED = (*PROMPT, "llama-adapter", "pasta", "ladder")  # no target layers: a hook on the model / its attention layers
 # method -> lr. LoRA family: the QLoRA paper's 2e-4 (arXiv 2305.14314, models up to 13B); IA3 and the
@@ -52,6 +54,8 @@ METHOD_LR["mam"] = 1e-3  # a prefix (1e-2 alone) and large FFN adapters (1e-4 al
 METHOD_LR["fusion"] = 5e-5  # the AdapterFusion paper's
 METHOD_LR["unipelt"] = 1e-3  # like mam: a prefix with LoRA and adapters
 METHOD_LR["ladder"] = 3e-3  # Ladder Side-Tuning's (a randomly initialized side network)
+METHOD_LR["vera"] = 3e-3  # two vectors per layer, like IA3: ~10x LoRA's rate
+METHOD_LR.update({"oft": 2e-4, "boft": 2e-4})  # as the LoRA family (the diffusion recipe's choice too)
 
 
 @dataclass
@@ -61,7 +65,7 @@ class LLMTrainConfig:
     method: Literal[LLM_METHODS] = option(  # type: ignore[valid-type]
         "lora", "adapter method (prompt-tuning, prefix-tuning, p-tuning, mam, unipelt: language models only)"
     )
-    rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family")
+    rank: int | None = option(None, "adapter rank; None: 16 for the LoRA family, 256 for VeRA")
     alpha: float | None = option(None, "adapter alpha (scale alpha/rank); None: twice the rank (scale 2, as QLoRA)")
     targets: str = option(
         "", "layers to adapt: all-linear, attention (LLM); language, language+projector, all (VLM); or a regex"
@@ -108,9 +112,10 @@ def resolve(config: LLMTrainConfig, rows: int | None = None) -> LLMTrainConfig:
     data = Path(config.data).expanduser()
     if not data.is_file():
         raise UserError(f"--data {config.data} does not exist; pass a .jsonl file of conversations")
-    default_rank = METHOD_RANK.get(config.method, 16) if config.method in RANKED else None
+    default_rank = METHOD_RANK.get(config.method, 16) if config.method in (*RANKED, *RANK_ONLY) else None
     rank = config.rank if config.rank is not None else default_rank
     alpha = config.alpha if config.alpha is not None else (2.0 * rank if rank else None)
+    alpha = None if config.method in RANK_ONLY else alpha
     steps = config.steps
     if steps is None and rows is not None:
         per_step = config.batch_size * config.grad_accum

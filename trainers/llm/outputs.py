@@ -21,7 +21,9 @@ from personalize.trainers.llm.config import LLM_METHODS
 
 AS_LORA = ("delta-lora", "increlora")  # methods whose trained result is a plain LoRA
 PEFT_WRITTEN = ("lora", "dora", "loha", "lokr", "ia3", "prompt-tuning", "prefix-tuning", "adalora", "p-tuning")
-PEFT_WRITTEN += ("llama-adapter", *AS_LORA)
+PEFT_WRITTEN += ("llama-adapter", "vera", "oft", "boft", *AS_LORA)
+# peft's forms of these hold one block size, one butterfly stage, one shared pair of matrices
+CONSTRAINED = ("oft", "boft", "vera")
 # no other tool has them: personalize's own file (adapters.load_native reads it)
 NATIVE = tuple(method for method in LLM_METHODS if method not in PEFT_WRITTEN)
 
@@ -76,6 +78,16 @@ def save_adapter(
         prompt_part = p_tuning_config(prompt_part, hyper)
     config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True, **prompt_part}
     return _write(Path(folder), {STATE_KEY: sd[STATE_KEY]}, config)
+
+
+def check_writable(model: Any, method: str, name: str) -> None:
+    """Convert the freshly injected adapter of a CONSTRAINED method to peft's layout (a UserError if it
+    cannot be): before training, so that no run is lost to a file that cannot be written."""
+    if method in CONSTRAINED:
+        from personalize.adapters import state_dict
+        from personalize.formats.peft import to_peft
+
+        to_peft(state_dict(model, name))
 
 
 def _write(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> list[Path]:

@@ -36,7 +36,16 @@ from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainSta
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import return_freed_memory
 from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
-from personalize.trainers.llm.config import HOOKED, PROMPT, RANKED, LLMTrainConfig, config_from_options, resolve
+from personalize.trainers.llm.config import (
+    HOOKED,
+    PROMPT,
+    RANK_ONLY,
+    RANKED,
+    LLMTrainConfig,
+    config_from_options,
+    resolve,
+)
+from personalize.trainers.llm.outputs import check_writable
 
 VLM_UNQUANTIZED = ("lm_head", r"(.*\.)?vision_tower\..*", r"(.*\.)?multi_modal_projector\..*")
 
@@ -94,6 +103,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
 
         targets = adapter_drop_targets(model, targets or "all-linear", int(config.method_options["drop_below"]))
     adapters.inject(model, config.method, targets=targets, name=config.adapter_name, **hyper)
+    check_writable(model, config.method, config.adapter_name)  # a layout peft cannot hold fails before training
     pad = pad_id(tokenizer)
     if config.method in CALIBRATED:  # FISH mask / Child-Tuning_D: the Fisher information picks the entries
         count = int(config.method_options.get("calibration_batches", 8))
@@ -263,12 +273,16 @@ def _hyperparameters(config: LLMTrainConfig) -> dict[str, Any]:
     hyper: dict[str, Any] = {}
     if config.method in RANKED:
         hyper.update(rank=config.rank, alpha=config.alpha)
+    if config.method in RANK_ONLY:
+        hyper.update(rank=config.rank, seed=config.seed)  # VeRA: its shared matrices are drawn from the seed
     if config.method == "adalora":
         hyper["total_steps"] = config.steps  # the rank budget's schedule ends there
     if config.method in PROMPT:
         hyper["num_virtual_tokens"] = config.num_virtual_tokens
     # drop_below picks targets, calibration_batches feeds the Fisher information: neither is a module option
     hyper.update({k: v for k, v in config.method_options.items() if k not in ("drop_below", "calibration_batches")})
+    if config.method == "boft":
+        hyper.setdefault("stages", 1)  # peft's layout holds one butterfly stage (boft_n_butterfly_factor 1)
     if config.method == "fusion":
         folders = config.method_options.get("adapters") or []
         if not isinstance(folders, list) or len(folders) < 2:

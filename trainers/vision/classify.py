@@ -76,34 +76,26 @@ def train_classifier(config: ClassifyConfig, say: Any = print) -> ClassifyResult
     )
     # 2. the classifier (frozen encoders; Tip-Adapter's cache = the training features)
     pixels, labels = images.pixels, images.labels
-    cache = None
-    if config.method.startswith("tip-adapter"):
-        with torch.no_grad():
-            cache = (backbone.image_features(pixels[train_idx]), labels[train_idx])
-    classifier = build_classifier(backbone, config.method, classes, config.prompt, config.method_options, cache)
-    features = _features(classifier, pixels, config.batch_size) if classifier.uses_features else None
-    # 3. train (the trained parameters only; features cached when the image encoder is untouched)
-    trainable = [p for p in classifier.parameters() if p.requires_grad]
-    if config.method in CORE_METHODS:  # the adapter lives in the image encoder's layers
-        trainable += adapters.trainable_parameters(backbone.vision, ADAPTER_NAME)
-    losses: list[float] = []
     start = time.perf_counter()
-    if config.steps and trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(config.seed)
-        for _ in range(config.steps):
-            batch = train_idx[
-                torch.randint(len(train_idx), (min(config.batch_size, len(train_idx)),), generator=generator)
-            ]
-            if features is not None:
-                logits = classifier(features=features[batch])
-            else:
-                logits = classifier(pixels=pixels[batch])
-            loss = F.cross_entropy(logits, labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    search: dict[str, Any] = {}
+    if config.method == "noah":  # supernet, search, then the chosen subnet trains from scratch
+        from personalize.trainers.vision.noah_train import train_noah
+
+        classifier, losses, search = train_noah(backbone, classes, pixels, labels, train_idx, config, say)
+        trainable = [p for p in classifier.parameters() if p.requires_grad]
+        features = None
+    else:
+        cache = None
+        if config.method.startswith("tip-adapter"):
+            with torch.no_grad():
+                cache = (backbone.image_features(pixels[train_idx]), labels[train_idx])
+        classifier = build_classifier(backbone, config.method, classes, config.prompt, config.method_options, cache)
+        features = _features(classifier, pixels, config.batch_size) if classifier.uses_features else None
+        # 3. train (the trained parameters only; features cached when the image encoder is untouched)
+        trainable = [p for p in classifier.parameters() if p.requires_grad]
+        if config.method in CORE_METHODS:  # the adapter lives in the image encoder's layers
+            trainable += adapters.trainable_parameters(backbone.vision, ADAPTER_NAME)
+        losses = fit(classifier, trainable, pixels, labels, train_idx, config, features)
     seconds = time.perf_counter() - start
     # 4. evaluate on the held-out images
     metrics: dict[str, Any] = {"method": config.method, "model": config.model, "steps": config.steps, "losses": losses}
@@ -121,6 +113,7 @@ def train_classifier(config: ClassifyConfig, say: Any = print) -> ClassifyResult
         metrics["val_accuracy"] = float((predicted == labels[val_idx]).float().mean())
         metrics["val_images"] = len(val_idx)
     metrics["chance"] = 1.0 / len(classes)
+    metrics.update(search)
     metrics["confusion"] = confusion.tolist()
     # 5. outputs: classifier, confusion matrix, card, config, metrics
     out = Path(config.output)
@@ -132,6 +125,41 @@ def train_classifier(config: ClassifyConfig, say: Any = print) -> ClassifyResult
     )
     say(f"wrote {', '.join(sorted(p.name for p in files))} to {out}")
     return ClassifyResult(out, classes, metrics)
+
+
+def fit(
+    classifier: Any,
+    trainable: list[torch.nn.Parameter],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    train_idx: torch.Tensor,
+    config: ClassifyConfig,
+    features: torch.Tensor | None = None,
+    before_step: Any = None,
+) -> list[float]:
+    """config.steps AdamW steps of cross-entropy on random batches of `train_idx`; the losses.
+    `before_step()` runs before each step (NOAH's supernet samples its configuration there)."""
+    losses: list[float] = []
+    if not config.steps or not trainable:
+        return losses
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.steps):
+        batch = train_idx[torch.randint(len(train_idx), (min(config.batch_size, len(train_idx)),), generator=generator)]
+        if before_step is not None:
+            before_step()
+        logits = classifier(features=features[batch]) if features is not None else classifier(pixels=pixels[batch])
+        loss = F.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def accuracy(classifier: Any, pixels: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    """Share of `pixels` classified as `labels` (no gradients)."""
+    return float((_logits(classifier, pixels, None, batch).argmax(dim=-1) == labels).float().mean())
 
 
 def config_dict(config: ClassifyConfig) -> dict[str, Any]:

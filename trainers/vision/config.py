@@ -12,7 +12,9 @@ PROMPT_METHODS = ("vpt-shallow", "vpt-deep")
 HEAD_METHODS = ("linear",)  # a linear head on the frozen encoder (the ViT's linear probe)
 # methods of the injection core that adapt the image encoder's own layers
 CORE_METHODS = ("lora", "dora", "loha", "lokr", "ia3", "oft", "boft", "vera", "bitfit", "norm", "difffit")
-METHODS = CLIP_METHODS + PROMPT_METHODS + HEAD_METHODS + CORE_METHODS
+CORE_METHODS += ("houlsby", "pfeiffer")  # bottleneck adapters (personalize/adapters/bottleneck.py)
+SEARCH_METHODS = ("noah",)  # per-block choice among adapter / LoRA / VPT (trainers/vision/noah.py)
+METHODS = CLIP_METHODS + PROMPT_METHODS + HEAD_METHODS + CORE_METHODS + SEARCH_METHODS
 # method -> (lr, steps). CoOp: SGD lr 2e-3 in the paper, here AdamW; CLIP-Adapter and Tip-Adapter-F:
 # AdamW 1e-3 as their papers; VPT and the adapters of the core: their usual few-shot rates.
 METHOD_DEFAULTS: dict[str, tuple[float, int]] = {
@@ -24,6 +26,7 @@ METHOD_DEFAULTS: dict[str, tuple[float, int]] = {
     "vpt-shallow": (1e-2, 200),
     "vpt-deep": (1e-2, 200),
     "linear": (1e-2, 200),
+    "noah": (1e-2, 200),  # supernet and retraining each; NOAH's VTAB runs: AdamW 1e-3 over 500 epochs
 }
 
 

@@ -10,7 +10,9 @@
 - VPT (Jia et al., arXiv 2203.12119): p learned prompt tokens after the CLS token of the image encoder's
   input (shallow), or fresh ones at every layer's input (deep).
 - `linear`: a linear head on the frozen features (linear probe); the injection core's methods (LoRA,
-  BitFit, OFT, ...) adapt the image encoder's own layers under a head.
+  BitFit, OFT, Houlsby / Pfeiffer bottleneck adapters, ...) adapt the image encoder's own layers under a head.
+- NOAH (Zhang et al., arXiv 2206.04673): per block, the sizes of an Adapter, a LoRA and VPT prompts found by a
+  one-shot search over a weight-sharing supernet (trainers/vision/noah.py).
 A CLIP backbone classifies with its text encoder's class embeddings (the zero-shot head) wherever the
 method does not bring its own; a ViT with a trained linear head on its CLS state.
 """
@@ -30,6 +32,11 @@ from personalize.trainers.vision.config import CLIP_METHODS, CORE_METHODS, PROMP
 
 ADAPTER_NAME = "classify"
 CORE_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|o_proj|fc1|fc2|query|key|value)"
+# bottleneck adapters after a block's sublayer outputs (ViT: attention.o_proj, CLIP: self_attn.out_proj; mlp.fc2)
+BOTTLENECK_TARGETS = {
+    "houlsby": r"(.*\.)?layers\.\d+\.(attention\.o_proj|self_attn\.out_proj|mlp\.fc2)",
+    "pfeiffer": r"(.*\.)?layers\.\d+\.mlp\.fc2",
+}
 
 
 def class_prompt_ids(backbone: Backbone, classes: list[str], template: str) -> torch.Tensor:
@@ -176,6 +183,7 @@ class Classifier(nn.Module):
         self.head = head
         self.extra = extra if extra is not None else nn.Identity()
         self.uses_features = method in CLIP_METHODS or method == "linear"
+        self.saved_options: dict[str, Any] = {}  # what a reload needs beyond the run's method_options (NOAH)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone[0].image_features(pixels)
@@ -205,6 +213,42 @@ def feature_dim(backbone: Backbone) -> int:
     return backbone.model.config.hidden_size
 
 
+def head_for(backbone: Backbone, classes: list[str], template: str, method: str = "") -> nn.Module:
+    """CLIP: the zero-shot text head (except for `linear`); a ViT: a zero-initialized linear head."""
+    if backbone.kind == "clip" and method != "linear":
+        return TextHead(backbone, classes, template)
+    head = nn.Linear(feature_dim(backbone), len(classes))
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def _noah(backbone: Backbone, head: nn.Module, options: dict[str, Any]) -> Classifier:
+    from personalize.trainers.vision import noah
+
+    chosen = options.get("config")
+    blocks = len(backbone.layers())
+    keys = {"lora", "adapter", "vpt"}
+
+    def valid(block: Any) -> bool:
+        return (
+            isinstance(block, dict)
+            and set(block) == keys
+            and all(isinstance(v, int) and v >= 0 for v in block.values())
+        )
+
+    if not isinstance(chosen, list) or len(chosen) != blocks or not all(valid(block) for block in chosen):
+        raise UserError(
+            f"noah: method_options.config must list {blocks} blocks of {{lora, adapter, vpt}} sizes >= 0 "
+            f"(got {str(chosen)[:80]})"
+        )
+    sizes = {key: [block[key] for block in chosen] for key in ("lora", "adapter", "vpt")}
+    subnet = noah.Noah(backbone, sizes["lora"], sizes["adapter"], sizes["vpt"])
+    classifier = Classifier(backbone, "noah", head, subnet)
+    classifier.saved_options = {"config": chosen}
+    return classifier
+
+
 def build_classifier(
     backbone: Backbone,
     method: str,
@@ -220,12 +264,9 @@ def build_classifier(
             "use vpt-shallow, vpt-deep, linear or a core method (lora, bitfit, ...) on a ViT"
         )
     options = dict(options)
-    if backbone.kind == "clip" and method != "linear":
-        text_head: nn.Module = TextHead(backbone, classes, template)
-    else:
-        text_head = nn.Linear(feature_dim(backbone), len(classes))
-        nn.init.zeros_(text_head.weight)
-        nn.init.zeros_(text_head.bias)
+    text_head = head_for(backbone, classes, template, method)
+    if method == "noah":  # the chosen configuration (the search itself: trainers/vision/noah_train.py)
+        return _noah(backbone, text_head, options)
     if method == "zero-shot":
         return Classifier(backbone, method, text_head)
     if method == "coop":
@@ -244,7 +285,8 @@ def build_classifier(
         prompts = VisualPrompts(backbone, tokens=int(options.pop("tokens", 8)), deep=method == "vpt-deep")
         return Classifier(backbone, method, text_head, prompts)
     if method in CORE_METHODS:
-        targets = options.pop("targets", None if method in ("bitfit", "norm", "difffit") else CORE_TARGETS)
+        default = BOTTLENECK_TARGETS.get(method, None if method in ("bitfit", "norm", "difffit") else CORE_TARGETS)
+        targets = options.pop("targets", default)
         adapters.inject(backbone.vision, method, targets=targets, name=ADAPTER_NAME, **options)
         return Classifier(backbone, method, text_head)
     raise UserError(f"unknown classification method '{method}'")

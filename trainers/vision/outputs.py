@@ -33,7 +33,7 @@ def save(out: Path, classifier: Any, classes: list[str], config: ClassifyConfig,
         "model": config.model,
         "classes": classes,
         "prompt": config.prompt,
-        "method_options": config.method_options,
+        "method_options": {**config.method_options, **getattr(classifier, "saved_options", {})},
     }
     state = {k: v.contiguous() for k, v in classifier.trained_state().items()}
     if not state:  # zero-shot: nothing trained, the file still names the classes and the base
@@ -106,6 +106,7 @@ def model_card(out: Path, config: ClassifyConfig, classes: list[str], metrics: d
             f"- classes ({len(classes)}): {', '.join(classes)}",
             f"- held-out accuracy: {held}",
             f"- trained on the images in `{config.images}` (one folder per class), seed {config.seed}",
+            *noah_lines(metrics),
             "",
             "![confusion matrix](confusion.png)",
             "",
@@ -120,3 +121,19 @@ def model_card(out: Path, config: ClassifyConfig, classes: list[str], metrics: d
             "",
         ]
     )
+
+
+def noah_lines(metrics: dict) -> list[str]:
+    """The configuration NOAH's search chose, one table row per block (empty for other methods)."""
+    chosen = metrics.get("noah_config")
+    if not chosen:
+        return []
+    found = (
+        f"search accuracy {metrics['noah_search_accuracy']:.3f} over {metrics['noah_configs_scored']} configurations"
+        if "noah_search_accuracy" in metrics
+        else "given in method_options.config"
+    )
+    lines = ["", f"NOAH configuration ({found}; {metrics['noah_config_params']:,} parameters):", ""]
+    lines += ["| block | LoRA rank (q, v) | adapter dim | VPT tokens |", "| --- | --- | --- | --- |"]
+    lines += [f"| {i} | {c['lora']} | {c['adapter']} | {c['vpt']} |" for i, c in enumerate(chosen)]
+    return lines

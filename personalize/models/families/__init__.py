@@ -1,6 +1,7 @@
-"""Flow-matching DiT families, one description each (flux.py, sd3.py, wan.py): see description.py.
+"""Flow-matching DiT families, one description each (flux.py, sd3.py, qwen_image.py, wan.py, ...): see description.py.
 
-Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked first.
+Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked before
+SD3; HiDream configs also have Flux's `axes_dims_rope` and `num_single_layers`, so HiDream is asked first.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from typing import Any
 
 from personalize.models.families.description import FamilyDescription
 from personalize.models.families.flux import FLUX
+from personalize.models.families.hidream import HIDREAM
+from personalize.models.families.krea2 import KREA2_FAMILY
+from personalize.models.families.qwen_image import QWEN_IMAGE_FAMILY
 from personalize.models.families.sd3 import SD3
 from personalize.models.families.wan import WAN
+from personalize.models.families.z_image import Z_IMAGE_FAMILY
 
-FLOW_FAMILIES: dict[str, FamilyDescription] = {description.name: description for description in (FLUX, SD3, WAN)}
+FLOW_FAMILIES: dict[str, FamilyDescription] = {
+    description.name: description
+    for description in (HIDREAM, FLUX, SD3, QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY, WAN)
+}
 
 
 def describe(family: str) -> FamilyDescription | None:

@@ -20,10 +20,14 @@ branches on a family's name. What differs per family:
 - LoRA key names: the diffusers component prefix and the single-file (ComfyUI) prefix;
 - `defaults`: rank / lr / steps with their source; `distilled(config)`: the caveat of a distilled model;
 - `published`: transformer configs of the released checkpoints, by hub id, for the planner (no download);
-- `embed_shapes(config)`: the per-sample shape of each embedding `encode_prompt` returns (the planner's
-  stand-ins); `native_resolution`: the training side when the model's config names none;
+- `embed_keys`: the tensors `encode_prompt` returns (what the text cache stores and `predict` reads) and
+  `embed_shapes(config)`: their per-sample shapes (the planner builds them on the meta device); a family
+  whose prompts have variable length returns them padded with a `prompt_embeds_mask` (see `trim_padding`);
+- `block_pattern`: module paths of the transformer's repeated blocks (the planner's checkpointing estimate);
+  `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase);
 - `clip`: (frames, fps) for video families, whose latents carry a frame axis (B, C, F, h, w) and whose data
-  are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w).
+  are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w);
+  `native_resolution`: the training side when the model's config names none.
 """
 
 from __future__ import annotations
@@ -35,14 +39,6 @@ from typing import Any
 import torch
 
 Embeds = dict[str, torch.Tensor]
-
-
-def pooled_and_sequence(config: Mapping[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
-    """The SD3 / Flux embeddings: a (tokens, joint_attention_dim) sequence and a pooled vector."""
-    return {
-        "prompt_embeds": (text_tokens, int(config["joint_attention_dim"])),
-        "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
-    }
 
 
 @dataclass(frozen=True)
@@ -72,15 +68,46 @@ class FamilyDescription:
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_tokens: Callable[[Mapping[str, Any]], int] = lambda config: 77
     image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w  # per latent frame
-    embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None  # None: pooled + sequence
+    embed_keys: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
+    embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None
+    block_pattern: str = r"(single_)?transformer_blocks\.\d+"
+    encoder_parameters: float = 0.0
     clip: tuple[int, float] | None = None  # video families: default (frames, fps) of a training clip
     native_resolution: int | None = None
 
-    def embedding_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Per-sample shapes of the embeddings the transformer takes (without the batch dimension)."""
+    def example_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of what `encode_prompt` returns for a transformer of this config."""
         if self.embed_shapes is not None:
             return self.embed_shapes(config)
-        return pooled_and_sequence(config, self.text_tokens(config))
+        return {
+            "prompt_embeds": (self.text_tokens(config), int(config["joint_attention_dim"])),
+            "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
+        }
 
     def method_defaults(self, method: str) -> tuple[int | None, float, int] | None:
         return self.defaults.get(method)
+
+
+def pad_rows(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length prompt embeddings [(T_i, ...)] -> (B, length, ...) zero-padded and their (B, length) mask
+    (1 for real tokens): a fixed length lets the text cache batch any prompts together."""
+    padded = rows[0].new_zeros(len(rows), length, *rows[0].shape[1:])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for index, row in enumerate(rows):
+        padded[index, : min(len(row), length)] = row[:length]
+        mask[index, : min(len(row), length)] = 1
+    return padded, mask
+
+
+def trim_padding(embeds: Embeds) -> Embeds:
+    """Cut the padding every row of the batch shares (the pipelines pad only to the batch's longest prompt,
+    so the transformer sees the same tokens as at inference). On the meta device (the planner) the padded
+    length stays: an upper bound."""
+    mask = embeds.get("prompt_embeds_mask")
+    if mask is None or mask.is_meta:
+        return embeds
+    longest = max(int(mask.sum(dim=1).max()), 1)
+    return {
+        key: value[:, :longest] if value.dim() >= 2 and key.startswith("prompt_embeds") else value
+        for key, value in embeds.items()
+    }

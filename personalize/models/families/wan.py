@@ -97,7 +97,10 @@ WAN = FamilyDescription(
     published={"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": WAN21_13B, "Wan-AI/Wan2.1-T2V-14B-Diffusers": WAN21_14B},
     text_tokens=lambda config: TEXT_TOKENS,
     image_tokens=image_tokens,
+    embed_keys=("prompt_embeds",),
     embed_shapes=lambda config: {"prompt_embeds": (TEXT_TOKENS, int(config["text_dim"]))},
+    block_pattern=r"blocks\.\d+",
+    encoder_parameters=5680e6 + 127e6,  # UMT5-XXL encoder + the Wan 2.1 VAE
     clip=(17, 16.0),  # 4 x 4 + 1 frames at Wan's 16 fps: one second
     native_resolution=480,  # the 480p model (832 x 480 videos): a 480 px side keeps about its pixel count
 )
