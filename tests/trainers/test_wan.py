@@ -180,3 +180,43 @@ def test_bad_video_input_is_one_line_exit_2(capsys, tmp_path, cache_dir, clips, 
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed
     error = _one_line_error(capsys, _argv(clips, out, cache_dir))
     assert "pip install 'personalize[video]'" in error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--gradient-checkpointing"], ["--mixed-precision", "bf16"]])
+def test_planned_peak_is_within_20_percent_of_the_measured_rss_on_clips(tmp_path, flags):
+    """Wan2.1-T2V-1.3B's width (12 heads x 128) with one block, 17-frame clips at 256 px, on CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from personalize.models.tiny_video import reduced_wan
+    from personalize.plan import GB, Settings, plan
+
+    folder, clips = tmp_path / "wan", tmp_path / "clips"
+    reduced_wan(1).save_pretrained(folder)
+    clips.mkdir()
+    for number in range(2):
+        _mp4(clips / f"clip{number}.mp4", 12, 8)  # 17 frames at 16 fps: 1.06 s of a 1.5 s file
+    code = (
+        "import resource, sys; from personalize.cli import main; code = main(sys.argv[1:]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    argv = ["train", "--images", str(clips), "--model", str(folder), "--resolution", "256", "--steps", "2"]
+    argv += ["--rank", "4", "--output", str(tmp_path / "out"), "--set", "validation_images=0", *flags]
+    argv += ["--set", "data.frames=17", "--set", "data.fps=16", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = int(done.stdout.split("PEAK")[-1].split()[0]) * 1024
+    settings = Settings(
+        resolution=256,
+        rank=4,
+        frames=17,
+        mixed_precision="bf16" if "bf16" in flags else "no",
+        gradient_checkpointing="--gradient-checkpointing" in flags,
+    )
+    planned = plan(str(folder), settings, "cpu").peak
+    error = (planned - measured) / measured
+    print(f"wan-1536 {' '.join(flags)}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
+    assert abs(error) <= 0.20
