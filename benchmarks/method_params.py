@@ -44,6 +44,15 @@ ROWS = {
     "fish-mask (density 0.005, all-linear)": ("fish-mask", dict(targets="all-linear", density=0.005)),
     "child-tuning (density 0.3, all-linear)": ("child-tuning", dict(targets="all-linear", density=0.3)),
     "diff-pruning (density 0.005, all-linear)": ("diff-pruning", dict(targets="all-linear", density=0.005)),
+    "vera (r 256, all-linear)": ("vera", dict(targets="all-linear", rank=256)),
+    "oft (block 32, all-linear)": ("oft", dict(targets="all-linear", block_size=32)),
+    "boft (block 32, 1 stage, attention)": ("boft", dict(targets="attention", block_size=32, stages=1)),
+    "dora (r 16, all-linear)": ("dora", dict(targets="all-linear", rank=16)),
+    "loha (r 16, all-linear)": ("loha", dict(targets="all-linear", rank=16)),
+    "lokr (r 16, all-linear)": ("lokr", dict(targets="all-linear", rank=16)),
+    "ia3 (all-linear)": ("ia3", dict(targets="all-linear")),
+    "prompt-tuning (20 tokens)": ("prompt-tuning", dict(num_virtual_tokens=20)),
+    "prefix-tuning (20 tokens)": ("prefix-tuning", dict(num_virtual_tokens=20)),
 }
 
 

@@ -79,9 +79,9 @@ def lycoris_wrapped(method: str, base: nn.Module) -> nn.Module:
     return _Held(layer, module)
 
 
-def candidates(base: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
-    """name -> (model, peer name or None)."""
-    return {
+def candidates(base: nn.Module, only: str = "all") -> dict[str, tuple[nn.Module, str | None]]:
+    """name -> (model, peer name or None); `only`: "oft" or "boft" keeps the base and that method's rows."""
+    every = {
         "base (frozen)": (nn.Sequential(copy.deepcopy(base)), None),
         "peft oft": (peft_wrapped("oft", base), None),
         "ours oft (peft form)": (ours("oft", base, on_input=True), "peft oft"),
@@ -92,18 +92,26 @@ def candidates(base: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
         "lycoris boft": (lycoris_wrapped("boft", base), None),
         "ours boft full": (ours("boft", base, on_input=False), "lycoris boft"),
     }
+    keep = {"oft": {"oft", "diag-oft"}, "boft": {"boft"}}.get(only)
+    return {
+        name: row for name, row in every.items() if keep is None or name == "base (frozen)" or keep & set(name.split())
+    }
 
 
-def measure(rounds: int) -> list[tuple[str, str, float, float, float | None]]:
+def measure(
+    rounds: int, only: str = "all", shapes: tuple[str, ...] = ()
+) -> list[tuple[str, str, float, float, float | None]]:
     rows = []
     for shape_name, (kind, x_shape, channels) in SHAPES.items():
+        if shapes and not any(shape_name.startswith(prefix) for prefix in shapes):
+            continue
         torch.manual_seed(0)
         if kind == "linear":
             base = nn.Linear(channels, channels)
         else:
             base = nn.Conv2d(channels, channels, 3, padding=1)
         base.requires_grad_(False)
-        models = candidates(base)
+        models = candidates(base, only)
         x = torch.randn(*x_shape, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in models}
         names = list(models)
@@ -126,11 +134,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", choices=["all", "oft", "boft"], default="all", help="one method's rows")
+    parser.add_argument("--shapes", default="", help="comma-separated shape prefixes, e.g. attn,conv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lycoris").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {args.threads} threads, block {BLOCK}, {args.rounds} rounds x {args.repeats}")
-    runs = [measure(args.rounds) for _ in range(args.repeats)]
+    shapes = tuple(prefix for prefix in args.shapes.split(",") if prefix)
+    runs = [measure(args.rounds, args.only, shapes) for _ in range(args.repeats)]
     print(f"{'shape':<18} {'candidate':<24} {'median ms':>10} {'x base':>7} {'x peer':>7} {'x peer, all runs':>18}")
     for i, (shape, name, ms, vs_base, vs_peer) in enumerate(runs[0]):
         peer = f"{vs_peer:7.2f}" if vs_peer is not None else f"{'':>7}"

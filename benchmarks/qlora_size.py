@@ -15,15 +15,17 @@ in its own process (so that each peak is its own), one at a time, in this order:
 All four use gradient checkpointing (non-reentrant) and AdamW lr 2e-4 on the same batches (our
 chat-data pipeline's collated rows). A step is forward + backward + optimizer step; the first is
 warm-up, the next `--steps` are timed (ours: the time between optimizer steps, read by a global
-optimizer hook; peft: around each step of its loop). Memory is the CPU analogue of peak allocated CUDA
-memory: peak RSS minus the RSS once torch, transformers, peft, bitsandbytes and personalize are
-imported ("above imports"). The table gives the median of the repeats with [min, max].
+optimizer hook; peft: around each step of its loop), in wall-clock seconds and in the process's CPU
+seconds (all threads; steadier than wall time on a machine shared with other jobs). Memory is the CPU
+analogue of peak allocated CUDA memory: peak RSS minus the RSS once torch, transformers, peft,
+bitsandbytes and personalize are imported ("above imports"). The table gives the median of the repeats with [min, max].
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from benchmarks.llm import ALPHA, LR, RANK, current_rss_gib, peak_memory, write_data
 
@@ -79,15 +82,20 @@ def run_ours(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> d
 
     from personalize.trainers.llm.sft import train
 
-    stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    stamps: list[tuple[float, float]] = []
+    register_optimizer_step_post_hook(lambda *_: stamps.append((time.perf_counter(), time.process_time())))
     options = dict(model=str(folder), data=str(data), rank=RANK, alpha=ALPHA, lr=LR, batch_size=args.batch)
     options.update(max_length=args.seq * 2, checkpoint_every=0, sample_prompts=["hi"], max_new_tokens=1)
     options.update(lr_scheduler="constant", max_grad_norm=0.0, quantize="nf4" if mode == "qlora" else "")
     options.update(mixed_precision="bf16", gradient_checkpointing=True, cpu_threads=str(args.threads))
-    train(steps=args.steps + 1, output=str(Path(tempfile.mkdtemp()) / "run"), **options)
-    steps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]  # after the first (warm-up)
-    return {"s_per_step": sum(steps) / len(steps)}
+    out = Path(tempfile.mkdtemp())
+    try:
+        train(steps=args.steps + 1, output=str(out / "run"), **options)
+    finally:
+        shutil.rmtree(out)  # the adapter (tens of MB at these sizes) is not what is measured
+    steps = len(stamps) - 1  # the intervals after the first step (warm-up)
+    wall, cpu = (stamps[-1][k] - stamps[0][k] for k in (0, 1))
+    return {"s_per_step": wall / steps, "cpu_s_per_step": cpu / steps}
 
 
 def run_peft(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> dict:
@@ -118,16 +126,17 @@ def run_peft(folder: Path, data: Path, mode: str, args: argparse.Namespace) -> d
     rows = [[example] for example in examples]
     batches = [collate(rows[i : i + args.batch], tokenizer.pad_token_id) for i in range(0, len(rows), args.batch)]
     model.train()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**batches[step % len(batches)], use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"s_per_step": sum(times[1:]) / args.steps}
+        cpu_times.append(time.process_time() - cpu_start)
+    return {"s_per_step": sum(times[1:]) / args.steps, "cpu_s_per_step": sum(cpu_times[1:]) / args.steps}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -169,6 +178,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64, help="about this many tokens per conversation")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default=",".join(f"{impl}-{mode}" for impl, mode in RUNS), help="e.g. ours-qlora")
+    parser.add_argument("--models", default="", help="keep the built models here and reuse them (default: temporary)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -180,30 +191,36 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp())
     data = write_data(work / "chat.jsonl", rows=args.batch * (args.steps + 2), seq=args.seq)
+    chosen = [tuple(run.split("-")) for run in args.runs.split(",")]
     for size in args.sizes.split(","):
-        folder = work / size
-        count = build_model_folder(folder, size)
+        folder = Path(args.models or work) / size
+        if (folder / "model.safetensors").is_file():
+            count = sum(p.numel() for p in load_file(str(folder / "model.safetensors")).values())
+        else:
+            count = build_model_folder(folder, size)
         print(f"\n{size}: {count / 1e9:.2f}B parameters; batch {args.batch} x ~{args.seq * 2} tokens", flush=True)
-        results: dict[tuple[str, str], list[dict]] = {run: [] for run in RUNS}
+        results: dict[tuple[str, str], list[dict]] = {run: [] for run in chosen}
         for repeat in range(args.repeats):
-            for impl, mode in RUNS:
+            for impl, mode in chosen:
                 result = child_run(impl, mode, folder, data, args)
                 if result is not None:
                     results[impl, mode].append(result)
                     print(f"  repeat {repeat}: {impl} {mode} {json.dumps(result)}", flush=True)
-        print("| trainer | mode | s/step | above imports GiB |\n| --- | --- | --- | --- |")
+        print("| trainer | mode | s/step | CPU s/step | above imports GiB |\n| --- | --- | --- | --- | --- |")
         for (impl, mode), runs in results.items():
             if runs:
-                seconds, memory = [r["s_per_step"] for r in runs], [r["above_gib"] for r in runs]
-                print(f"| {impl} | {mode} | {spread(seconds)} | {spread(memory)} |")
-        ours_q, ours_l, peft_q = results["ours", "qlora"], results["ours", "lora"], results["peft", "qlora"]
+                columns = [spread([r[key] for r in runs]) for key in ("s_per_step", "cpu_s_per_step", "above_gib")]
+                print(f"| {impl} | {mode} | {' | '.join(columns)} |")
+        ours_q, ours_l = results.get(("ours", "qlora"), []), results.get(("ours", "lora"), [])
+        peft_q = results.get(("peft", "qlora"), [])
         if ours_q and ours_l and peft_q:
             memory = [q["above_gib"] / lo["above_gib"] for q, lo in zip(ours_q, ours_l)]
-            time_ratio = [q["s_per_step"] / p["s_per_step"] for q, p in zip(ours_q, peft_q)]
             print(f"ours QLoRA / ours bf16 LoRA memory: {spread(memory)} (goal <= 0.5)")
-            print(f"ours QLoRA / peft QLoRA s/step: {spread(time_ratio)} (goal <= 1.0)", flush=True)
-        for path in folder.iterdir():  # 1-3 GB of weights: not left in /tmp
-            path.unlink()
+            for key in ("s_per_step", "cpu_s_per_step"):
+                ratio = [q[key] / p[key] for q, p in zip(ours_q, peft_q)]
+                print(f"ours QLoRA / peft QLoRA {key}: {spread(ratio)} (goal <= 1.0)", flush=True)
+        if not args.models:  # 1-3 GB of weights: not left in /tmp
+            shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

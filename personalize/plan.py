@@ -15,8 +15,18 @@ injected there too, so its parameter count is exact for every method. The rest i
     workspace        the largest saved tensor twice (its gradient and one temporary during backward) + the fp32
                      loss terms
     caches           the text encoders + VAE while latents and embeddings are cached, before the transformer
-                     arrives (a separate phase: the peak is the larger of the two)
+                     arrives (a separate phase: the peak is the largest of the phases)
     runtime          CPU only: the resident size of Python + torch + diffusers (measured: about 0.55 GB)
+    loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
+                     compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
+                     until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
+                     Files in another dtype are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     not computed while loading: personalize.models.position_tables.) On a GPU only the cast
+                     copy reaches the device, so this phase does not exist there.
+    buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
+    idle encoders    CPU only: the text encoders (and VAE) stay resident after caching unless they can be
+                     pointed back at their untouched files (personalize.models.mapped.remap: files of the same
+                     dtype); a bf16 run keeps bf16 copies of its fp32 encoder files, a model built in code all
 
 `plan(...)` returns the parts and the peak; `fit(...)` walks settings from the cheapest change to the
 most expensive until the peak fits `--vram`. Checked against measured peaks on CPU (tests/test_plan.py).
@@ -27,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +81,7 @@ class Estimate:
     settings: Settings
     parts: dict[str, float] = field(default_factory=dict)  # bytes of the training phase
     caching: float = 0.0  # bytes of the caching phase
+    loading: float = 0.0  # bytes while the transformer is cast after loading (CPU)
     device: str = "cuda"
 
     @property
@@ -78,12 +90,14 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        return max(self.training, self.caching)
+        return max(self.training, self.caching, self.loading)
 
     def lines(self) -> list[str]:
         rows = [f"{name:<34}{value / GB:8.2f} GB" for name, value in self.parts.items()]
         rows.append(f"{'training phase':<34}{self.training / GB:8.2f} GB")
         rows.append(f"{'caching phase (encoders + VAE)':<34}{self.caching / GB:8.2f} GB")
+        if self.loading:
+            rows.append(f"{'loading phase (build, file + cast)':<34}{self.loading / GB:8.2f} GB")
         rows.append(f"{'peak':<34}{self.peak / GB:8.2f} GB")
         return rows
 
@@ -141,11 +155,12 @@ class Trace:
 
     quantizable: float  # elements of the Linear weights --quantize stores in 4/8 bits
     quantizable_rows: float  # their output rows (int8 keeps one fp32 scale per row)
-    other: float  # elements of every other frozen parameter
+    other: float  # elements of every other frozen parameter and of the floating-point buffers
     trainable: float
     activations: float  # saved for backward, no checkpointing
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
+    table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,6 +202,8 @@ def _trace(
             quantizable += module.weight.numel()
             rows += module.weight.shape[0]
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
+    # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
+    other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
     transformer.requires_grad_(method == "full")
     if method != "full":
         adapters.inject(transformer, method, targets=targets or family.default_targets, **dict(hyper))
@@ -198,7 +215,13 @@ def _trace(
     latent = resolution // downsample
     dtype = torch.bfloat16 if half else torch.float32
     saved = _activations(transformer, family, config, latent, batch, dtype, frames)
-    return Trace(quantizable, rows, other, trainable, *saved)
+    table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
+    return Trace(quantizable, rows, other, trainable, *saved, table=table)
+
+
+def _position_table(module: torch.nn.Module) -> bool:
+    """SD3's PatchEmbed with pos_embed_max_size: a stored (pos_embed_max_size^2, width) table cropped per input."""
+    return type(module).__name__ == "PatchEmbed" and bool(getattr(module, "pos_embed_max_size", None))
 
 
 def _activations(
@@ -212,7 +235,8 @@ def _activations(
 ) -> tuple[float, float, float]:
     """Saved-for-backward bytes of one forward on meta tensors for latents of side `size` (video families:
     `frames` latent frames): (in total, with checkpointing, workspace)."""
-    shape = (batch, family.latent_channels(config), *((frames,) if family.clip else ()), size, size)
+    channels, height, width = family.latent_shape(config, size, size)
+    shape = (batch, channels, *((frames,) if family.clip else ()), height, width)
     latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
@@ -314,10 +338,63 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     encoders = _encoder_bytes(model, family, settings)
     if device == "cpu":
         estimate.parts["runtime (Python, torch)"] = CPU_RUNTIME
+        idle = _idle_encoder_bytes(model, family, settings)
+        if idle:
+            estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
+        estimate.loading = CPU_RUNTIME + idle + cast
+        if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
+            for name in estimate.parts:
+                if name.startswith("frozen weights"):
+                    estimate.parts[name] -= trace.table * compute
     else:
         estimate.caching = encoders
     return estimate
+
+
+def _file_bytes_per_parameter(model: str, component: str) -> float | None:
+    """Bytes per parameter of `component`'s weight files: a folder's safetensors headers, 2 for a published
+    model (bf16 / fp16 releases), None for a model built in code (no files)."""
+    if model.startswith("tiny-"):
+        return None
+    folder = Path(model).expanduser() / component
+    if folder.is_dir():
+        count, nbytes = _folder_parameters(folder)
+        return nbytes / count if count else None
+    return 2.0
+
+
+def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
+    """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
+    module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
+    if settings.quantize:
+        return 0.0
+    source = _file_bytes_per_parameter(model, "transformer")
+    compute = 4 if settings.method == "full" else DTYPE_BYTES[settings.mixed_precision]
+    if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
+        return 4 * parameters
+    if source == 4:  # mapped fp32 pages stay until the whole file is released; no cast: read while training
+        return (4 + compute) * parameters if compute != 4 else 0.0
+    return (source + 4) * parameters  # cast to fp32 while the file is mapped
+
+
+def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
+    """CPU: encoder / VAE bytes that stay resident after caching (those `remap` cannot return to their files)."""
+    compute = DTYPE_BYTES[settings.mixed_precision]
+    total = 0.0
+    for name in (*family.text_encoders, "vae"):
+        dtype = 4 if name == "vae" else compute
+        if model.startswith("tiny-"):
+            total += sum(p.numel() for p in getattr(_tiny(model), name).parameters()) * dtype
+            continue
+        folder = Path(model).expanduser() / name
+        count, nbytes = _folder_parameters(folder) if folder.is_dir() else (0.0, 0.0)
+        source = nbytes / count if count else 2.0
+        if source != dtype:  # cast after loading: the copy cannot be remapped
+            share = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) / (len(family.text_encoders) + 1)
+            total += (count or share) * dtype
+    return total
 
 
 def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
@@ -331,26 +408,22 @@ def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) ->
     if folder.is_dir():
         total = 0.0
         for name in (*family.text_encoders, "vae"):
-            total += _folder_parameters(folder / name) * (4 if name == "vae" else compute)
+            total += _folder_parameters(folder / name)[0] * (4 if name == "vae" else compute)
         return total
     return ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) * compute
 
 
-def _folder_parameters(folder: Path) -> float:
-    """Parameter count from safetensors headers (8-byte length + JSON): nothing else is read."""
-    import struct
+def _folder_parameters(folder: Path) -> tuple[float, float]:
+    """(parameter count, bytes) from the safetensors headers: nothing else is read."""
+    from personalize.models.mapped import _header
 
-    count = 0.0
+    count = nbytes = 0.0
     for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                numel = 1
-                for dim in entry["shape"]:
-                    numel *= dim
-                count += numel
-    return count
+        for entry in _header(file)[0].values():
+            count += math.prod(entry["shape"])
+            start, end = entry["data_offsets"]
+            nbytes += end - start
+    return count, nbytes
 
 
 # --- fitting a stated memory -------------------------------------------------------------------

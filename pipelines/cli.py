@@ -48,7 +48,11 @@ def register(subparsers: Any) -> None:
     text = parser.add_argument_group("language models")
     text.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 128)")
     text.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
-    text.add_argument("--image", default=None, help="VLM: an image the prompt talks about")
+    text.add_argument(
+        "--image",
+        default=None,
+        help="VLM: an image the prompt talks about; edit models (Flux Kontext, ...): the image to edit",
+    )
     from personalize.pipelines.conditioning import add_flags
 
     add_flags(parser)  # --controlnet / --t2i-adapter / --ip-adapter and their images
@@ -117,7 +121,9 @@ def _is_text(args: argparse.Namespace) -> bool:
 
     from personalize.pipelines.text import language_family
 
-    peft_adapter = any((Path(spec).expanduser() / "adapter_config.json").is_file() for spec in args.adapter)
+    # a peft folder, or personalize's own file (only the LLM recipe writes it): a language model's adapter
+    files = ("adapter_config.json", "personalize_adapter.safetensors")
+    peft_adapter = any((Path(spec).expanduser() / name).is_file() for spec in args.adapter for name in files)
     return language_family(args.model) is not None or args.max_new_tokens is not None or peft_adapter
 
 
@@ -158,6 +164,19 @@ def load_adapters(pipe: Any, specs: list[str], allow_pickle: bool) -> list[dict[
     return loaded
 
 
+def _source_image(pipe: Any, path: str) -> Any:
+    """The --image of an edit model (a pipeline whose call takes `image`), decoded as training images are."""
+    import inspect
+
+    from personalize.pipelines.text import read_image
+
+    if "image" not in inspect.signature(pipe.__call__).parameters:
+        raise UserError(
+            f"--image needs an edit model (Flux Kontext, ...); {type(pipe).__name__} does not take a source image"
+        )
+    return read_image(path)
+
+
 def run(args: argparse.Namespace) -> int:
     from personalize.models import load_pipeline
 
@@ -175,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     from personalize.pipelines.conditioning import from_flags
 
     pipe, call_arguments, conditioning = from_flags(pipe, args)
+    if args.image:  # an edit model edits this image as the prompt says
+        call_arguments["image"] = _source_image(pipe, args.image)
+        conditioning["image"] = args.image
     pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
     settings = GenerationSettings(
         prompt=args.prompt,

@@ -73,6 +73,10 @@ def _pipeline_call_arguments(pipe: Any, settings: GenerationSettings) -> dict[st
         if name not in accepted:
             raise UserError(f"this pipeline ({type(pipe).__name__}) does not take '{name}'")
         arguments[name] = value
+    if "max_area" in accepted and settings.width and settings.height:  # Flux Kontext: its area wins over the size
+        arguments["max_area"] = settings.width * settings.height
+        if "image" in arguments and "_auto_resize" in accepted:  # the source at the asked size, as in training
+            arguments["_auto_resize"] = False
     return arguments
 
 

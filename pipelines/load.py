@@ -23,7 +23,7 @@ from personalize.config import nearest
 from personalize.errors import UserError
 from personalize.formats.detect import selective_method
 from personalize.pipelines import embeddings as ti
-from personalize.pipelines import fusion
+from personalize.pipelines import fusion, layerwise
 from personalize.pipelines.components import require_components
 from personalize.pipelines.source import AdapterSource, _read
 
@@ -164,6 +164,7 @@ def load_adapter(
     selective = selective_method(source.metadata) is not None
     loaded_embeddings = [adapter.embeddings for adapter in registry.values()]
     per_encoder = ti.check(pipe, source.embeddings, ti.taken_tokens(loaded_embeddings))
+    layerwise.check(pipe, _tokens([*loaded_embeddings, per_encoder]))  # ED-LoRA tokens fit the UNet
     done: list[str] = []
     try:
         for component, tensors in weights.items():
@@ -171,12 +172,17 @@ def load_adapter(
             done.append(component)
         if per_encoder:
             ti.rebuild(pipe, [*loaded_embeddings, per_encoder])
+            layerwise.rebuild(pipe, _tokens([*loaded_embeddings, per_encoder]))
     except BaseException:
         for component in done:
             _remove_quietly(modules[component], name)
         raise
     registry[name] = LoadedAdapter(name, source.label, float(scale), list(weights), per_encoder)
     return name
+
+
+def _tokens(loaded: list[ti.PerEncoder]) -> set[str]:
+    return {token for per_encoder in loaded for tokens in per_encoder.values() for token in tokens}
 
 
 def _modules(pipe: Any, adapter: LoadedAdapter) -> list[nn.Module]:
@@ -241,6 +247,7 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
         del registry[adapter.name]
     if any(adapter.embeddings for adapter in chosen):
         ti.rebuild(pipe, [adapter.embeddings for adapter in registry.values()])
+        layerwise.rebuild(pipe, _tokens([adapter.embeddings for adapter in registry.values()]))
     return [adapter.name for adapter in chosen]
 
 

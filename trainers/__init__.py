@@ -9,13 +9,19 @@ from typing import Any
 
 def train(config: Any = None, **options: Any) -> Any:
     """See personalize.trainers.diffusion.dreambooth.train, .flow_matching.train (SD3 / Flux models),
-    .textual_inversion.train (--method textual-inversion or pivotal) and .conditioning.train (controlnet,
+    .textual_inversion.train (--method textual-inversion, pivotal or ed-lora) and .conditioning.train (controlnet,
     t2i-adapter, ip-adapter); imported lazily:
     `import personalize.trainers` stays cheap."""
     from personalize.trainers.conditioning.config import CONDITIONING_METHODS
 
     method = getattr(config, "method", None) or options.get("method")
-    if method in ("textual-inversion", "pivotal"):
+    edit_options = getattr(config, "edit", None) or options.get("edit") or {}
+    edit = edit_options.get("sources") if isinstance(edit_options, dict) else getattr(edit_options, "sources", "")
+    if edit and not _flow_model(config, options):
+        from personalize.errors import UserError
+
+        raise UserError("--task edit needs an edit model (a flow-matching DiT family), e.g. --model tiny-flux-kontext")
+    if method in ("textual-inversion", "pivotal", "ed-lora"):
         from personalize.trainers.diffusion.textual_inversion import train as run
     elif method in CONDITIONING_METHODS:
         from personalize.trainers.conditioning.recipe import train as run

@@ -23,6 +23,8 @@ FLAG_KEYS = {
     "annotator": "conditioning.annotator",
     "reference": "conditioning.reference",
     "image_encoder": "conditioning.image_encoder",
+    "control": "edit.sources",
+    "captions": "edit.instructions",
 }
 NOT_CONFIG = {"command", "run", "preset", "config", "set", "task", "val_split"}
 
@@ -48,7 +50,7 @@ def register(subparsers: Any) -> None:
     add(
         "--method",
         help="lora, locon, dora, loha, lokr, krona, ia3, oft, boft, vera, difffit, bitfit, norm, full, "
-        "textual-inversion, pivotal, controlnet, controlnext, t2i-adapter or ip-adapter",
+        "textual-inversion, pivotal, ed-lora, controlnet, controlnext, t2i-adapter or ip-adapter",
     )
     add(
         "--conditioning",
@@ -111,7 +113,13 @@ def register(subparsers: Any) -> None:
     add("--learnable-property", help="textual-inversion: object (default) or style prompt templates")
     add("--pivotal-method", help="pivotal: the adapter trained with the token (default lora)")
     # few-shot image classification (routed to trainers/vision/classify.py)
-    add("--task", help="classify: few-shot image classification on CLIP/ViT (--images holds one folder per class)")
+    add(
+        "--task",
+        help="classify: few-shot image classification on CLIP/ViT (--images holds one folder per class); "
+        "edit: train an edit model (Flux Kontext, ...) on --images targets and --control sources",
+    )
+    add("--control", metavar="DIR", help="--task edit: source images, each named like its target in --images")
+    add("--captions", metavar="FILE", help="--task edit: 'name: instruction' lines (default: the targets' captions)")
     add("--val-split", type=float, metavar="F", help="classify: share of each class held out for the accuracy")
     add("--preset", help="a YAML preset from configs/ (e.g. sd15-lora, tiny)")
     add("--config", metavar="FILE", help="a YAML config file (e.g. a previous run's config.yaml)")
@@ -138,9 +146,15 @@ def run(args: argparse.Namespace) -> int:
     from personalize.errors import UserError
     from personalize.trainers.llm.cli import is_language_run, run_language
 
-    if args.task is not None:
+    if args.task == "edit" and not args.control:
+        raise UserError("--task edit needs --control DIR: the source images, each named like its target image")
+    if (args.control or args.captions) and args.task != "edit":
+        raise UserError("--control and --captions are for --task edit (source images and edit instructions)")
+    if args.task not in (None, "edit"):
         if args.task != "classify":
-            raise UserError(f"--task must be 'classify' (got '{args.task}'); leave it out to personalize a model")
+            raise UserError(
+                f"--task must be 'classify' or 'edit' (got '{args.task}'); leave it out to personalize a model"
+            )
         from personalize.trainers.vision.cli import run_classify
 
         return run_classify(args)

@@ -1,16 +1,15 @@
 """Automatic measures of DreamBooth's three axes in the procedural world (world.py), read off the pixels.
 
-Each generated 32 x 32 image is parsed by hand-written rules, no learned judge:
-- background: the median colour of the 2-pixel border -> the nearest context colour ("on the beach", ...);
+Each generated 16 x 16 image is parsed by hand-written rules, no learned judge:
+- background: the median colour of the 1-pixel border -> the nearest context colour ("on the beach", ...);
 - object: pixels farther than FOREGROUND from that background colour; the shape whose template (fitted
   to the object's bounding box) overlaps it best (IoU); its median colour -> the nearest world colour;
 - subject: the object has the subject's shape, and at least SUBJECT_SHARE of its pixels are near each of the
-  subject's two colours, the top colour above the bottom one (no world object has either colour);
-- size: bounding-box height <= SMALL_MAX px is "small", >= BIG_MIN px is "big".
+  subject's two colours, the top colour above the bottom one (no world object has either colour).
 
 The three axes of a method on a subject (see score()):
 - subject fidelity: share of subject-prompt images (new contexts) in which the subject appears;
-- prompt fidelity: share of them whose background is the prompt's context (and size, for size prompts);
+- prompt fidelity: share of them whose background is the prompt's context;
 - in context: share with both at once (DreamBench's question: the subject, where the prompt put it);
 - class accuracy: share of class-prompt images ("a red ball on the grass") that show the class in the
   colour asked; drift = the base model's class accuracy minus the adapted model's.
@@ -29,8 +28,7 @@ from benchmarks.dreambench_mini import world
 FOREGROUND = 60.0  # RGB distance from the background colour that makes a pixel part of the object
 SUBJECT_COLOUR = 70.0  # RGB distance within which a pixel counts as one of the subject's colours
 SUBJECT_SHARE = 0.2  # each subject colour must cover at least this share of the object
-MIN_PIXELS = 12  # fewer object pixels: no object
-SMALL_MAX, BIG_MIN = 15, 17  # bounding-box height in pixels
+MIN_PIXELS = 10  # fewer object pixels: no object (the smallest world object covers ~30)
 
 
 @dataclass(frozen=True)
@@ -59,13 +57,13 @@ def _template(shape: str, top: int, bottom: int, left: int, right: int) -> np.nd
 
 
 def parse(image: np.ndarray) -> Parsed:
-    """Read one (32, 32, 3) uint8 image."""
+    """Read one (16, 16, 3) uint8 image."""
     pixels = image.astype(np.float32)
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3)])
-    border = np.concatenate([border, pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    border = np.concatenate([pixels[:1].reshape(-1, 3), pixels[-1:].reshape(-1, 3)])
+    border = np.concatenate([border, pixels[:, :1].reshape(-1, 3), pixels[:, -1:].reshape(-1, 3)])
     background = np.median(border, axis=0)
     context = _nearest(background, world.CONTEXTS)
-    mask = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND  # (32, 32)
+    mask = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND  # (16, 16)
     if mask.sum() < MIN_PIXELS:
         return Parsed(context, None, None, None, 0, 0.0)
     rows, cols = np.where(mask.any(axis=1))[0], np.where(mask.any(axis=0))[0]
@@ -88,19 +86,10 @@ def parse(image: np.ndarray) -> Parsed:
     return Parsed(context, shape, colour, subject, int(bottom - top + 1), ious[shape])
 
 
-def size_of(parsed: Parsed) -> str | None:
-    if parsed.height and parsed.height <= SMALL_MAX:
-        return "small"
-    if parsed.height >= BIG_MIN:
-        return "big"
-    return None
-
-
 @dataclass(frozen=True)
 class SubjectPrompt:
     text: str
     context: str
-    size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,12 +104,9 @@ EVAL_CONTEXTS = [name for name in world.CONTEXTS if name != "in a room"]  # the 
 
 
 def subject_prompts(token: str, subject: str) -> list[SubjectPrompt]:
-    """New contexts (recontextualization) and size changes (property change), DreamBench-style."""
+    """New contexts (DreamBench's recontextualization): the subject where its photos never showed it."""
     word = world.SUBJECTS[subject].name
-    prompts = [SubjectPrompt(f"a photo of {token} {word} {context}", context) for context in EVAL_CONTEXTS]
-    prompts.append(SubjectPrompt(f"a photo of a small {token} {word} on the grass", "on the grass", "small"))
-    prompts.append(SubjectPrompt(f"a photo of a big {token} {word} in the snow", "in the snow", "big"))
-    return prompts
+    return [SubjectPrompt(f"a photo of {token} {word} {context}", context) for context in EVAL_CONTEXTS]
 
 
 def class_prompts(subject: str) -> list[ClassPrompt]:
@@ -137,7 +123,7 @@ def score_subject(images: dict[str, list[np.ndarray]], prompts: list[SubjectProm
         for image in images[prompt.text]:
             parsed = parse(image)
             has_subject = parsed.subject == subject
-            right = parsed.context == prompt.context and (prompt.size is None or size_of(parsed) == prompt.size)
+            right = parsed.context == prompt.context
             present.append(has_subject)
             honoured.append(right)
             both.append(has_subject and right)
@@ -164,14 +150,14 @@ def calibrate(subject: str, seeds: int = 4, token: str = "sks") -> dict[str, dic
     shape = world.SUBJECTS[subject].shape
 
     def perfect_subject(prompt: SubjectPrompt) -> np.ndarray:
-        return world.render(world.random_scene(rng, subject=subject, context=prompt.context, size=prompt.size), rng)
+        return world.render(world.random_scene(rng, subject=subject, context=prompt.context), rng)
 
     def perfect_class(prompt: ClassPrompt) -> np.ndarray:
         scene = world.random_scene(rng, shape=prompt.shape, colour=prompt.colour, context=prompt.context)
         return world.render(scene, rng)
 
     def class_instead(prompt: SubjectPrompt) -> np.ndarray:
-        return world.render(world.random_scene(rng, shape=shape, context=prompt.context, size=prompt.size), rng)
+        return world.render(world.random_scene(rng, shape=shape, context=prompt.context), rng)
 
     generators = {
         "perfect": (perfect_subject, perfect_class),

@@ -28,8 +28,8 @@ from benchmarks.dreambench_mini import measures, world
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 PEER = "diffusers train_dreambooth_lora.py"
-# What the world model needs whatever the method: its 32 px images (bucket sides in multiples of 32).
-WORLD_FLAGS = ["--resolution", "32", "--set", "data.bucket_step=32"]
+# What the world model needs whatever the method: its 16 px images (bucket sides in multiples of 16).
+WORLD_FLAGS = ["--resolution", str(world.SIZE), "--set", f"data.bucket_step={world.SIZE}"]
 METHODS: dict[str, list[str]] = {
     "default (lora)": [],
     "lora + text encoder": ["--train-text-encoder"],
@@ -54,10 +54,14 @@ def write_photos(workdir: Path, subject: str) -> Path:
     return folder
 
 
-def train_ours(name: str, flags: list[str], photos: Path, out: Path, model: str, seed: int, workdir: Path) -> float:
+def train_ours(
+    name: str, flags: list[str], photos: Path, out: Path, model: str, seed: int, workdir: Path, steps: int | None = None
+) -> float:
     from personalize.cli import main
 
     argv = ["train", "--images", str(photos), "--model", model, "--token", "sks", "--class-word", photos.name]
+    argv += ["--steps", str(steps)] if steps else []
+    argv += ["--overwrite"]  # a rerun of the benchmark replaces its own earlier run
     argv += [*WORLD_FLAGS, *flags, "--output", str(out), "--seed", str(seed), "--checkpoint-every", "0"]
     argv += ["--set", "validation_images=0", "--set", f"data.cache_dir={workdir / 'cache'}"]
     start = time.perf_counter()
@@ -75,14 +79,14 @@ def train_peer(args: argparse.Namespace, photos: Path, out: Path, model: str, se
         f"--instance_data_dir={photos}",
         f"--instance_prompt=a photo of sks {photos.name}",
         f"--output_dir={out}",
-        "--resolution=32",
+        f"--resolution={world.SIZE}",
         "--train_batch_size=1",
         "--gradient_accumulation_steps=1",
         "--checkpointing_steps=100000",
         "--learning_rate=1e-4",
         "--lr_scheduler=constant",
         "--lr_warmup_steps=0",
-        "--max_train_steps=500",
+        f"--max_train_steps={args.steps or 500}",
         f"--seed={seed}",
         "--mixed_precision=no",
         "--dataloader_num_workers=0",
@@ -112,7 +116,9 @@ def draw(pipe: Any, adapter: Path | None, subject: str, token: str, seeds: int) 
     name = load_adapter(pipe, adapter, name="bench") if adapter is not None else None
     try:
         texts = [prompt.text for prompt in subject_prompts] + [prompt.text for prompt in class_prompts]
-        images = {text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, 32)] for text in texts}
+        images = {
+            text: [np.asarray(image) for image in generate_prompt(pipe, text, settings, world.SIZE)] for text in texts
+        }
     finally:
         if name:
             unload_adapter(pipe, name)
@@ -122,12 +128,12 @@ def draw(pipe: Any, adapter: Path | None, subject: str, token: str, seeds: int) 
 
 
 def sheet(images: dict[str, list[np.ndarray]], texts: list[str], path: Path) -> None:
-    """Rows: prompts; columns: seeds; 3x nearest-neighbour so the 32 px images can be seen."""
+    """Rows: prompts; columns: seeds; 6x nearest-neighbour so the 16 px images can be seen."""
     from PIL import Image
 
     rows = [np.concatenate(images[text], axis=1) for text in texts]
     grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * 6, grid.shape[0] * 6), Image.Resampling.NEAREST).save(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-script", type=Path, default=None)
     parser.add_argument("--peer-python", default=sys.executable)
     parser.add_argument("--output", type=Path, default=RESULTS / "dreambench_mini.json")
+    parser.add_argument("--steps", type=int, default=None, help="override every method's steps (quick checks only)")
     args = parser.parse_args(argv)
     import torch
 
@@ -156,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     results: dict[str, Any] = json.loads(args.output.read_text()) if args.output.is_file() else {}
     results["calibration"] = {subject: measures.calibrate(subject) for subject in args.subjects.split(",")}
+    pretrain_info = Path(model) / "pretrain.json"
+    if pretrain_info.is_file():  # how the base was made, and its prompt following while it pretrained
+        results["pretrain"] = json.loads(pretrain_info.read_text())
     sheets = args.workdir / "sheets"
     sheets.mkdir(parents=True, exist_ok=True)
     runs = results.setdefault("runs", {})
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in range(args.repeats):
                 out = args.workdir / "runs" / name.replace(" ", "_").replace("+", "") / f"{subject}-{seed}"
                 if kind == "ours":
-                    seconds = train_ours(name, METHODS[name], photos, out, model, seed, args.workdir)
+                    seconds = train_ours(name, METHODS[name], photos, out, model, seed, args.workdir, args.steps)
                 else:
                     seconds = train_peer(args, photos, out, model, seed)
                 drawn = draw(pipe, out, subject, run_token(out), args.seeds)

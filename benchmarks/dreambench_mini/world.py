@@ -1,13 +1,15 @@
 """A procedural image world with captions: coloured shapes ("ball", "box", "cone") in named contexts.
 
-Every image is 32 x 32 RGB: one object (a shape in one colour, small or big, at a jittered position)
-on a background that names a context ("on the grass", "in the snow", ...), with a little pixel noise.
-Captions say what is there, with parts left out at random so the model also learns short prompts:
-"a photo of a small red ball on the beach", "a blue box", "a cone at night".
+Every image is 16 x 16 RGB: one big object (a shape in one colour, at a jittered position) on a
+background that names a context ("on the grass", "in the snow", ...), with a little pixel noise. The world
+is kept this small on purpose: a base pretrained from scratch on a shared CPU core in under an hour must
+learn to follow its prompts (see pretrain.py). Captions say what is there, with parts left out at random
+so that the model also learns short prompts: "a photo of a red ball on the beach", "a blue box",
+"a cone at night".
 
 Novel subjects (`SUBJECTS`) are objects the world never contains: a shape in two colours that no world
-object has (teal/pink, lime/maroon). The base model never sees them; a personalization method is then
-judged on whether it can put them into the world's contexts (see measures.py).
+object has (teal over pink, lime over maroon). The base model never sees them; a personalization method is
+then judged on whether it can put them into the world's contexts (see measures.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SIZE = 32
+SIZE = 16
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: soft edges like a photo, not aliased pixels
 
 # Background colour of each context phrase. "in a room" (plain gray) is where subjects are photographed.
@@ -33,11 +35,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 70, 225),
     "yellow": (245, 215, 35),
     "purple": (140, 55, 190),
-    "orange": (245, 135, 25),
 }
 SHAPES = ("ball", "box", "cone")  # circle, square, upward triangle
-SIZES = {"small": (4.5, 6.5), "big": (10.0, 12.0)}  # half-extent in pixels
-ANY_SIZE = (4.5, 12.0)
+EXTENT = (4.5, 6.5)  # half-extent in pixels: objects fill a third to four fifths of the image
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,9 @@ class Scene:
     context: str
     colour: str | None = None  # None: the object is a subject (two colours)
     subject: str | None = None
-    size: str | None = None  # "small" / "big" / None (anything between)
     cx: float = SIZE / 2
     cy: float = SIZE / 2
-    extent: float = 8.0
+    extent: float = 5.5
 
 
 def shape_mask(shape: str, cx: float, cy: float, extent: float, size: int = SIZE, supersample: int = 1) -> np.ndarray:
@@ -94,20 +93,20 @@ def draw(
     cy: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Paint a supersampled mask: rows above `cy` in `top`, below in `bottom`; (32, 32, 3) uint8 with noise."""
+    """Paint a supersampled mask: rows above `cy` in `top`, below in `bottom`; (16, 16, 3) uint8 with noise."""
     n = SIZE * SUPERSAMPLE
     shade = np.linspace(1.06, 0.94, n, dtype=np.float32)[:, None, None]  # light from above
     canvas = np.broadcast_to(np.array(background, dtype=np.float32) * shade, (n, n, 3)).copy()
     upper = np.arange(n)[:, None] / SUPERSAMPLE < cy  # (n, 1)
     canvas[mask & upper] = top
     canvas[mask & ~upper] = bottom
-    small = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))  # (32, 32, 3)
-    small += rng.normal(0.0, 4.0, small.shape)
+    small = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))  # (16, 16, 3)
+    small += rng.normal(0.0, 3.0, small.shape)
     return np.clip(small, 0, 255).round().astype(np.uint8)
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One (32, 32, 3) uint8 image of a scene, with fixed-seed noise from `rng`."""
+    """One (16, 16, 3) uint8 image of a scene, with fixed-seed noise from `rng`."""
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.extent, supersample=SUPERSAMPLE)
     if scene.subject is None:
         top = bottom = COLOURS[scene.colour]
@@ -133,26 +132,21 @@ def random_scene(
     context: str | None = None,
     colour: str | None = None,
     subject: str | None = None,
-    size: str | None = None,
 ) -> Scene:
     """A scene with the given parts fixed and the rest drawn at random."""
     shape = shape or (SUBJECTS[subject].shape if subject else SHAPES[rng.integers(len(SHAPES))])
     context = context or list(CONTEXTS)[rng.integers(len(CONTEXTS))]
     if subject is None:
         colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
-    low, high = SIZES[size] if size else ANY_SIZE
-    extent = float(rng.uniform(low, high))
-    margin = extent + 1.0
-    cx = float(rng.uniform(margin, SIZE - margin)) if margin < SIZE / 2 else SIZE / 2
-    cy = float(rng.uniform(margin, SIZE - margin)) if margin < SIZE / 2 else SIZE / 2
-    return Scene(shape, context, colour, subject, size, cx, cy, extent)
+    extent = float(rng.uniform(*EXTENT))
+    margin = extent + 0.5
+    cx, cy = (float(rng.uniform(margin, SIZE - margin)) for _ in range(2))
+    return Scene(shape, context, colour, subject, cx, cy, extent)
 
 
 def caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
-    """A caption naming the scene; the size, colour and context are each left out with probability `drop`."""
+    """A caption naming the scene; the colour and the context are each left out with probability `drop`."""
     words = ["a photo of a"] if rng.random() < 0.5 else ["a"]
-    if scene.size and rng.random() >= drop:
-        words.append(scene.size)
     if scene.colour and rng.random() >= drop:
         words.append(scene.colour)
     words.append(scene.shape)
@@ -162,9 +156,8 @@ def caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
 
 
 def world_sample(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """One (image, caption) pair of the world: a random object with a random size word half the time."""
-    size = list(SIZES)[rng.integers(len(SIZES))] if rng.random() < 0.5 else None
-    scene = random_scene(rng, size=size)
+    """One (image, caption) pair of the world: a random object in a random context."""
+    scene = random_scene(rng)
     return render(scene, rng), caption(scene, rng)
 
 

@@ -33,6 +33,11 @@ class AdapterModule(nn.Module):
     def scale_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor | None:
+        """The layer's whole output when this method can compute it faster than base + delta (OFT's merged
+        weight); None: the layer runs the usual path. Only asked when this is the layer's one active adapter."""
+        return None
+
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

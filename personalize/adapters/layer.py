@@ -37,6 +37,11 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active()
+        if len(active) == 1 and not args and not kwargs:  # one adapter may compute the whole output (OFT)
+            name, adapter = active[0]
+            out = adapter.fused_forward(x, self.base_layer, self.scales[name])
+            if out is not None:
+                return out
         for name, adapter in active:
             if adapter.acts_on_input:
                 x = adapter.scale_input(x, self.scales[name])

@@ -40,11 +40,24 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the int(density * numel) entries of largest |value|, zero the rest (TIES' trim step)."""
     if density >= 1:
         return tensor
-    flat = tensor.reshape(-1)
-    keep = int(density * flat.numel())
-    mask = torch.zeros_like(flat)
-    mask[flat.abs().topk(keep).indices] = 1
-    return (flat * mask).reshape(tensor.shape)
+    return magnitude_prune_rows(tensor[None], density)[0]
+
+
+def magnitude_prune_rows(stacked: torch.Tensor, density: float) -> torch.Tensor:
+    """`magnitude_prune` of every row of `stacked` (n, ...): each row keeps exactly its int(density * row
+    size) largest |entries|. Returns a new tensor.
+
+    One unsorted `topk` over all rows (a selection: about 3x faster than a sorted `topk` per tensor on
+    65k-entry rows), then the kept entries gathered into zeros."""
+    rows = stacked.shape[0]
+    flat = stacked.reshape(rows, -1)  # (n, size)
+    keep = int(density * flat.shape[1])
+    if keep >= flat.shape[1]:
+        return stacked
+    if keep <= 0:
+        return torch.zeros_like(stacked)
+    index = flat.abs().topk(keep, dim=1, sorted=False).indices  # (n, k)
+    return torch.zeros_like(flat).scatter_(1, index, flat.gather(1, index)).view_as(stacked)
 
 
 def random_prune(tensor: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -59,16 +72,29 @@ def disjoint_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """TIES' elect + disjoint merge: per entry, the sign of the sum of the (unweighted) stack wins; the
     weighted entries of that sign are summed and divided by how many there are (at least 1).
 
-    stacked (n, ...) and weights (n,) -> (...)."""
-    sign = stacked.sign()
-    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
-    agree = (sign == elected).to(stacked.dtype)  # (n, ...)
-    weighted = stacked * weights.reshape(-1, *([1] * (stacked.dim() - 1)))
-    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1.0)
+    stacked (n, ...) and weights (n,) -> (...). Overwrites `stacked` (its disagreeing entries become 0).
+    Sums over the n inputs are matrix-vector products, which run far faster than reductions over dim 0."""
+    rows = stacked.shape[0]
+    flat = stacked.view(rows, -1)  # (n, size)
+    ones = torch.ones(rows, dtype=flat.dtype, device=flat.device)
+    elected = torch.where(ones @ flat >= 0, 1.0, -1.0).to(flat.dtype)  # (size,)
+    agree = (flat * elected).gt_(0).to(flat.dtype)  # (n, size) 1 where the sign agrees; pruned zeros never do
+    count = (ones @ agree).clamp_(min=1.0)  # (size,)
+    flat.mul_(agree)
+    return (weights.to(flat.dtype) @ flat).div_(count).view(stacked.shape[1:])  # (size,) -> (...)
 
 
+def _stacked(tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """One (n, ...) tensor the in-place steps may overwrite: a given stacked tensor itself (the caller's to
+    give away), else a fresh stack (the inputs stay untouched)."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.detach()
+    return torch.stack([t.detach() for t in tensors])
+
+
+@torch.no_grad()
 def combine(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor] | torch.Tensor,
     weights: Sequence[float],
     method: str,
     density: float = 1.0,
@@ -76,19 +102,24 @@ def combine(
 ) -> torch.Tensor:
     """sum / TIES / DARE / DARE-TIES of same-shaped tensors with `weights` (the task-vector definitions).
 
-    Random masks are drawn in input order from `generator` (one Bernoulli draw per tensor)."""
+    `tensors`: a sequence, or one stacked (n, ...) tensor that the sparse methods overwrite. Random masks
+    are drawn in input order from `generator` (one Bernoulli draw per tensor)."""
     w = torch.tensor([float(x) for x in weights], dtype=tensors[0].dtype, device=tensors[0].device)
     if method in ("linear", "svd", "cat", "fusion"):
+        if isinstance(tensors, torch.Tensor):
+            return torch.tensordot(w, tensors, dims=1)
         return sum(t * wi for t, wi in zip(tensors, w))  # type: ignore[return-value]
     if method == "ties":
-        pruned = [magnitude_prune(t, density) for t in tensors]
+        stacked = magnitude_prune_rows(_stacked(tensors), density)  # (n, ...)
     elif method in ("dare", "dare-ties"):
-        pruned = [random_prune(t, density, generator) for t in tensors]
+        stacked = _stacked(tensors)
+        if density < 1:
+            for row in stacked:  # one draw per tensor, in input order (as peft draws them)
+                row.mul_(torch.bernoulli(torch.full_like(row, density), generator=generator)).div_(density)
     else:
         raise UserError(f"unknown merge method '{method}'; choose one of {', '.join(METHODS)}")
-    stacked = torch.stack(pruned)  # (n, ...)
     if method == "dare":
-        return (stacked * w.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0)
+        return torch.tensordot(w, stacked, dims=1)
     return disjoint_mean(stacked, w)
 
 
@@ -176,14 +207,17 @@ def product_norm(left: torch.Tensor, right: torch.Tensor) -> float:
     return math.sqrt(max(value, 0.0))
 
 
-def factored_distance(down: torch.Tensor, up: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+def factored_distance(
+    down: torch.Tensor, up: torch.Tensor, left: torch.Tensor, right: torch.Tensor, theirs_norm: float | None = None
+) -> float:
     """||B A - L R||_F from small Gram matrices: ||BA||^2 - 2 <BA, LR> + ||LR||^2, never forming a product.
 
-    down A (r, in...), up B (out, r...), left L (out, K), right R (K, in)."""
+    down A (r, in...), up B (out, r...), left L (out, K), right R (K, in); `theirs_norm`: ||L R||_F when
+    known (`product_norm`: its K x K Grams are the costly part)."""
     a, b = down.flatten(1), up.flatten(1)
     ours = float(((b.T @ b) * (a @ a.T)).sum())
     cross = float(((b.T @ left) * (a @ right.T)).sum())
-    theirs = float(((left.T @ left) * (right @ right.T)).sum())
+    theirs = product_norm(left, right) ** 2 if theirs_norm is None else theirs_norm**2
     return math.sqrt(max(ours - 2 * cross + theirs, 0.0))
 
 

@@ -41,6 +41,9 @@ def file_stem(token: str) -> str:
 def to_embedding_files(embeddings: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
     """{token: {component: (n, d)}} -> {relative file name: tensors} for diffusers and A1111/ComfyUI."""
     files: dict[str, dict[str, torch.Tensor]] = {}
+    # ED-LoRA's layer-wise tokens ('<tok>', '<tok>@1', ...: personalize.pipelines.layerwise) need a prompt encoded
+    # once per cross-attention layer, which A1111/ComfyUI do not do: no A1111 export for them
+    layered = {match.group(1) for token in embeddings if (match := re.fullmatch(r"(.+)@\d+", token))}
     for token, parts in embeddings.items():
         unknown = set(parts) - {"text_encoder", "text_encoder_2"}
         if unknown or "text_encoder" not in parts:
@@ -51,7 +54,8 @@ def to_embedding_files(embeddings: Mapping[str, Mapping[str, torch.Tensor]]) -> 
             export = {"clip_l": files[EMBEDS_FILE][token], "clip_g": files[EMBEDS_FILE_2][token]}
         else:
             export = {"emb_params": files[EMBEDS_FILE][token]}
-        files[f"{A1111_FOLDER}/{file_stem(token)}.safetensors"] = export
+        if token not in layered and re.sub(r"@\d+$", "", token) not in layered:
+            files[f"{A1111_FOLDER}/{file_stem(token)}.safetensors"] = export
     return files
 
 

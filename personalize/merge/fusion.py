@@ -53,7 +53,11 @@ def subject_prompts(staged: StagedInput) -> list[str]:
             pass
         return list(dict.fromkeys(prompts))
     if staged.embeddings:
-        return [f"a photo of {token}" for token in staged.embeddings]
+        from personalize.pipelines.layerwise import layer_token, layered_triggers
+
+        triggers = layered_triggers(staged.embeddings)  # ED-LoRA: '<tok>@l' are layer copies of '<tok>'
+        copies = {layer_token(t, layer) for t, count in triggers.items() for layer in range(1, count)}
+        return [f"a photo of {token}" for token in staged.embeddings if token not in copies]
     raise UserError(
         f"fusion needs the prompts {staged.source.path} was trained on and it has no config.yaml or tokens; "
         "pass them with --prompts FILE (one line per prompt), once per input"
@@ -135,11 +139,18 @@ def collect_grams(
 @torch.no_grad()
 def _run(pipe: Any, prompts: list[str], steps: int, seed: int, text_only: bool) -> None:
     """Encode the prompts, or denoise them for `steps` steps as generation does, classifier-free guidance
-    included: the unconditional branch runs through every subject's layers at inference too."""
+    included: the unconditional branch runs through every subject's layers at inference too. Both go through
+    the pipeline's own `encode_prompt` (multi-vector tokens expanded; ED-LoRA tokens once per layer)."""
     if text_only:
-        from personalize.models.encode import encode_text
+        if callable(getattr(pipe, "encode_prompt", None)):
+            device = getattr(pipe, "_execution_device", None) or pipe.device
+            pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        else:
+            from personalize.models.encode import encode_text
 
-        encode_text(pipe, prompts)
+            encode_text(pipe, prompts)
         return
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)

@@ -114,7 +114,7 @@ class Exact:
     def error_of(self, down: torch.Tensor, up: torch.Tensor) -> float:
         """||B A - exact||_F / ||exact||_F for merged factors (down, up)."""
         if self.loras:
-            return ops.factored_distance(down, up, *self.factors) / self.norm if self.norm > 0 else 0.0
+            return ops.factored_distance(down, up, *self.factors, self.norm) / self.norm if self.norm > 0 else 0.0
         return ops.relative_error(ops.flat_delta(down, up), self.delta)
 
 
@@ -147,7 +147,7 @@ def merge_layer(
     weights = [t.weight for t in terms]
     if full:  # task-vector definitions on the full deltas; exact for linear / cat / svd
         kind = "linear" if method in ("cat", "svd") else method
-        delta = ops.combine([t.flat() for t in terms], weights, kind, density, generator)
+        delta = ops.combine(_flat_stack(terms), weights, kind, density, generator)
         return Merged(None, None, delta, ops.relative_error(delta, exact.delta), exact.norm)
     if method == "cat":
         down, up = _cat(terms, like)
@@ -169,12 +169,24 @@ def merge_layer(
             coefficients = [t.coefficient for t in terms]
             down, up = ops.combine_factors(downs, ups, coefficients, method, density, generator)  # type: ignore[arg-type]
             return Merged(down, up, None, exact.error_of(down, up), exact.norm)
-        combined = ops.combine([t.flat() for t in terms], weights, method, density, generator)
+        combined = ops.combine(_flat_stack(terms), weights, method, density, generator)
         down, up, _ = ops.svd_of_delta(combined, target)
         error = exact.error_of(down, up)
         down, up = _shape_factors(down, up, like)
         return Merged(down, up, None, error, exact.norm)
     raise UserError(f"unknown merge method '{method}'; choose one of {', '.join(ops.METHODS)}")
+
+
+def _flat_stack(terms: list[Term]) -> torch.Tensor:
+    """Every term's flat delta in one (n, out, in*k) tensor, filled one delta at a time (never a list of
+    deltas and their stack at once: half the peak for full-delta merges)."""
+    first = terms[0].flat()
+    stacked = torch.empty((len(terms), *first.shape), dtype=first.dtype)
+    stacked[0] = first
+    del first
+    for index, term in enumerate(terms[1:], start=1):
+        stacked[index] = term.flat()
+    return stacked
 
 
 def _cat(terms: list[Term], like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

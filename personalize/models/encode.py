@@ -18,6 +18,8 @@ z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: 
 VAEs that normalise each latent channel (their config has latents_mean / latents_std: Qwen-Image, Krea 2,
 Wan), z_c = (E(x)_c - mean_c) / std_c. Video-style VAEs (a `temperal_downsample` config: Qwen-Image's,
 Wan's) take clips (B, 3, F, H, W) and give (B, C, F', h, w); an image (B, 3, H, W) goes in as one frame.
+A VAE with latent batch-norm statistics (Flux.2's AutoencoderKLFlux2) has its own latent space: E(x) in 2x2
+patches (B, 4C, H/16, W/16), normalized per channel, z = (patches - running_mean) / sqrt(running_var + eps).
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
 pure function of the image (reproducible, shareable across runs), and the posterior's standard
 deviation is small next to the noise the diffusion loss adds (the SD VAE's is about 1e-3 to 1e-2 of
@@ -125,9 +127,20 @@ def encode_images(
     posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
     latents = latents[:, :, 0] if one_frame else latents
+    if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2: batch-normalized 2x2 patches
+        return normalize_patches(latents, vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps)
     statistics = channel_statistics(vae, latents.ndim)
     if statistics is not None:
         mean, std = (value.to(latents.device, latents.dtype) for value in statistics)
         return (latents - mean) / std
     shift, scale = latent_scale(vae)
     return (latents - shift) * scale
+
+
+def normalize_patches(latents: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 4C, h/2, w/2): 2x2 patches (channel-major inside a patch, as Flux2Pipeline's
+    _patchify_latents), each channel normalized by the VAE's batch-norm statistics (4C,)."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    std = torch.sqrt(var.to(patches) + eps)
+    return (patches - mean.to(patches).view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

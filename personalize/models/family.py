@@ -80,6 +80,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _family_of_folder(folder: Path) -> str | None:
+    from personalize.models.families import family_of_folder
+
+    by_pipeline = family_of_folder(folder)  # families sharing a transformer (Flux, Flux Kontext)
+    if by_pipeline is not None:
+        return by_pipeline.name
     if (folder / "model_index.json").is_file():
         for component in ("transformer", "unet"):
             config_path = folder / component / "config.json"
@@ -104,10 +109,14 @@ def detect_family(obj: Any) -> str:
         family = _family_of_folder(folder)
     elif isinstance(obj, Mapping):
         family = family_from_denoiser_config(obj) or family_from_transformers_config(obj)
-    elif hasattr(obj, "components"):  # a DiffusionPipeline
+    elif hasattr(obj, "components"):  # a DiffusionPipeline: its class first (Flux and Flux Kontext share one)
+        from personalize.models.families import family_of_pipeline_class
+
+        by_pipeline = family_of_pipeline_class(type(obj).__name__)
+        family = by_pipeline.name if by_pipeline is not None else None
         denoiser = getattr(obj, "transformer", None) or getattr(obj, "unet", None)
         config = _config_dict(denoiser) if denoiser is not None else None
-        family = family_from_denoiser_config(config) if config else None
+        family = family or (family_from_denoiser_config(config) if config else None)
     else:
         config = _config_dict(obj)
         if config is not None:

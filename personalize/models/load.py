@@ -128,18 +128,28 @@ def load_pipeline(
                 "pass a folder written by save_pretrained, a .safetensors checkpoint, or a hub id"
             )
         try:
-            return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            return _from_pretrained(DiffusionPipeline, str(path), **kwargs)
         except (OSError, ValueError) as error:
             raise UserError(f"could not load the pipeline in {path}: {str(error).splitlines()[0][:200]}") from None
     if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES) or model.startswith((".", "/", "~")):
         raise UserError(f"{model} does not exist; check the path")
     _hub_kind(model, "tiny-sd15")
     try:
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
+        return _from_pretrained(DiffusionPipeline, model, **kwargs)
     except Exception as error:
         if _is_hub_failure(error):
             raise _hub_error(model, error, "tiny-sd15") from None
         raise
+
+
+def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
+    """cls.from_pretrained without computing the position tables the weights hold (SD3: position_tables.py)."""
+    from personalize.models.position_tables import lazy_position_tables
+
+    with lazy_position_tables() as tables:
+        pipe = cls.from_pretrained(source, **kwargs)
+    tables.fill_missing(pipe)
+    return pipe
 
 
 def load_language_model(model: str, *, torch_dtype: Any = None, **kwargs: Any) -> tuple[Any, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from personalize.models import tiny_diffusion, tiny_flow_more, tiny_text, tiny_video
+from personalize.models import tiny_diffusion, tiny_flow2, tiny_flow_more, tiny_text, tiny_video
 
 TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd15": tiny_diffusion.tiny_sd15,
@@ -18,6 +18,10 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-z-image": tiny_flow_more.tiny_z_image,
     "tiny-hidream": tiny_flow_more.tiny_hidream,
     "tiny-krea2": tiny_flow_more.tiny_krea2,
+    "tiny-flux-kontext": tiny_flow2.tiny_flux_kontext,
+    "tiny-chroma": tiny_flow2.tiny_chroma,
+    "tiny-flux2": tiny_flow2.tiny_flux2,
+    "tiny-flux2-klein": tiny_flow2.tiny_flux2_klein,
     "tiny-wan": tiny_video.tiny_wan,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {

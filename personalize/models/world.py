@@ -2,8 +2,8 @@
 
 A Stable-Diffusion-architecture pipeline (UNet, VAE, CLIP text encoder) pretrained from scratch on the
 procedural world of benchmarks/dreambench_mini/ (coloured balls, boxes and cones in named contexts,
-32 px) by `python -m benchmarks.dreambench_mini.pretrain`. Unlike the random-weight tiny models, it
-draws what its prompt says, so a personalization run on it can be judged (and the demo shows it).
+16 px) by `python -m benchmarks.dreambench_mini.pretrain`. Unlike the random-weight tiny models, it
+learned to draw what its prompt says, so a personalization run on it can be judged (and the demo shows it).
 
 `--model dreambench-mini` finds the folder in this order: $PERSONALIZE_WORLD_MODEL, the copy shipped in
 a source checkout (benchmarks/dreambench_mini/model), the pretraining script's output
@@ -38,7 +38,7 @@ def world_model_folder() -> Path:
             return folder
     raise UserError(
         f"the {WORLD_MODEL} model is not here; build it from a source checkout with "
-        "`python -m benchmarks.dreambench_mini.pretrain` (~30 min on a CPU), or set PERSONALIZE_WORLD_MODEL"
+        "`python -m benchmarks.dreambench_mini.pretrain` (~1 h on a CPU core), or set PERSONALIZE_WORLD_MODEL"
     )
 
 

@@ -26,7 +26,7 @@ MODELS = [
     "stabilityai/stable-diffusion-xl-base-1.0",
 ]
 METHODS = ["", "lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "bitfit", "norm", "full"]
-METHODS += ["textual-inversion", "pivotal", "controlnet", "t2i-adapter", "ip-adapter"]
+METHODS += ["textual-inversion", "pivotal", "controlnet", "controlnext", "t2i-adapter", "ip-adapter"]
 JOB_HEADERS = ["id", "kind", "what", "status", "device", "time", "note"]
 INTAKE_HEADERS = ["file", "status", "detail", "caption"]
 

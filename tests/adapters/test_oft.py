@@ -172,3 +172,69 @@ def test_formats_refuse_what_the_other_side_cannot_read(tmp_path):
         peft_format.from_peft({}, {"peft_type": "OFT"})
     with pytest.raises(UserError, match="stages must be"):
         adapters.inject(Holder(nn.Linear(16, 16)), "boft", targets="layer", block_size=4, stages=9)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+@pytest.mark.parametrize(("method", "on_input"), [("oft", True), ("oft", False), ("boft", False)])
+def test_the_merged_weight_path_equals_rotating_the_activations(method, on_input, scale, bias):
+    """With more tokens than channels the layer runs OFT/BOFT through the merged weight (MergedRotation);
+    output, input gradient and block gradient equal those of rotating the activations."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=bias).requires_grad_(False)  # in != out: transposes would show
+    holder = nn.Sequential(base)
+    adapters.inject(holder, method, targets="0", name="a", block_size=16, on_input=on_input, scale=scale)
+    module = holder[0].adapters["a"]
+    with torch.no_grad():
+        module.oft_blocks.normal_(0, 0.2)
+    x = torch.randn(2, 80, 64, requires_grad=True)  # 160 rows >= 64, 48
+    grad = torch.randn(2, 80, 48)
+    assert module.fused_forward(x, base, scale) is not None  # the merged path is taken here
+
+    def run():
+        x.grad, module.oft_blocks.grad = None, None
+        y = holder(x)
+        y.backward(grad)
+        return y.detach(), x.grad.clone(), module.oft_blocks.grad.clone()
+
+    fused = run()
+    module.fused_forward = lambda *args: None  # the activation path
+    reference = run()
+    for got, want in zip(fused, reference, strict=True):  # float32 rounding, relative to the largest entry
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("on_input", [True, False])
+def test_few_tokens_rotate_the_activations_in_one_product_each_way(on_input, bias):
+    """Fewer tokens than channels: RowRotation (bias out and back in one batched product) equals the delta path."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=bias).requires_grad_(False)
+    holder = nn.Sequential(base)
+    adapters.inject(holder, "oft", targets="0", name="a", block_size=16, on_input=on_input)
+    module = holder[0].adapters["a"]
+    with torch.no_grad():
+        module.oft_blocks.normal_(0, 0.2)
+    x = torch.randn(1, 8, 64, requires_grad=True)  # 8 rows < 48
+    grad = torch.randn(1, 8, 48)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            module.fused_forward = lambda *args: None
+        x.grad, module.oft_blocks.grad = None, None
+        y = holder(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad.clone(), module.oft_blocks.grad.clone()))
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), float((got - want).abs().max())
+
+
+def test_the_fused_paths_are_skipped_where_they_do_not_apply():
+    base = nn.Linear(64, 48).requires_grad_(False)
+    holder = nn.Sequential(base)
+    adapters.inject(holder, "oft", targets="0", name="a", block_size=16, on_input=True)
+    module = holder[0].adapters["a"]
+    assert module.fused_forward(torch.randn(1, 80, 64).double(), base, 1.0) is None  # another dtype
+    conv = nn.Sequential(nn.Conv2d(64, 48, 1).requires_grad_(False))
+    adapters.inject(conv, "oft", targets="0", name="a", block_size=16)
+    assert conv[0].adapters["a"].fused_forward(torch.randn(1, 64, 9, 9), conv[0].base_layer, 1.0) is None

@@ -14,7 +14,7 @@ def test_world_is_deterministic_and_captioned():
     first = world.world_sample(np.random.default_rng(5))
     second = world.world_sample(np.random.default_rng(5))
     assert np.array_equal(first[0], second[0]) and first[1] == second[1]
-    assert first[0].shape == (32, 32, 3) and first[0].dtype == np.uint8
+    assert first[0].shape == (world.SIZE, world.SIZE, 3) and first[0].dtype == np.uint8
 
 
 @pytest.mark.parametrize("subject", list(world.SUBJECTS))
@@ -28,10 +28,9 @@ def test_measures_are_calibrated(subject):
 
 def test_parse_reads_a_rendered_scene():
     rng = np.random.default_rng(0)
-    scene = world.random_scene(rng, shape="cone", colour="orange", context="at night", size="big")
+    scene = world.random_scene(rng, shape="cone", colour="yellow", context="at night")
     parsed = measures.parse(world.render(scene, rng))
-    assert (parsed.shape, parsed.colour, parsed.context, parsed.subject) == ("cone", "orange", "at night", None)
-    assert measures.size_of(parsed) == "big"
+    assert (parsed.shape, parsed.colour, parsed.context, parsed.subject) == ("cone", "yellow", "at night", None)
     subject = measures.parse(world.subject_images("box", count=1)[0])
     assert subject.subject == "box" and subject.context == "in a room"
 
@@ -74,3 +73,29 @@ def test_default_preset_beats_no_training_on_the_world(tmp_path):
     assert base["subject"] == 0.0  # the world never held the subject
     assert trained["subject"] >= base["subject"] + 0.25
     assert base["class_accuracy"] - trained["class_accuracy"] <= 0.25
+
+
+def test_demo_grid_puts_before_and_after_side_by_side(tmp_path):
+    from PIL import Image
+
+    from benchmarks.dreambench_mini import demo
+
+    red, blue = np.zeros((world.SIZE, world.SIZE, 3), np.uint8), np.zeros((world.SIZE, world.SIZE, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    prompts = ["a photo of sks ball on the grass", "a photo of a red ball on the grass"]
+    before = {"images": {text: [red, red] for text in prompts}, "prompts": prompts}
+    after = {"images": {text: [blue, blue] for text in prompts}, "prompts": prompts}
+    path = demo.before_after_grid(before, after, world.subject_images("ball", count=2), tmp_path / "grid.png")
+    grid = np.asarray(Image.open(path))
+    cell = world.SIZE * demo.SCALE
+    assert grid.shape == (18 + 3 * cell, demo.LABEL_WIDTH + 4 * cell + cell // 2, 3)
+    row = 18 + cell + cell // 2  # the first prompt's row
+    assert tuple(grid[row, demo.LABEL_WIDTH + 5]) == (255, 0, 0)  # before: the base's image
+    assert tuple(grid[row, demo.LABEL_WIDTH + 2 * cell + cell // 2 + 5]) == (0, 0, 255)  # after: the adapter's
+    table = demo.figures_table(
+        {"in_context": 0.0, "subject": 0.0, "prompt": 0.8, "class_accuracy": 0.9},
+        {"in_context": 0.6, "subject": 0.7, "prompt": 0.8, "class_accuracy": 0.85},
+    )
+    lines = table.splitlines()
+    assert lines[1].startswith("subject in new contexts") and lines[1].split()[-2:] == ["0.00", "0.60"]
+    assert lines[-1].startswith("drift") and lines[-1].split()[-1] == "+0.05"

@@ -7,6 +7,9 @@ import copy
 import torch
 
 from personalize import adapters
+from personalize.pipelines import load_adapter, unload_adapter
+
+PROMPT = "a photo of {}"
 
 
 def random_adapter(pipe, method, seed, components=("unet", "text_encoder"), std=0.1, unet_targets="attention", **hyper):
@@ -23,3 +26,19 @@ def random_adapter(pipe, method, seed, components=("unet", "text_encoder"), std=
                     parameter.normal_(0, std)
             out[component] = adapters.state_dict(module, "made")
     return out
+
+
+@torch.no_grad()
+def latents(pipe, prompt):
+    """The latents after 3 guided denoising steps at 32 x 32 (seed 0)."""
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=3, generator=generator, output_type="latent", height=32, width=32).images
+
+
+def outputs(pipe, folder, tokens):
+    """{token: latents of "a photo of <token>"} with the adapter in `folder` loaded (unloaded after)."""
+    name = load_adapter(pipe, str(folder), name="under-test")
+    try:
+        return {token: latents(pipe, PROMPT.format(token)) for token in tokens}
+    finally:
+        unload_adapter(pipe, name)

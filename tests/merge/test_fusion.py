@@ -9,29 +9,13 @@ import copy
 
 import pytest
 import torch
-from merge_helpers import random_adapter
+from merge_helpers import PROMPT, outputs, random_adapter
 
 from personalize.cli import main
 from personalize.formats import save_adapter
 from personalize.merge import merge_adapters
-from personalize.pipelines import load_adapter, unload_adapter
 
-PROMPT = "a photo of {}"
 CROSS_KV = ["attn2.to_k", "attn2.to_v"]
-
-
-@torch.no_grad()
-def latents(pipe, prompt):
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=3, generator=generator, output_type="latent", height=32, width=32).images
-
-
-def outputs(pipe, folder, tokens):
-    name = load_adapter(pipe, str(folder), name="under-test")
-    try:
-        return {token: latents(pipe, PROMPT.format(token)) for token in tokens}
-    finally:
-        unload_adapter(pipe, name)
 
 
 @pytest.fixture(scope="module")

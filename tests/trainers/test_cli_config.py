@@ -12,6 +12,7 @@ from .conftest import CAT
 
 PRESETS = ["sd15-lora", "sd15-dreambooth", "sd15-krona", "sd15-lokr", "sdxl-lora", "sdxl-lokr", "sdxl-qlora", "tiny"]
 PRESETS += ["sd15-textual-inversion", "sdxl-textual-inversion", "sd15-pivotal", "sdxl-pivotal"]
+PRESETS += ["sd15-ed-lora"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

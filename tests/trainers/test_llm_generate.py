@@ -81,3 +81,15 @@ def test_a_fusion_run_generates_with_its_task_adapters(data, tmp_path, capsys):
     tasks = f"method_options={{adapters: [{tmp_path / 'a'}, {tmp_path / 'b'}]}}"
     answer = _train("fusion", data, out, ["--set", tasks])
     _check_generates(out, answer, capsys)
+
+
+def test_a_folder_of_our_own_file_routes_generate_to_the_language_model_path(tmp_path):
+    """`--model` a hub id (not known offline to be a language model) with a native-file folder: text."""
+    import argparse
+
+    from personalize.pipelines.cli import _is_text
+
+    (tmp_path / "personalize_adapter.safetensors").write_bytes(b"")
+    args = argparse.Namespace(model="someone/a-llama", adapter=[str(tmp_path)], max_new_tokens=None)
+    assert _is_text(args)
+    assert not _is_text(argparse.Namespace(model="someone/a-llama", adapter=[], max_new_tokens=None))

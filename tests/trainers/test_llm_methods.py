@@ -37,6 +37,9 @@ METHODS["pasta"] = (None, ["--lr", "5e-2"])
 METHODS["mam"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2"])
 METHODS["ladder"] = (None, ["--lr", "1e-2", "--set", "method_options={reduction: 2}"])
 METHODS["unipelt"] = (None, ["--lr", "1e-2", "--num-virtual-tokens", "2", "--set", "method_options={rank: 2}"])
+METHODS["vera"] = ("VERA", ["--rank", "8"])
+METHODS["oft"] = ("OFT", ["--set", "method_options={block_size: 8}"])
+METHODS["boft"] = ("BOFT", ["--set", "method_options={block_size: 4}"])
 # the tiny-llava runs take as long again: -m slow (they pass; the default run stays short)
 PRESETS = ["tiny-llama", pytest.param("tiny-llava", marks=pytest.mark.slow)]
 LLM_ONLY = ("p-tuning", "mam", "unipelt")  # input prompts do not mix with LLaVA's image-token merge

@@ -24,13 +24,14 @@ def sample_grid(
     steps: int = 25,
     size: int | None = None,
     autocast: Callable[[], Any] | None = None,
-    frames: int | None = None,
+    extra: dict[str, Any] | None = None,
     fps: float = 16.0,
 ) -> Path:
     """Generate `images_per_prompt` images per prompt (image i: seed + i) and save them as one grid.
 
-    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata. `frames` (video
-    pipelines): clips of that many frames, saved as `step-N.gif` at `fps`, each frame a grid.
+    Rows are prompts, columns seeds; the PNG holds the prompts and seeds in its metadata. `extra`: more
+    pipeline arguments (an edit model's source `image`; a video model's `num_frames`: its clips are saved
+    as `step-N.gif` at `fps`, each frame a grid).
     """
     from personalize.pipelines.generate import GenerationSettings, generate
 
@@ -41,16 +42,20 @@ def sample_grid(
     try:
         for prompt in prompts:
             settings = GenerationSettings(
-                prompt=prompt, steps=steps, seed=seed, num_images=images_per_prompt, width=size, height=size
+                prompt=prompt,
+                steps=steps,
+                seed=seed,
+                num_images=images_per_prompt,
+                width=size,
+                height=size,
+                extra=dict(extra or {}),
             )
-            if frames:
-                settings.extra["num_frames"] = frames
             with torch.no_grad(), autocast() if autocast is not None else nullcontext():  # a fresh one per use
                 images.extend(generate(pipe, settings))
     finally:
         pipe._progress_bar_config = previous
     info = {"prompt": " | ".join(prompts), "seed": seed, "steps": steps, "training_step": step}
-    if frames:  # clips: images[i] is a list of frames
+    if isinstance(images[0], list):  # clips: lists of frames
         grids = [make_grid([clip[f] for clip in images], columns=images_per_prompt) for f in range(len(images[0]))]
         return save_gif(grids, Path(folder) / f"step-{step:06d}.gif", fps, info)
     grid = make_grid(images, columns=images_per_prompt)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from personalize.config import from_dict, merge, nearest, option
 from personalize.data import DataConfig
+from personalize.data.edit import EditConfig
 from personalize.errors import UserError
 from personalize.models.tiny import TINY_DIFFUSION, TINY_TRAINING
 from personalize.trainers.conditioning.config import CONDITIONING_DEFAULTS, CONDITIONING_METHODS, ConditioningConfig
@@ -23,7 +24,7 @@ METHODS = (
     *("bitfit", "norm", "full"),
     *CONDITIONING_METHODS,
 )
-TOKEN_METHODS = ("textual-inversion", "pivotal")  # recipe: trainers/diffusion/textual_inversion.py
+TOKEN_METHODS = ("textual-inversion", "pivotal", "ed-lora")  # recipe: trainers/diffusion/textual_inversion.py
 RANKED_METHODS = ("lora", "locon", "dora", "loha", "lokr")
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VALIDATION_STEPS = 25  # denoising steps of a validation sample (diffusers' examples sample with 25)
@@ -52,9 +53,14 @@ METHOD_DEFAULTS: dict[str, tuple[int | None, float, int, str]] = {
     # pivotal: the LoRA defaults for the UNet (the token has its own embedding_lr).
     "textual-inversion": (None, 2e-3, 3000, ""),
     "pivotal": (16, 1e-4, 1000, "attention"),
+    # Mix-of-Show's ED-LoRA configs: LoRA rank 4 (scale 1) on every UNet attention projection at 1e-4, on the
+    # text encoder's attention at 1e-5 (ED_LORA_TEXT_LR), the layer-wise token at 1e-3 (ED_LORA_EMBEDDING_LR)
+    "ed-lora": (4, 1e-4, 1000, "attention"),
 }
 EMBEDDING_LR = 5e-4  # pivotal's token rows: the TI guide's unscaled rate
 PIVOTAL_STOP = 0.5  # diffusers' advanced scripts train the token for the first half (train_text_encoder_ti_frac)
+ED_LORA_EMBEDDING_LR = 1e-3
+ED_LORA_TEXT_LR = 1e-5
 
 
 @dataclass
@@ -77,6 +83,7 @@ class TrainConfig:
         "full",
         "textual-inversion",
         "pivotal",
+        "ed-lora",
         "controlnet",
         "t2i-adapter",
         "ip-adapter",
@@ -84,7 +91,8 @@ class TrainConfig:
     ] = option(
         "lora",
         "what to train: an adapter method, 'full' (fine-tune the whole UNet, DreamBooth), 'textual-inversion' "
-        "(a new token only), 'pivotal' (a new token and an adapter together), or a conditioning adapter "
+        "(a new token only), 'pivotal' (a new token and an adapter together), 'ed-lora' (Mix-of-Show: a token "
+        "per cross-attention layer, LoRAs on the UNet and text encoder), or a conditioning adapter "
         "(controlnet, t2i-adapter, ip-adapter, controlnext)",
     )
     rank: int | None = option(None, "adapter rank; None: the method's default (16 for LoRA)")
@@ -103,6 +111,10 @@ class TrainConfig:
     conditioning: ConditioningConfig = option(
         help="controlnet / t2i-adapter / ip-adapter / controlnext: paired images, annotator, image encoder",
         default_factory=ConditioningConfig,
+    )
+    edit: EditConfig = option(
+        help="--task edit: source images paired with the target images, instructions (edit models only)",
+        default_factory=EditConfig,
     )
     prior_preservation: bool = option(False, "DreamBooth prior preservation: train on class images too")
     class_image_steps: int = option(25, "denoising steps of each generated class image (prior preservation)")
@@ -177,6 +189,9 @@ class TrainConfig:
         "object", "textual-inversion: prompt templates for images without a caption ('a photo of a <tok>', ...)"
     )
     pivotal_method: str = option("lora", "pivotal: the adapter trained with the token (lora, loha, lokr, ...)")
+    embedding_norm_limit: float = option(
+        0.0, "freeze the token once the mean norm of its vectors reaches this (Mix-of-Show: 0.55 on SD1.5); 0 = off"
+    )
     # flow-matching DiT models (SD3, Flux: trainers/diffusion/flow_matching.py); unset: the family's reference value
     weighting_scheme: Literal["", "logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = option(
         "",
@@ -295,11 +310,15 @@ def resolve(config: TrainConfig, pipe: Any = None) -> tuple[TrainConfig, list[st
         resolved = dataclasses.replace(resolved, alpha=float(resolved.rank))
     if config.method in TOKEN_METHODS:
         pivotal = config.method == "pivotal"
+        default_lr = {"pivotal": EMBEDDING_LR, "ed-lora": ED_LORA_EMBEDDING_LR}.get(config.method, resolved.lr)
         resolved = dataclasses.replace(
             resolved,
-            embedding_lr=config.embedding_lr or (EMBEDDING_LR if pivotal else resolved.lr),
+            embedding_lr=config.embedding_lr or default_lr,
             stop_embedding_after=config.stop_embedding_after or (PIVOTAL_STOP if pivotal else 1.0),
         )
+    if config.method == "ed-lora":  # ED-LoRA is a token and LoRAs on the UNet and the text encoder, always
+        text_lr = config.text_encoder_lr if config.text_encoder_lr is not None else ED_LORA_TEXT_LR
+        resolved = dataclasses.replace(resolved, train_text_encoder=True, text_encoder_lr=text_lr)
     check(resolved)
     return resolved, notes
 
@@ -339,6 +358,8 @@ def check_token_options(config: TrainConfig) -> None:
     """The textual-inversion / pivotal keys."""
     if config.vectors < 1:
         raise UserError(f"--vectors must be at least 1 (got {config.vectors})")
+    if config.embedding_norm_limit < 0:
+        raise UserError(f"embedding_norm_limit must be 0 (off) or positive (got {config.embedding_norm_limit})")
     if config.embedding_lr is not None and config.embedding_lr <= 0:
         raise UserError(f"--embedding-lr must be positive (got {config.embedding_lr})")
     stop = config.stop_embedding_after
@@ -351,6 +372,8 @@ def check_token_options(config: TrainConfig) -> None:
     if config.method == "textual-inversion" and (config.train_text_encoder or config.quantize):
         raise UserError("--method textual-inversion trains only the new token; use --method pivotal to add an adapter")
     adapters = ["lora", "locon", "dora", "loha", "lokr", "krona", "ia3", "oft", "boft"]  # with a shared file layout
+    if config.method == "ed-lora" and config.pivotal_method != "lora":
+        raise UserError("--method ed-lora trains LoRAs (Mix-of-Show's ED-LoRA); --pivotal-method does not apply")
     if config.method == "pivotal" and config.pivotal_method not in adapters:
         raise UserError(
             f"pivotal_method '{config.pivotal_method}' is not an adapter method"

@@ -420,6 +420,7 @@ def _validate(
     config: TrainConfig,
     ema: EMA | None,
     accelerator: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     from personalize.trainers.common.validation import sample_grid
 
@@ -446,8 +447,8 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
-            frames=config.data.frames or None,  # video models sample clips of the training length
-            fps=config.data.fps or 16.0,
+            extra={**(extra or {}), **({"num_frames": config.data.frames} if config.data.frames else {})},
+            fps=config.data.fps or 16.0,  # video models sample clips of the training length
         )
     unet.train(was_training)
     return path

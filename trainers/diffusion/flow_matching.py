@@ -6,9 +6,12 @@ text embeddings (the VAE and text encoders then leave the device), quantize / in
 transformer, run the shared loop, then write the adapter, samples, config.yaml and README.md.
 Everything that differs per family comes from its description (personalize.models.families). Video
 families (a description with `clip`) train on clips: latents (B, C, F, h, w), `data.frames` / `data.fps`.
+The edit task (`edit.sources` set: `--task edit --control DIR`) trains the same way on (source, target,
+instruction) triples: the source's latents go to the family's `predict_edit` as clean reference tokens.
 
     from personalize.trainers import train
     result = train(images="photos/cat", model="tiny-flux", method="lora", steps=50, resolution=32)
+    train(images="targets", edit={"sources": "sources"}, model="tiny-flux-kontext", resolution=64)
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     family = _family(config, pipe)
     config, notes = resolve(with_family_defaults(config, family), pipe)
     _check_method(config, family)
+    _check_text_encoder(config, family)
+    _check_edit(config, family)
     caveat = _check_distilled(
         config, family, pipe.transformer.config if pipe is not None else transformer_config(config.model)
     )
@@ -91,8 +96,17 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     # --- data: cache latents and embeddings once, then the encoders leave the device -----------
     instance_data, class_data = _datasets(config, pipe, output, say)
+    edit = config.edit.sources
+    if edit:  # pairs and instructions are checked before anything is encoded
+        from personalize.data.edit import match_sources, read_instructions, with_instructions
+
+        source_files = match_sources(instance_data, edit)
+        if config.edit.instructions:
+            instructions = read_instructions(config.edit.instructions)
+            instance_data = with_instructions(instance_data, instructions, config.data.token, config.edit.instructions)
     cache_text = not config.train_text_encoder  # a trained text encoder must run every step
-    idle = [pipe.vae, *(text_encoders.values() if cache_text else ())]
+    # an edit run keeps the VAE: each source crop is encoded on first use and kept (_loss_function.references)
+    idle = [*(() if edit else (pipe.vae,)), *(text_encoders.values() if cache_text else ())]
     if config.cache_latents:
         from personalize.data import cache_dataset
 
@@ -101,6 +115,13 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         if class_data is not None:
             class_data = cache_dataset(class_data, pipe, cache_dir=cache_dir, cache_text=cache_text)
         idle_until_validation(idle, device, own_pipe)
+    validation_extra: dict[str, Any] = {}
+    if edit:
+        from personalize.data.decode import decode, read_bytes
+        from personalize.data.edit import first_source, pair_sources
+
+        instance_data = pair_sources(instance_data, source_files)  # items get "source" pixels, aligned
+        validation_extra["image"] = decode(read_bytes(first_source(instance_data, source_files))).image
 
     # --- model: quantize, inject / unfreeze ---------------------------------------------------
     original = pipe.transformer
@@ -153,7 +174,11 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     def validate(step: int) -> None:
         if accelerator.is_main_process and config.validation_images > 0:
-            samples.append(_validate(pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator))
+            samples.append(
+                _validate(
+                    pipe, transformer, text_encoders, prompts, output, step, config, ema, accelerator, validation_extra
+                )
+            )
             logs.log_image(accelerator, "samples", samples[-1], step)
             if config.cache_latents and step < config.steps:  # training goes on: the encoders idle again
                 idle_until_validation(idle, device, own_pipe)
@@ -245,6 +270,30 @@ def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
         )
 
 
+def _check_text_encoder(config: TrainConfig, family: FamilyDescription) -> None:
+    if config.train_text_encoder and not family.trainable_text_encoders:
+        raise UserError(
+            f"--train-text-encoder: {family.name} models have no text encoder the reference script adapts "
+            "(it trains the transformer only); drop the flag"
+        )
+
+
+def _check_edit(config: TrainConfig, family: FamilyDescription) -> None:
+    """--task edit needs a family with an edit input, and pairs: no class images (they have no source)."""
+    if not config.edit.sources:
+        return
+    if family.predict_edit is None:
+        from personalize.models.families import FLOW_FAMILIES
+
+        edit_families = [name for name, described in FLOW_FAMILIES.items() if described.predict_edit is not None]
+        raise UserError(
+            f"--task edit needs an edit model; {config.model} is {family.name}, which takes no source image "
+            f"(edit families: {', '.join(edit_families)}, e.g. --model tiny-flux-kontext)"
+        )
+    if config.prior_preservation:
+        raise UserError("--task edit trains on (source, target) pairs; drop --prior-preservation")
+
+
 def _check_distilled(config: TrainConfig, family: FamilyDescription, transformer_config: Any) -> str | None:
     """A distilled model (FLUX.1-schnell) trains only with consent (before anything is loaded when the
     config can be read without the weights)."""
@@ -260,7 +309,8 @@ def _check_model(config: TrainConfig, family: FamilyDescription, pipe: Any, say:
 
     transformer_config = dict(pipe.transformer.config)
     _check_distilled(config, family, transformer_config)
-    vae_factor, temporal = vae_factors(pipe.vae.config)
+    spatial, temporal = vae_factors(pipe.vae.config)  # WanPipeline has no vae_scale_factor
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 0)) or spatial
     multiple = vae_factor * family.latent_multiple(transformer_config)
     data = config.data
     if data.frames and (data.frames - 1) % temporal:
@@ -319,13 +369,27 @@ def _loss_function(
     config: TrainConfig,
     compute_dtype: torch.dtype,
 ) -> Any:
+    from personalize.data.edit import SOURCE_KEY
     from personalize.models.encode import encode_images
 
     device = next(transformer.parameters()).device
+    source_latents: dict[str, torch.Tensor] = {}  # item key (target file + crop/flip) -> source latents (C, h, w)
+
+    def references(batch: dict[str, Any]) -> torch.Tensor:
+        """The edit sources' latents (B, C, h, w), each encoded once per crop/flip (the target's plan)."""
+        todo = [row for row, key in enumerate(batch["key"]) if key not in source_latents]
+        if todo:
+            with torch.no_grad():
+                pixels = batch[SOURCE_KEY][todo] * 2 - 1  # (b, 3, H, W) in [-1, 1]
+                for row, latents in zip(todo, encode_images(pipe.vae, pixels).float().cpu()):
+                    source_latents[batch["key"][row]] = latents
+        return torch.stack([source_latents[key] for key in batch["key"]])
 
     def encode(batch: dict[str, Any]) -> dict[str, Any]:
         """Fill in what the cache did not provide: latents from pixels, embeddings from prompts."""
         batch = dict(batch)
+        if SOURCE_KEY in batch:
+            batch["reference"] = references(batch)
         if "latents" not in batch:
             with torch.no_grad():
                 batch["latents"] = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
@@ -337,12 +401,13 @@ def _loss_function(
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         batches = [encode(item) for item in (batch if isinstance(batch, list) else [batch])]
         per_sample, weights, is_class = [], [], []
-        keep = ("latents", "is_class", *family.embed_keys)
+        keep = ("latents", "is_class", "reference", *family.embed_keys)
         for group in unet_step.concat_batches([{k: item[k] for k in keep if k in item} for item in batches]):
             latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w); video (B, C, F, h, w)
             embeds = {key: group[key] for key in family.embed_keys}
+            reference = group.get("reference")  # (B, C, h, w): edit pairs' source latents
             values, sample_weights = flow_step.per_sample_loss(
-                family, transformer, latents, embeds, schedule, settings, generator, compute_dtype
+                family, transformer, latents, embeds, schedule, settings, generator, compute_dtype, reference
             )
             per_sample.append(values)
             weights.append(sample_weights)

@@ -103,8 +103,11 @@ def per_sample_loss(
     settings: FlowSettings,
     generator: torch.Generator,
     compute_dtype: torch.dtype,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses (B,), weights (B,)) for scaled latents x0 (B, C, h, w) -- video: (B, C, F, h, w) -- in fp32."""
+    """(losses (B,), weights (B,)) for scaled latents x0 (B, C, h, w) -- video: (B, C, F, h, w) -- in fp32;
+    `reference` (B, C, h', w'):
+    an edit pair's source latents, fed clean to the family's `predict_edit`."""
     noise = losses.sample_noise(latents, 0.0, generator)  # (B, C, h, w)
     u = timestep_density(
         settings.weighting_scheme,
@@ -117,9 +120,20 @@ def per_sample_loss(
     timesteps, sigmas = sample_sigmas(schedule, u)
     noisy, target = losses.flow_match_inputs(latents, noise, sigmas)  # (B, C, h, w) each
     inputs = {key: value.to(latents.device, compute_dtype) for key, value in embeds.items()}
-    prediction = family.predict(
-        transformer, noisy.to(compute_dtype), timesteps.to(latents.device), inputs, settings.guidance_scale
-    )  # (B, C, h, w)
+    if reference is None:
+        prediction = family.predict(
+            transformer, noisy.to(compute_dtype), timesteps.to(latents.device), inputs, settings.guidance_scale
+        )  # (B, C, h, w)
+    else:
+        assert family.predict_edit is not None  # the recipe checked the family before training
+        prediction = family.predict_edit(
+            transformer,
+            noisy.to(compute_dtype),
+            timesteps.to(latents.device),
+            inputs,
+            settings.guidance_scale,
+            reference.to(latents.device, compute_dtype),
+        )  # (B, C, h, w)
     if settings.precondition_outputs:  # x0_hat = x_t - sigma * v_hat, compared with x0
         sigma = sigmas.to(latents.device).reshape(-1, *([1] * (latents.ndim - 1)))
         prediction, target = noisy - sigma * prediction.float(), latents

@@ -27,6 +27,7 @@ from torch import nn
 
 from personalize.errors import UserError
 from personalize.pipelines.embeddings import token_names
+from personalize.pipelines.layerwise import layer_token
 
 # Prompts for images without a caption (the paper's learnable property): "{}" is the new token.
 OBJECT_TEMPLATES = (
@@ -178,10 +179,11 @@ class NewTokens:
     rows: NewRows
     embeddings: dict[str, RowsEmbedding]
     originals: dict[str, tuple[Any, nn.Module]] = field(default_factory=dict)  # component -> (tokenizer, embedding)
+    layers: int = 1  # ED-LoRA: one set of vectors per cross-attention layer (tokens '<tok>', '<tok>@1', ...)
 
     @property
     def vectors(self) -> int:
-        return len(self.names)
+        return len(self.names) // self.layers
 
     def use(self, rows: dict[str, torch.Tensor]) -> None:
         for component, embedding in self.embeddings.items():
@@ -189,8 +191,14 @@ class NewTokens:
 
     def learned(self) -> dict[str, dict[str, torch.Tensor]]:
         """{token: {component: (n, d)}}: what personalize.formats saves as learned_embeds.safetensors."""
-        parts = {name: param.detach().float().cpu().contiguous() for name, param in self.rows.rows.items()}
-        return {self.token: parts}
+        parts = {name: param.detach().float().cpu() for name, param in self.rows.rows.items()}  # (L*n, d)
+        n = self.vectors
+        return {
+            layer_token(self.token, layer): {
+                name: rows[layer * n : (layer + 1) * n].contiguous() for name, rows in parts.items()
+            }
+            for layer in range(self.layers)
+        }
 
     def install(self, pipe: Any) -> None:
         """Plain nn.Embeddings with the learned rows in place of the wrappers (the state a stock load gives)."""
@@ -208,12 +216,19 @@ class NewTokens:
 
 
 def add_new_tokens(
-    pipe: Any, token: str, vectors: int, init_word: str = "", generator: torch.Generator | None = None
+    pipe: Any,
+    token: str,
+    vectors: int,
+    init_word: str = "",
+    generator: torch.Generator | None = None,
+    layers: int = 1,
 ) -> NewTokens:
     """Add the token's n names to (copies of) every tokenizer and wrap every text encoder's embedding.
 
+    `layers` > 1 (ED-LoRA): n names per layer ('<tok>', '<tok>@1', ... each with its '_i' vectors), every
+    layer starting from the same rows, as Mix-of-Show initializes its layer-wise tokens.
     The pipeline's tokenizers are replaced by copies, so `restore` gives the caller's objects back."""
-    names = token_names(token, vectors)
+    names = [name for layer in range(layers) for name in token_names(layer_token(token, layer), vectors)]
     first_ids: dict[str, int] = {}
     rows: dict[str, torch.Tensor] = {}
     wrappers: dict[str, RowsEmbedding] = {}
@@ -231,12 +246,12 @@ def add_new_tokens(
         tokenizer = copy.deepcopy(original_tokenizer)
         init_ids = init_word_ids(tokenizer, init_word) if init_word else []
         ids = add_tokens(tokenizer, names)
-        rows[component] = initial_rows(base.weight, vectors, init_ids, generator)  # (n, d)
+        rows[component] = initial_rows(base.weight, vectors, init_ids, generator).repeat(layers, 1)  # (L*n, d)
         first_ids[component] = ids[0]
         wrappers[component] = RowsEmbedding(extended_embedding(base, ids[0], rows[component]), ids[0], rows[component])
         originals[component] = (original_tokenizer, base)
         tokenizers[tokenizer_name] = tokenizer
-    new = NewTokens(token, names, first_ids, NewRows(rows), wrappers, originals)
+    new = NewTokens(token, names, first_ids, NewRows(rows), wrappers, originals, layers)
     new.use({name: param for name, param in new.rows.rows.items()})
     for component, wrapper in wrappers.items():
         getattr(pipe, component).set_input_embeddings(wrapper)

@@ -1,9 +1,13 @@
-"""Textual Inversion and pivotal tuning of SD1.x, SD2.x, SDXL: `personalize train --method textual-inversion|pivotal`.
+"""Textual Inversion, pivotal tuning and ED-LoRA: `personalize train --method textual-inversion|pivotal|ed-lora`.
 
 Textual Inversion (Gal et al., arXiv 2208.01618) learns only the embedding rows of a new token
 ("<cat-toy>", n vectors) in every text encoder; pivotal tuning (the recipe of diffusers' advanced
 DreamBooth scripts) trains those rows and an adapter on the UNet (any method of the injection core,
 LoRA by default) together, with their own learning rates, the token frozen after a fraction of the steps.
+ED-LoRA (Mix-of-Show, Gu et al. 2023, arXiv 2305.18292) is pivotal tuning with a layer-wise token: one set
+of vectors per cross-attention layer of the UNet ('<tok>' for the first, '<tok>@l' for layer l; the prompt
+is encoded once per layer, see personalize.pipelines.layerwise), with LoRAs on the UNet's attention and
+the text encoder's attention, so that fused subjects keep separate triggers.
 
 Reads top to bottom like the DreamBooth recipe, whose pieces it reuses: resolve, load the base, build
 the data (latents cached; prompts are encoded every step because the token changes), add the token,
@@ -25,6 +29,8 @@ import torch
 
 from personalize.data.sources import instance_prompt
 from personalize.errors import UserError
+from personalize.pipelines import layerwise
+from personalize.pipelines.layerwise import layer_token
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import (
     idle_until_validation,
@@ -64,7 +70,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     A given `pipe` is left as it was: its tokenizers and embeddings are put back, adapters removed."""
     config, notes = resolve(config if config is not None else config_from_options(options), pipe)
-    pivotal = config.method == "pivotal"
+    pivotal = config.method in ("pivotal", "ed-lora")  # a token and an adapter
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, notes)
 
     # --- base model ---------------------------------------------------------------------------
@@ -86,7 +92,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     # --- model: the new token (+ the adapter for pivotal) ----------------------------------------
     init_generator = torch.Generator().manual_seed(config.seed)
-    tokens = add_new_tokens(pipe, config.data.token, config.vectors, config.init_word, init_generator)
+    layers = _token_layers(pipe, config)
+    tokens = add_new_tokens(pipe, config.data.token, config.vectors, config.init_word, init_generator, layers)
     unet = pipe.unet
     adapter_method = config.pivotal_method if pivotal else ""
     hyper = _adapter_hyperparameters(config) if pivotal else {}
@@ -112,6 +119,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     _set_attention(unet, config.attention)
+    if layers > 1:  # after the attention kernels are set: the layer hooks sit on the cross-attention modules
+        layerwise.install(pipe, {tokens.token: layers})
 
     # --- optimizer, schedule, loop state ------------------------------------------------------
     optimizer = build_optimizer(
@@ -133,7 +142,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     begin_training(accelerator, state, resume_from, config, output, say)
     _summary(say, config, family, instance_data, class_data, named)
     stop_step = round(config.steps * config.stop_embedding_after)  # type: ignore[operator]
-    say(f"token       {' '.join(tokens.names)} (init '{config.init_word or 'random'}'), trained for {stop_step} steps")
+    per_layer = f" x {layers} cross-attention layers (<tok>@l)" if layers > 1 else ""
+    names = " ".join(tokens.names[: tokens.vectors])
+    say(f"token       {names}{per_layer} (init '{config.init_word or 'random'}'), trained for {stop_step} steps")
 
     # --- train --------------------------------------------------------------------------------
     schedule = unet_step.noise_schedule(pipe.scheduler.config)
@@ -143,7 +154,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
     def compute_loss(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Encode this step's prompts through the current token rows, then the DreamBooth loss."""
-        learning = state.step < stop_step
+        learning = state.step < stop_step and not _norm_reached(tokens, config.embedding_norm_limit)
         with torch.set_grad_enabled(learning):  # frozen: no graph, and no gradient for data parallelism to wait on
             rows = rows_model()
         tokens.use(rows if learning else {name: value.detach() for name, value in rows.items()})
@@ -151,7 +162,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         for item in batch if isinstance(batch, list) else [batch]:
             prompts = [rewrite(prompt) for prompt in item["prompt"]]
             with torch.set_grad_enabled(learning or config.train_text_encoder):
-                encoded.append({**item, **_encode(pipe, prompts)})
+                encoded.append({**item, **_encode_with_token(pipe, prompts, tokens)})
         tokens.use(dict(tokens.rows.rows.items()))  # validation reads the live parameters
         with accelerator.autocast():  # a frozen UNet is not wrapped by accelerate.prepare (textual-inversion)
             return denoising_loss(encoded if isinstance(batch, list) else encoded[0])
@@ -218,6 +229,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         files = write_run_files(output, card, files, samples, metrics, state, say, done)
     evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
+    layerwise.remove(pipe)
     if own_pipe:
         tokens.install(pipe)  # the pipeline now holds the learned token, as after a stock load
     else:
@@ -261,16 +273,54 @@ def _encode(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     return encode_text(pipe, prompts)
 
 
+def _norm_reached(tokens: NewTokens, limit: float) -> bool:
+    """Mix-of-Show's stop: the token trains until the mean norm of its vectors reaches `limit` (0: never).
+    Frozen rows keep their norm, so the stop holds from then on (also after a resume)."""
+    if limit <= 0:
+        return False
+    with torch.no_grad():
+        norms = [rows.norm(dim=-1).mean() for rows in tokens.rows.rows.values()]  # (L*n, d) -> mean row norm
+        return float(torch.stack(norms).mean()) >= limit
+
+
+def _token_layers(pipe: Any, config: TrainConfig) -> int:
+    """ED-LoRA: the number of cross-attention layers (one set of token vectors each); else 1."""
+    if config.method != "ed-lora":
+        return 1
+    unet = getattr(pipe, "unet", None)
+    layers = len(layerwise.cross_attention_paths(unet)) if isinstance(unet, torch.nn.Module) else 0
+    if not layers:
+        raise UserError(
+            f"--method ed-lora gives each cross-attention layer of a UNet its own token vectors; this "
+            f"{type(pipe).__name__} has none (use --method pivotal)"
+        )
+    return layers
+
+
+def _encode_with_token(pipe: Any, prompts: list[str], tokens: NewTokens) -> dict[str, torch.Tensor]:
+    """Encode prompts holding '<tok>': '<tok>' expanded to its vectors; ED-LoRA: once per layer with that
+    layer's token ('<tok>@l'), the encodings joined along the sequence (personalize.pipelines.layerwise)."""
+
+    def encode_layer(layer: int) -> dict[str, torch.Tensor]:
+        token = layer_token(tokens.token, layer)
+        return _encode(
+            pipe, [expand_prompt(layerwise.rewrite(p, [tokens.token], layer), token, tokens.vectors) for p in prompts]
+        )
+
+    state = layerwise.state_of(pipe)
+    return encode_layer(0) if state is None else state.encode(encode_layer)
+
+
 def _prompt_rewriter(config: TrainConfig, tokens: NewTokens, generator: torch.Generator) -> Any:
-    """prompt -> the prompt trained on: a random template for uncaptioned images (textual-inversion),
-    then '<tok>' expanded to the token's vectors."""
+    """prompt -> the prompt trained on: a random template for uncaptioned images (textual-inversion).
+    ('<tok>' is expanded to the token's vectors when it is encoded: `_encode_with_token`.)"""
     plain = "" if config.data.instance_prompt else instance_prompt(config.data)
     templates = config.method == "textual-inversion"
 
     def rewrite(prompt: str) -> str:
         if templates and prompt == plain:
             prompt = template_prompt(config.learnable_property, tokens.token, generator)
-        return expand_prompt(prompt, tokens.token, tokens.vectors)
+        return prompt
 
     return rewrite
 
@@ -284,13 +334,13 @@ def _default_prompt(config: TrainConfig, tokens: NewTokens, dataset: Any) -> str
 
 
 def _token_settings(config: TrainConfig) -> dict[str, Any]:
-    keys = ("init_word", "vectors", "embedding_lr", "stop_embedding_after")
+    keys = ("init_word", "vectors", "embedding_lr", "stop_embedding_after", "embedding_norm_limit")
     keys += ("learnable_property",) if config.method == "textual-inversion" else ("pivotal_method",)
     return {key: getattr(config, key) for key in keys}
 
 
 def _remove_adapters(trained: dict[str, torch.nn.Module], config: TrainConfig) -> None:
-    if config.method != "pivotal":
+    if config.method not in ("pivotal", "ed-lora"):
         return
     from personalize import adapters
 

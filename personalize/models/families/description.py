@@ -7,7 +7,7 @@ branches on a family's name. What differs per family:
   pipeline attributes are text encoders;
 - `matches(config)`: is this transformer config one of ours (read from the config, never from a name);
 - `encode_prompt(pipe, prompts)`: the embeddings the transformer takes, as a dict of batched tensors
-  (what the text cache stores);
+  (what the text cache stores), under the keys `embed_keys` (e.g. Chroma's text attention mask);
 - `predict(transformer, noisy, timesteps, embeds, guidance)`: one transformer call on unpacked latents
   (B, C, h, w) with timesteps in [0, 1000]; the family packs latents, builds position ids, scales the
   timestep and passes guidance as its transformer expects, and returns the prediction as (B, C, h, w);
@@ -25,9 +25,22 @@ branches on a family's name. What differs per family:
   whose prompts have variable length returns them padded with a `prompt_embeds_mask` (see `trim_padding`);
 - `block_pattern`: module paths of the transformer's repeated blocks (the planner's checkpointing estimate);
   `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase);
+- `trained_latents(config, h, w)`: the (C, h', w') shape of what the recipe trains on for VAE latents of
+  h x w (personalize.models.encode.encode_images' output; None: (latent_channels, h, w); Flux.2's VAE
+  hands out 2x2 patches, (4C, h/2, w/2));
 - `clip`: (frames, fps) for video families, whose latents carry a frame axis (B, C, F, h, w) and whose data
   are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w);
   `native_resolution`: the training side when the model's config names none.
+
+Edit models (`personalize train --task edit`) add one hook:
+
+- `predict_edit(transformer, noisy, timesteps, embeds, guidance, reference)`: `predict` with the source
+  image's latents `reference` (B, C, h', w') as extra tokens the way the family's reference script feeds
+  them (their own position ids); returns the prediction for the noisy tokens only, (B, C, h, w).
+  None: the family has no edit input (`--task edit` names the families that do).
+
+Families that share a transformer class (Flux.1 and Flux Kontext) are told apart by their pipeline class
+(`pipeline_class`, then `model_index.json`'s `_class_name`), before the transformer class or the config.
 """
 
 from __future__ import annotations
@@ -39,6 +52,10 @@ from typing import Any
 import torch
 
 Embeds = dict[str, torch.Tensor]
+Predict = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Embeds, "float | None"], torch.Tensor]
+PredictEdit = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor, Embeds, "float | None", torch.Tensor], torch.Tensor
+]
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,7 @@ class FamilyDescription:
     trainable_text_encoders: tuple[str, ...]  # --train-text-encoder adapts these (the CLIP ones, as the reference)
     matches: Callable[[Mapping[str, Any]], bool]
     encode_prompt: Callable[[Any, list[str]], Embeds]
-    predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Embeds, float | None], torch.Tensor]
+    predict: Predict
     latent_multiple: Callable[[Mapping[str, Any]], int]
     latent_channels: Callable[[Mapping[str, Any]], int]  # VAE latent channels, from the transformer config
     weighting_scheme: str
@@ -74,6 +91,13 @@ class FamilyDescription:
     encoder_parameters: float = 0.0
     clip: tuple[int, float] | None = None  # video families: default (frames, fps) of a training clip
     native_resolution: int | None = None
+    trained_latents: Callable[[Mapping[str, Any], int, int], tuple[int, int, int]] | None = None
+
+    def latent_shape(self, config: Mapping[str, Any], h: int, w: int) -> tuple[int, int, int]:
+        """(C, h', w') of the latents the recipe trains on, for VAE latents of h x w."""
+        if self.trained_latents is not None:
+            return self.trained_latents(config, h, w)
+        return self.latent_channels(config), h, w
 
     def example_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of what `encode_prompt` returns for a transformer of this config."""
@@ -83,6 +107,8 @@ class FamilyDescription:
             "prompt_embeds": (self.text_tokens(config), int(config["joint_attention_dim"])),
             "pooled_prompt_embeds": (int(config["pooled_projection_dim"]),),
         }
+
+    predict_edit: PredictEdit | None = None  # edit models: the source latents as extra tokens (see above)
 
     def method_defaults(self, method: str) -> tuple[int | None, float, int] | None:
         return self.defaults.get(method)

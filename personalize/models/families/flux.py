@@ -36,9 +36,11 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return patches.reshape(b, channels // 4, h, w)
 
 
-def image_ids(h: int, w: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """(h/2 * w/2, 3): (0, row, column) of each 2x2 patch."""
+def image_ids(h: int, w: int, device: Any, dtype: torch.dtype, index: int = 0) -> torch.Tensor:
+    """(h/2 * w/2, 3): (index, row, column) of each 2x2 patch; index 0 is the generated image, 1 a reference
+    image (Flux Kontext)."""
     ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 0] = index
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
@@ -51,25 +53,38 @@ def encode_prompt(pipe: Any, prompts: list[str]) -> Embeds:
 
 
 def predict(
-    transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeds, guidance: float | None
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: Embeds,
+    guidance: float | None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """One transformer call; `reference` (B, C, h', w') latents join as packed tokens with position index 1
+    after the noisy ones (Flux Kontext), and only the noisy tokens' prediction comes back."""
     b, _, h, w = noisy.shape
     text = embeds["prompt_embeds"]  # (B, T, D)
     guidance_input = None
     config = getattr(transformer, "module", transformer).config  # DDP wraps the transformer in several processes
     if guidance is not None and config.guidance_embeds:
         guidance_input = torch.full((b,), float(guidance), device=noisy.device, dtype=noisy.dtype)
+    tokens, ids = pack(noisy), image_ids(h, w, noisy.device, noisy.dtype)  # (B, N, 4C), (N, 3)
+    if reference is not None:
+        reference = reference.to(noisy.dtype)
+        rh, rw = reference.shape[-2:]
+        tokens = torch.cat([tokens, pack(reference)], dim=1)  # (B, N + N', 4C)
+        ids = torch.cat([ids, image_ids(rh, rw, noisy.device, noisy.dtype, index=1)])
     output = transformer(
-        hidden_states=pack(noisy),
+        hidden_states=tokens,
         timestep=timesteps.to(noisy.dtype) / 1000,
         guidance=guidance_input,
         pooled_projections=embeds["pooled_prompt_embeds"],
         encoder_hidden_states=text,
         txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-        img_ids=image_ids(h, w, noisy.device, noisy.dtype),
+        img_ids=ids,
         return_dict=False,
-    )[0]  # (B, h/2 * w/2, 4C)
-    return unpack(output, h, w)
+    )[0]  # (B, N (+ N'), 4C)
+    return unpack(output[:, : (h // 2) * (w // 2)], h, w)
 
 
 def distilled(config: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,137 @@
+"""`personalize train --task edit` on tiny-flux-kontext: (source, target, instruction) triples end to end."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from personalize.cli import main
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """targets/pair{i}.png = sources/pair{i}.png with a yellow disc added; instructions for two of them."""
+    targets, sources = tmp_path / "targets", tmp_path / "sources"
+    targets.mkdir()
+    sources.mkdir()
+    for i in range(3):
+        source = Image.new("RGB", (64, 64), (40 + 60 * i, 90, 160))
+        ImageDraw.Draw(source).rectangle([8 + 4 * i, 8, 36, 36], fill=(20, 20, 200))
+        source.save(sources / f"pair{i}.png")
+        ImageDraw.Draw(source).ellipse([24, 24, 60, 60], fill=(250, 240, 0))
+        source.save(targets / f"pair{i}.png")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("# edits\npair0: add a yellow ball\npair1.png: put a yellow ball in front\n")
+    return targets, sources, instructions
+
+
+def _argv(pairs, out, cache_dir, *more):
+    targets, sources, instructions = pairs
+    argv = ["train", "--task", "edit", "--images", str(targets), "--control", str(sources)]
+    argv += ["--captions", str(instructions), "--model", "tiny-flux-kontext", "--steps", "2", "--output", str(out)]
+    argv += ["--set", f"data.cache_dir={cache_dir}", "--set", "validation_steps=1", "--set", "validation_images=1"]
+    return [*argv, "--set", "checkpoint_every=0", *more]
+
+
+def test_edit_trains_on_pairs_through_the_cli_and_generate_edits(capsys, monkeypatch, tmp_path, cache_dir, pairs):
+    from personalize.trainers.diffusion import flow_step
+
+    seen = []
+    per_sample_loss = flow_step.per_sample_loss
+
+    def spy(family, transformer, latents, embeds, *rest):
+        seen.append((latents.clone(), rest[-1]))
+        return per_sample_loss(family, transformer, latents, embeds, *rest)
+
+    monkeypatch.setattr(flow_step, "per_sample_loss", spy)
+    out = tmp_path / "edit"
+    assert main(_argv(pairs, out, cache_dir, "--lr", "5e-2", "--rank", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-flux-kontext (flux-kontext)" in printed
+    assert len(seen) == 2
+    for latents, reference in seen:  # the source's latents, clean and aligned with the target's
+        assert reference is not None and reference.shape == latents.shape == (1, 16, 8, 8)
+        assert (reference.to(latents.device) - latents).abs().max() > 1e-2
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["edit"] == {"sources": str(pairs[1]), "instructions": str(pairs[2])}
+    assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples" / "step-000002.png").is_file()
+    assert "add a yellow ball" in (out / "README.md").read_text()  # pair0's instruction is the run's prompt
+
+    source = str(pairs[1] / "pair2.png")
+    common = ["generate", "--model", "tiny-flux-kontext", "--prompt", "add a yellow ball", "--image", source]
+    common += ["--steps", "2", "--width", "64", "--height", "64"]
+    assert main([*common, "--adapter", str(out), "--output", str(tmp_path / "edited.png")]) == 0
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    edited, plain = Image.open(tmp_path / "edited.png"), Image.open(tmp_path / "plain.png")
+    assert edited.size == (64, 64) and json.loads(edited.info["personalize"])["image"] == source
+    difference = torch.tensor(list(edited.convert("L").getdata())) - torch.tensor(list(plain.convert("L").getdata()))
+    assert difference.abs().max() > 0  # the adapter changes the edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-flux2-klein", "tiny-flux2"])
+def test_flux2_reference_image_edit_trains_and_generates(capsys, tmp_path, cache_dir, pairs, model):
+    out = tmp_path / "edit"
+    assert main([*_argv(pairs, out, cache_dir, "--lr", "5e-2", "--rank", "4"), "--model", model]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    source = str(pairs[1] / "pair2.png")
+    argv = ["generate", "--model", model, "--prompt", "add a yellow ball", "--image", source, "--adapter", str(out)]
+    assert main([*argv, "--steps", "2", "--width", "64", "--height", "64", "--output", str(tmp_path / "e.png")]) == 0
+    assert Image.open(tmp_path / "e.png").size == (64, 64)
+
+
+def test_predict_edit_appends_source_tokens_with_their_own_position_ids(tiny_pipelines):
+    from personalize.models.families import describe
+
+    family = describe("flux-kontext")
+    transformer = tiny_pipelines("tiny-flux-kontext").transformer
+    calls = []
+    handle = transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    noisy, source = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 6, 4)
+    text = torch.randn(1, 7, 32)
+    embeds = {"prompt_embeds": text, "pooled_prompt_embeds": torch.randn(1, 32)}
+    with torch.no_grad():
+        prediction = family.predict_edit(transformer, noisy, torch.tensor([500.0]), embeds, 3.5, source)
+        plain = family.predict(transformer, noisy, torch.tensor([500.0]), embeds, 3.5)
+    handle.remove()
+    assert prediction.shape == noisy.shape
+    assert calls[0]["hidden_states"].shape == (1, 16 + 6, 64)  # 4x4 noisy patches + 3x2 source patches
+    ids = calls[0]["img_ids"]
+    assert ids[:16, 0].eq(0).all() and ids[16:, 0].eq(1).all()  # index 1: the reference image (Kontext)
+    assert ids[16:, 1].max() == 2 and ids[16:, 2].max() == 1  # its own rows and columns
+    assert (prediction - plain).abs().max() > 1e-4  # the source tokens change the prediction
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_edit_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, cache_dir, pairs):
+    targets, sources, instructions = pairs
+    out = tmp_path / "out"
+    (sources / "pair1.png").rename(sources / "other.png")
+    error = _one_line_error(capsys, _argv(pairs, out, cache_dir))
+    assert "pair1.png" in error and "other.png" in error  # both unpaired files are named
+    (sources / "other.png").rename(sources / "pair1.png")
+    instructions.write_text("pair9: add a ball\n")
+    assert "pair9" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
+    instructions.write_text("add a ball everywhere\n")
+    assert "name: instruction" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
+    error = _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-flux"])
+    assert "flux-kontext" in error and "edit" in error  # a family without a source input names those with one
+    assert "edit model" in _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-sd15"])  # a UNet
+    error = _one_line_error(capsys, ["train", "--images", str(targets), "--control", str(sources)])
+    assert "--task edit" in error
+    error = _one_line_error(capsys, ["train", "--task", "edit", "--images", str(targets)])
+    assert "--control" in error
+    assert not out.exists()
+    error = _one_line_error(
+        capsys, ["generate", "--model", "tiny-flux", "--prompt", "x", "--image", str(sources / "pair0.png")]
+    )
+    assert "edit model" in error
