@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def ours_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Na
     argv += ["--batch-size", "1", "--steps", str(steps), "--lr", "1e-4", "--mixed-precision", "bf16"]
     argv += ["--checkpoint-every", "0", "--output", str(out), "--seed", "0", "--overwrite"]
     argv += ["--set", "validation_images=0", "--set", "data.bucketing=false", "--set", "data.num_workers=0"]
-    argv += ["--set", f"data.cache_dir={args.workdir / 'cache'}", "--token", "sks", "--class-word", "cat"]
+    # a fresh latent/text cache per run: both runs of a pair (and the reference) encode once
+    argv += ["--set", f"data.cache_dir={args.workdir / 'cache' / out.name}", "--token", "sks", "--class-word", "cat"]
     return argv + (["--quantize", quantize] if quantize else [])
 
 
@@ -132,6 +134,7 @@ def main() -> None:
         for steps in (args.warmup, args.warmup + args.steps):
             for family, name, python, kind, quantize in sides:
                 out = args.workdir / "runs" / f"{family}-{name.replace(' ', '_')}-{steps}"
+                shutil.rmtree(args.workdir / "cache" / out.name, ignore_errors=True)
                 if kind == "ours":
                     argv = ours_argv(family, models[family], out, steps, args, quantize)
                 else:
