@@ -142,9 +142,25 @@ def main() -> None:
                 started = time.perf_counter()
                 results[(family, name)].append(measure(python, kind, argv, env))
                 print(f"{family} {name:30s} {steps:3d} steps: {time.perf_counter() - started:7.1f} s", flush=True)
-        print(f"heads: {heads}")
-        flow_step.report(results, argparse.Namespace(resolution=args.resolution, steps=args.steps, warmup=args.warmup),
-                         repeat)  # fmt: skip
+        report(results, args, repeat, heads)
+
+
+def report(results: dict[tuple[str, str], list[dict[str, float]]], args: argparse.Namespace, repeat: int,
+           heads: dict[str, int]) -> None:  # fmt: skip
+    print(f"\nrepeat {repeat + 1}: {args.resolution} px, batch 1, rank 4, {args.steps} steps after {args.warmup}")
+    print(f"{'family':12s} {'trainer':30s} {'s/step':>8s} {'peak MB':>9s} {'vs diffusers bf16':>22s}")
+    table = {}
+    for key, runs in results.items():
+        step = (runs[1]["seconds"] - runs[0]["seconds"]) / args.steps
+        table[key] = (step, max(run["peak_bytes"] for run in runs) / 2**20)
+    for (family, name), (step, peak) in table.items():
+        peer = table.get((family, "diffusers bf16"))
+        versus = ""
+        if peer and name == "personalize lora bf16":
+            versus = f"{step / peer[0]:.2f}x t {peak / peer[1]:.2f}x m"
+        elif peer and "nf4" in name:
+            versus = f"{peak / peer[1]:.2f}x m"
+        print(f"{family:12s} {name:30s} {step:8.2f} {peak:9.0f} {versus:>22s}  ({heads[family]} heads)", flush=True)
 
 
 if __name__ == "__main__":
