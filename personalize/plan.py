@@ -18,9 +18,10 @@ injected there too, so its parameter count is exact for every method. The rest i
                      arrives (a separate phase: the peak is the largest of the phases)
     runtime          CPU only: the resident size of Python + torch + diffusers (measured: about 0.55 GB)
     loading          CPU only, a phase of its own: the transformer is loaded in fp32 and then cast to the
-                     compute dtype. fp32 files are memory-mapped, and every page the cast reads stays resident
-                     until the last tensor of the file is replaced: file + cast copy (4n + 2n bytes for bf16).
-                     Files in another dtype are cast to fp32 while mapped (file + 4n). (SD3's position table is
+                     compute dtype. From a folder of fp32 files the recipe casts one tensor at a time, read
+                     into its own buffer (personalize.models.mapped.cast_from_files: 2n + the largest tensor;
+                     `module.to` would keep every mapped page resident beside the copy, 4n + 2n). Files in
+                     another dtype (a hub cache) are cast to fp32 while mapped (file + 4n). (SD3's position table is
                      not computed while loading: personalize.models.position_tables.) On a GPU only the cast
                      copy reaches the device, so this phase does not exist there.
     buffers          counted with the frozen weights (SD3's position table: 0.9 GB fp32 for SD3.5 medium)
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
-from personalize.models.families import FamilyDescription, family_of_config, transformer_config
+from personalize.models.families import FamilyDescription, described_family, family_of_config, transformer_config
 
 GB = 1024**3
 CPU_RUNTIME = 0.55 * GB
@@ -140,7 +141,8 @@ def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
             "UNet models (SD1.x, SDXL) are not described yet"
         )
     config = dict(transformer.config) if transformer is not None else transformer_config(model)
-    family = family_of_config(config) if config is not None else None
+    # by name, published id or folder first: families sharing a config (Flux, Flux Kontext) differ by pipeline
+    family = (described_family(model) or family_of_config(config)) if config is not None else None
     if family is None or config is None:
         raise UserError(
             f"cannot plan for {model}: its transformer config is not readable here (the planner knows SD3 and Flux "
@@ -161,6 +163,7 @@ class Trace:
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
     table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
+    largest: float = 0.0  # elements of the largest frozen tensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -216,7 +219,8 @@ def _trace(
     dtype = torch.bfloat16 if half else torch.float32
     saved = _activations(transformer, family, config, latent, batch, dtype, frames)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
-    return Trace(quantizable, rows, other, trainable, *saved, table=table)
+    largest = max((t.numel() for t in (*transformer.parameters(), *transformer.buffers())), default=0)
+    return Trace(quantizable, rows, other, trainable, *saved, table=table, largest=largest)
 
 
 def _position_table(module: torch.nn.Module) -> bool:
@@ -243,7 +247,9 @@ def _activations(
         for key, shape in family.example_shapes(config).items()
     }
     image, text = family.image_tokens(config, size, size) * frames, family.text_tokens(config)
-    tokens = {image, text, image + text}  # joint (SD3, Flux), self- and cross-attention (Wan) sequence lengths
+    # attention over the joint sequence, the image or text tokens alone (Z-Image's refiners, Wan's self-attention
+    # over every frame), or image queries on text keys (Wan's cross-attention)
+    tokens = {image, text, image + text}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -254,7 +260,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 3 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
+        if tensor.dim() >= 2 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -275,8 +281,15 @@ def _activations(
         if re.fullmatch(family.block_pattern, name):
             handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda *_: current.__setitem__(0, "outside")))
+    # data-dependent shapes (HiDream's MoE routing: boolean indexing) cannot be known on meta tensors: count
+    # every token at every expert, an upper bound on the routed experts' activations (see README)
+    from torch.fx.experimental import _config as fx_config
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            fx_config.patch(meta_nonzero_assume_all_nonzero=True),
+        ):
             timesteps = torch.full((batch,), 500.0, device="meta")
             output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
     finally:
@@ -342,7 +355,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        cast = _cast_bytes(model, settings, trace.quantizable + trace.other)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.largest)
         estimate.loading = CPU_RUNTIME + idle + cast
         if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
             for name in estimate.parts:
@@ -365,7 +378,7 @@ def _file_bytes_per_parameter(model: str, component: str) -> float | None:
     return 2.0
 
 
-def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
+def _cast_bytes(model: str, settings: Settings, parameters: float, largest: float) -> float:
     """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
     module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
     if settings.quantize:
@@ -374,9 +387,9 @@ def _cast_bytes(model: str, settings: Settings, parameters: float) -> float:
     compute = 4 if settings.method == "full" else DTYPE_BYTES[settings.mixed_precision]
     if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
         return 4 * parameters
-    if source == 4:  # mapped fp32 pages stay until the whole file is released; no cast: read while training
-        return (4 + compute) * parameters if compute != 4 else 0.0
-    return (source + 4) * parameters  # cast to fp32 while the file is mapped
+    if source == 4:  # a folder of fp32 files: cast_from_files reads one tensor at a time; no cast: mapped pages
+        return compute * parameters + 4 * largest if compute != 4 else 0.0
+    return (source + 4) * parameters  # from a hub cache: cast to fp32 while the files are mapped
 
 
 def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:

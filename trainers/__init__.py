@@ -35,10 +35,12 @@ def train(config: Any = None, **options: Any) -> Any:
 
 def _flow_model(config: Any, options: dict[str, Any]) -> bool:
     """SD3 / Flux (a described DiT family: personalize.models.families) train with the flow-matching recipe."""
-    from personalize.models.families import described_family
+    from personalize.models.families import check_described, described_family
     from personalize.trainers.diffusion.config import DEFAULT_MODEL
 
     model = getattr(config, "model", None) or options.get("model") or DEFAULT_MODEL
+    if options.get("pipe") is None:
+        check_described(model)  # a DiT family without a description: one line, not a UNet recipe failure
     return described_family(model, options.get("pipe")) is not None
 
 

@@ -122,11 +122,11 @@ def encode_images(
 ) -> torch.Tensor:
     """(B, 3, [F,] H, W) in [-1, 1] -> (B, C, [F',] H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
+    one_frame = pixels.ndim == 4 and "temperal_downsample" in vae.config  # an image through a video-style VAE
     pixels = pixels.to(device=device, dtype=dtype)
-    one_frame = "temperal_downsample" in vae.config and pixels.ndim == 4  # an image into a video-style VAE
     posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
-    latents = latents[:, :, 0] if one_frame else latents
+    latents = latents[:, :, 0] if one_frame else latents  # (B, C, h, w)
     if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2: batch-normalized 2x2 patches
         return normalize_patches(latents, vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps)
     statistics = channel_statistics(vae, latents.ndim)

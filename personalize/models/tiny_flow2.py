@@ -6,8 +6,10 @@ What is real and what is reduced (so that a test trains one in seconds on a CPU)
   channel layout; depth one double + one single block and 2 attention heads (width 256) instead of
   24-48 heads; the text width it reads (`joint_attention_dim`, `pooled_projection_dim`) is the tiny
   text encoder's;
-- text encoders: the family's own classes (T5 / CLIP; Mistral3 / Qwen3 for Flux.2) built from transformers
-  configs in code, one or two layers, width 32-64, with the offline tokenizers of tiny_tokenizers.py;
+- text encoders: the family's own classes built from transformers configs in code at width 32: T5 / CLIP
+  stand-ins with one or two layers (Chroma, Kontext), a Mistral3 with the 30 decoder layers Flux2Pipeline
+  reads and a Qwen3 with the 27 layers Flux2KleinPipeline reads, with the offline tokenizers of
+  tiny_tokenizers.py (a small chat template for the last two);
 - VAE: an 8x-downsampling AutoencoderKL with the family's latent channels, shift and scale
   (tiny_flow._vae); Flux.2's VAE is the real AutoencoderKLFlux2 class at small width.
 """

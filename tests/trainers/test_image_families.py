@@ -218,3 +218,79 @@ def test_predict_is_the_pipelines_own_transformer_call(tiny_pipelines, model):
             pipe.transformer, to_latents(tokens), kwargs["timestep"] * 1000, embeds, family.guidance_scale
         )
     torch.testing.assert_close(ours, to_latents(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+def test_predict_edit_is_the_pipelines_own_call_with_a_source_image(tiny_pipelines, model):
+    """The stock pipeline editing an image (Kontext) / with a reference image (Flux.2): its transformer call,
+    recomputed by `predict_edit` from the noisy and the source tokens it was given, gives the same prediction."""
+    from PIL import Image
+
+    from personalize.models.families import describe
+    from personalize.models.families.flux import unpack
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
+    )
+    arguments = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    arguments["guidance_scale"] = family.guidance_scale or 1.0
+    if "max_area" in inspect.signature(pipe.__call__).parameters:
+        arguments.update(max_area=64 * 64, _auto_resize=False)
+    source = Image.new("RGB", (64, 64), (200, 40, 90))
+    with torch.no_grad():
+        pipe(image=source, prompt="add a ball", generator=torch.Generator().manual_seed(0), **arguments)
+        hook.remove()
+        kwargs, expected = calls[0]
+        tokens = kwargs["hidden_states"]  # (1, 16 noisy + 16 source, C)
+        assert tokens.shape[1] == 32
+        if family.trained_latents is not None:
+
+            def to_latents(x):  # Flux.2: tokens are the 4 x 4 patch grid
+                return x.transpose(1, 2).reshape(1, -1, 4, 4)
+        else:
+
+            def to_latents(x):  # Flux.1 layout: 2x2 patches of an 8 x 8 latent
+                return unpack(x, 8, 8)
+
+        embeds = family.encode_prompt(pipe, ["add a ball"])
+        noisy, reference = to_latents(tokens[:, :16]), to_latents(tokens[:, 16:])
+        ours = family.predict_edit(
+            pipe.transformer, noisy, kwargs["timestep"] * 1000, embeds, family.guidance_scale, reference
+        )
+    torch.testing.assert_close(ours, to_latents(expected[:, :16]), rtol=1e-4, atol=1e-4)
+
+
+CARD_PRESETS = {
+    "flux2-klein-lora-16gb": ("flux2-klein", 16),
+    "flux2-klein-lora-24gb": ("flux2-klein", 24),
+    "chroma-lora-16gb": ("chroma", 16),
+    "chroma-lora-24gb": ("chroma", 24),
+    "flux-kontext-lora-16gb": ("flux-kontext", 16),
+    "flux-kontext-lora-24gb": ("flux-kontext", 24),
+}
+
+
+@pytest.mark.parametrize("name", _only("flux2-klein-lora-16gb", sorted(CARD_PRESETS)))
+def test_card_presets_open_with_their_command_and_fit_their_card(name):
+    """Each preset's own settings, planned on a GPU (no weights read), fit the card it names."""
+    from importlib import resources
+
+    from personalize.config import build
+    from personalize.plan import GB, model_config, plan, settings_of
+    from personalize.trainers.diffusion.config import TrainConfig
+
+    text = resources.files("personalize.configs").joinpath(f"{name}.yaml").read_text()
+    assert text.startswith("# personalize train ") and f"--preset {name}" in text.splitlines()[0]
+    config = build(TrainConfig, preset=name, flags={"data": {"images": str(CAT)}})
+    family, gigabytes = CARD_PRESETS[name]
+    assert model_config(config.model)[0].name == family
+    assert plan(config.model, settings_of(config), "cuda").peak <= gigabytes * GB
+
+
+@pytest.mark.slow
+def test_flux2_dev_fits_no_24gb_card_and_says_what_is_closest(capsys):
+    """FLUX.2-dev has no card preset: its 24B Mistral text encoder alone is 45 GB in bf16 while it caches."""
+    assert main(["plan", "--model", "black-forest-labs/FLUX.2-dev", "--resolution", "1024", "--vram", "24GB"]) == 2
+    assert "nothing fits 24 GB" in capsys.readouterr().err

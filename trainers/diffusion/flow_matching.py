@@ -137,6 +137,10 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         if config.quantize:
             _quantize(transformer, family, config.quantize, weight_dtype, own_pipe, device)
+        elif own_pipe:  # one tensor at a time from the files: the fp32 map never resident beside the copy
+            from personalize.models.mapped import cast_from_files
+
+            cast_from_files(transformer, weight_dtype)
         place(transformer, device, weight_dtype)
         adapters.inject(transformer, config.method, targets=config.targets, name=config.adapter_name, **hyper)
         if config.train_text_encoder:

@@ -131,7 +131,62 @@ def transformer_config(model: str) -> dict[str, Any] | None:
     return None
 
 
+def check_described(model: str) -> None:
+    """A DiT pipeline diffusers ships that no family file describes (a folder or a cached hub id whose
+    model_index.json names a pipeline with a transformer): one line naming it and the nearest described
+    family: the one whose published transformer config shares the most config keys with this one, each key
+    weighted by 1 / (how many families have it), over sqrt(|keys of both|) (Lumina 2 -> Z-Image, Chroma ->
+    Flux, CogView4 -> SD3)."""
+    from personalize.errors import UserError
+
+    index = _model_index(model)
+    config = transformer_config(model) if index is not None and "transformer" in index else None
+    if config is None or family_of_config(config) is not None:
+        return
+    pipeline = str(index.get("_class_name", "a diffusers pipeline"))  # type: ignore[union-attr]
+    keys = {key for key in config if not key.startswith("_")}
+    published = {
+        name: {key for key in next(iter(d.published.values())) if not key.startswith("_")}
+        for name, d in FLOW_FAMILIES.items()
+    }
+    holders = {key: sum(key in family_keys for family_keys in published.values()) for key in keys}
+
+    def overlap(description: FamilyDescription) -> float:
+        shared = keys & published[description.name]
+        return sum(1 / holders[key] for key in shared) / len(keys | published[description.name]) ** 0.5
+
+    nearest = max(FLOW_FAMILIES.values(), key=overlap)
+    name = pipeline.removesuffix("Pipeline") or pipeline
+    raise UserError(
+        f"{model} is a {name} model ({pipeline}, transformer {config.get('_class_name', '?')}), a family "
+        f"personalize does not describe yet; the nearest supported family is {nearest.name} "
+        f"({nearest.pipeline_class}); supported: {', '.join(FLOW_FAMILIES)}"
+    )
+
+
+def _model_index(model: str) -> dict[str, Any] | None:
+    """model_index.json of a diffusers folder or of a hub id already in the local cache (no request)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        file = path / "model_index.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    from personalize.models.load import HUB_ID
+
+    if not HUB_ID.match(model):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(model, "model_index.json", local_files_only=True)).read_text())
+    except Exception:  # not cached: the loader says what is wrong when it tries
+        return None
+
+
 __all__ = [
+    "check_described",
     "described_family",
     "FLOW_FAMILIES",
     "FamilyDescription",

@@ -108,5 +108,6 @@ HIDREAM = FamilyDescription(
         "pooled_prompt_embeds": (int(config["text_emb_dim"]),),
     },
     block_pattern=r"(double|single)_stream_blocks\.\d+",
+    single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
     encoder_parameters=123e6 + 695e6 + 4762e6 + 8030e6 + 84e6,  # CLIP-L, CLIP-G, T5-XXL, Llama-3.1-8B, VAE
 )

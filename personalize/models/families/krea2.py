@@ -103,5 +103,6 @@ KREA2_FAMILY = FamilyDescription(
         "prompt_embeds": (TEXT_TOKENS, int(config["num_text_layers"]), int(config["text_hidden_dim"])),
         "prompt_embeds_mask": (TEXT_TOKENS,),
     },
+    single_file_prefix="lycoris",  # as the Qwen-Image stack; ComfyUI's Krea 2 mapping not verified (README)
     encoder_parameters=4.44e9 + 0.127e9,  # Qwen3-VL-4B + the Qwen-Image VAE
 )

@@ -97,5 +97,6 @@ QWEN_IMAGE_FAMILY = FamilyDescription(
         "prompt_embeds": (64, int(config["joint_attention_dim"])),
         "prompt_embeds_mask": (64,),
     },
+    single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
     encoder_parameters=8.29e9 + 0.127e9,  # Qwen2.5-VL-7B + the Wan-2.1-style VAE
 )

@@ -89,5 +89,6 @@ Z_IMAGE_FAMILY = FamilyDescription(
     embed_keys=("prompt_embeds", "prompt_embeds_mask"),
     embed_shapes=lambda config: {"prompt_embeds": (64, int(config["cap_feat_dim"])), "prompt_embeds_mask": (64,)},
     block_pattern=r"(layers|noise_refiner|context_refiner)\.\d+",
+    single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
     encoder_parameters=4.02e9 + 84e6,  # Qwen3-4B + the Flux VAE
 )

@@ -1,0 +1,102 @@
+"""The memory planner on Qwen-Image, Z-Image, HiDream-I1 and Krea 2: published sizes (fast) and, slow, the estimate
+against the measured peak RSS of `personalize train` on reduced-depth builds of each (within 20 %)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from personalize.plan import GB, Settings, plan
+
+CAT = Path(__file__).resolve().parent.parent / "examples" / "cat"
+
+PUBLISHED = {  # hub id -> transformer parameters in billions (from the released model cards)
+    "Qwen/Qwen-Image": (19.5, 21.0),
+    "Tongyi-MAI/Z-Image-Turbo": (5.9, 6.4),
+    "HiDream-ai/HiDream-I1-Full": (16.5, 17.5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(PUBLISHED))
+def test_published_models_plan_their_real_size_without_any_download(model):
+    low, high = PUBLISHED[model]
+    estimate = plan(model, Settings(resolution=256, mixed_precision="no"))
+    parameters = estimate.parts["frozen weights (fp32)"] / 4
+    assert low * 1e9 < parameters < high * 1e9
+
+
+def test_plan_of_each_tiny_family_runs_on_the_meta_device():
+    for model in ("tiny-qwen-image", "tiny-z-image", "tiny-hidream", "tiny-krea2"):
+        estimate = plan(model, Settings(resolution=32))
+        assert estimate.peak > 0 and estimate.parts["activations (without checkpointing)"] > 0
+
+
+def _measured_peak(folder, *flags):
+    """Peak RSS of `personalize train` on `folder` in a child process (its own ru_maxrss)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    code = (
+        "import resource, sys; from personalize.cli import main; code = main(sys.argv[1:]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    argv = ["train", "--images", str(CAT), "--model", str(folder), "--resolution", "256", "--steps", "2"]
+    argv += ["--rank", "4", "--output", str(folder) + "-out", "--set", "validation_images=0", *flags]
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split("PEAK")[-1].split()[0]) * 1024
+
+
+BUILDS = {  # family -> (builder, arguments): a few blocks, 8-16 heads of 128 (widths 1024-2048)
+    "qwen-image": ("reduced_qwen_image", dict(layers=2, heads=12, text_width=256)),
+    "z-image": ("reduced_z_image", dict(layers=2, refiner_layers=1, heads=12, text_width=256)),
+    "hidream": ("reduced_hidream", dict(layers=1, single_layers=2, heads=8, text_width=256)),
+    "krea2": ("reduced_krea2", dict(layers=2, heads=8, text_width=256)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(BUILDS))
+def test_planned_peak_is_within_20_percent_of_the_measured_rss(tmp_path_factory, family):
+    from personalize.models import tiny_flow_more
+
+    builder, arguments = BUILDS[family]
+    folder = tmp_path_factory.mktemp("plan") / family
+    getattr(tiny_flow_more, builder)(**arguments).save_pretrained(folder)
+    measured = _measured_peak(folder)
+    planned = plan(str(folder), Settings(resolution=256, rank=4, mixed_precision="no"), "cpu").peak
+    error = (planned - measured) / measured
+    print(f"{family}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
+    assert abs(error) <= 0.20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "qwen-image-lora-16gb",
+        "qwen-image-lora-24gb",
+        "z-image-lora-16gb",
+        "z-image-lora-24gb",
+        "krea2-lora-16gb",
+        "krea2-lora-24gb",
+    ],
+)
+def test_family_presets_fit_the_card_they_name(preset):
+    from personalize import config
+    from personalize.models.families import described_family
+
+    values = config.read_preset(preset)
+    family = described_family(values["model"])
+    assert family is not None and values["targets"] in family.targets
+    settings = Settings(
+        rank=values["rank"],
+        targets=values["targets"],
+        resolution=values["data"]["resolution"],
+        batch_size=values["batch_size"],
+        quantize=values.get("quantize", ""),
+        gradient_checkpointing=values["gradient_checkpointing"],
+    )
+    card = int(preset.rsplit("-", 1)[1].removesuffix("gb"))
+    assert plan(values["model"], settings).peak <= card * GB
