@@ -1,7 +1,7 @@
 """Issue 27: `personalize train` against diffusers' DreamBooth-LoRA scripts per family, and lines of code per family.
 
 Families: Flux.2 Klein (`train_dreambooth_lora_flux2_klein.py`), Qwen-Image (`_qwen_image.py`), Z-Image
-(`_z_image.py`); `--stand-in flux` runs the same harness on Flux.1 (`_flux.py`) where a family has not landed.
+(`_z_image.py`); `--families flux` runs the same harness on Flux.1 (`_flux.py`) as a stand-in.
 Same pipelines on both sides: the family's published transformer config at reduced depth and real width
 (`--heads`: the published head count by default; heads of 128), random weights, saved locally. Same settings:
 256 px center crops, batch 1, LoRA rank 4 alpha 4 on the reference script's default targets (given to us as
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import flow_step
+from benchmarks import flow_step, train_step
 from benchmarks.train_step import IMAGES, ROOT, measure
 
 ATTENTION = r"(.*\.)?(to_q|to_k|to_v|to_out\.0)"  # peft's suffix match of the scripts' default list
@@ -99,9 +99,11 @@ def ours_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Na
 
 
 def peer_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Namespace) -> list[str]:
-    shared = flow_step.peer_argv("flux", model, out, steps, "bf16", argparse.Namespace(**{**vars(args)}))
-    shared[0] = str(args.peer_dir / FAMILIES[family][0])
-    return shared
+    """The SD1.5 benchmark's reference arguments with the family's script, bf16, alpha 4, cached latents."""
+    script = argparse.Namespace(peer_script=args.peer_dir / FAMILIES[family][0], resolution=args.resolution)
+    shared = train_step.peer_argv(model, out, steps, script)
+    argv = ["--mixed_precision=bf16" if a == "--mixed_precision=no" else a for a in shared]
+    return [*argv, "--lora_alpha=4", "--cache_latents"]
 
 
 def main() -> None:
