@@ -220,3 +220,13 @@ def test_planned_peak_is_within_20_percent_of_the_measured_rss_on_clips(tmp_path
     error = (planned - measured) / measured
     print(f"wan-1536 {' '.join(flags)}: planned {planned / GB:.2f} GB, measured {measured / GB:.2f} GB, {error:+.1%}")
     assert abs(error) <= 0.20
+
+
+def test_generate_writes_clips_as_gifs(tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = ["generate", "--model", "tiny-wan", "--prompt", "a photo of sks cat", "--steps", "2", "--width", "32"]
+    argv += ["--height", "32", "--num-frames", "5", "--num-images", "2", "--output", str(out)]
+    assert main(argv) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["000_seed0.gif", "001_seed1.gif"]
+    with Image.open(out / "000_seed0.gif") as clip:
+        assert clip.n_frames == 5 and clip.size == (32, 32)
