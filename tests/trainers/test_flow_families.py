@@ -159,3 +159,65 @@ def test_a_saved_tiny_family_reloads_with_stock_from_pretrained_and_is_detected(
     assert detect_family(folder) == FAMILIES[model] and described_family(str(folder)).name == FAMILIES[model]
     reloaded = DiffusionPipeline.from_pretrained(folder)
     assert type(reloaded).__name__ == described_family(str(folder)).pipeline_class
+
+
+def _stock_call(model, pipe):
+    """(latents (1, C, h, w), timestep in [0, 1000], the stock prediction in latent layout) of the second-step
+    transformer call of the stock pipeline at 32 px (8 x 8 latents), read back in each family's own layout."""
+    from personalize.models.families.flux import unpack
+
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args, kwargs, output[0])), with_kwargs=True
+    )
+    no_cfg = {"tiny-krea2": 0.0, "tiny-hidream": 1.0, "tiny-z-image": 1.0}  # one conditional call per step
+    arguments = {"guidance_scale": no_cfg[model]} if model in no_cfg else {}
+    with torch.no_grad():
+        pipe(
+            "a photo of sks cat",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **arguments,
+        )
+    hook.remove()
+    args, kwargs, output = calls[-1]  # the second step: a timestep inside (0, 1000)
+    if model in ("tiny-qwen-image", "tiny-krea2"):  # packed 2x2 tokens, t / 1000
+        return unpack(kwargs["hidden_states"], 4, 4), kwargs["timestep"] * 1000, unpack(output, 4, 4)
+    if model == "tiny-z-image":  # lists of (C, 1, h, w), (1000 - t) / 1000, negated output
+        images, times, predictions = args[0][:1], args[1][:1], output[:1]  # the conditional half (CFG batch)
+        return torch.stack(images).squeeze(2), 1000 - times * 1000, -torch.stack(predictions).squeeze(2)
+    return kwargs["hidden_states"], kwargs["timesteps"], -output  # HiDream: raw t, negated output
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_predict_is_the_stock_pipelines_own_transformer_call(tiny_pipelines, model):
+    """Our encode_prompt + predict reproduce one denoising call of the stock pipeline: the same text (template,
+    dropped tokens, padding and mask), packing, positions, timestep scale and sign."""
+    from personalize.models.families import describe
+
+    family, pipe = describe(FAMILIES[model]), tiny_pipelines(model)
+    latents, timestep, expected = _stock_call(model, pipe)
+    with torch.no_grad():
+        embeds = family.encode_prompt(pipe, ["a photo of sks cat"])
+        ours = family.predict(pipe.transformer, latents, timestep.float(), embeds, family.guidance_scale)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_predict_in_training_mode_is_the_inference_prediction(tiny_pipelines, model):
+    """Training mode changes nothing a step sees (HiDream's transformer would otherwise return another layout
+    and route its experts differently): the loss compares the same (B, C, h, w) prediction as inference."""
+    from personalize.models.families import describe
+
+    family = describe(FAMILIES[model])
+    transformer = copy.deepcopy(tiny_pipelines(model).transformer)
+    embeds = family.encode_prompt(tiny_pipelines(model), ["a photo of sks cat"])
+    latents, timesteps = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([400.0])
+    with torch.no_grad():
+        inference = family.predict(transformer.eval(), latents, timesteps, embeds, family.guidance_scale)
+        training = family.predict(transformer.train(), latents, timesteps, embeds, family.guidance_scale)
+    assert training.shape == latents.shape
+    torch.testing.assert_close(training, inference, rtol=1e-5, atol=1e-5)

@@ -37,9 +37,24 @@ def encode_prompt(pipe: Any, prompts: list[str]) -> Embeds:
     }
 
 
+def inference_output(transformer: torch.nn.Module) -> None:
+    """As the reference script loads it (`force_inference_output=True`): in training mode too, the MoE layers
+    route as at inference (no auxiliary load-balancing loss) and the output is (B, C, h, w), not the
+    training layout (B, C, tokens, 4). Idempotent; recorded in the config, as in the script's saved models."""
+    model = getattr(transformer, "module", transformer)  # DDP
+    if next(model.parameters()).is_meta:  # the planner: meta tensors cannot route as at inference (bincount)
+        return
+    if not model.config.force_inference_output:
+        model.register_to_config(force_inference_output=True)
+        for module in model.modules():
+            if hasattr(module, "_force_inference_output"):
+                module._force_inference_output = True
+
+
 def predict(
     transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeds, guidance: float | None
 ) -> torch.Tensor:
+    inference_output(transformer)
     output = transformer(
         hidden_states=noisy,  # (B, C, h, w)
         timesteps=timesteps,
