@@ -1,4 +1,4 @@
-"""Memory planner for flow-matching DiT training (SD3, Flux): peak device memory before anything is loaded.
+"""Memory planner for flow-matching DiT training (SD3, Flux, Wan, ...): peak device memory before anything is loaded.
 
 Reads no weights: the transformer is built on PyTorch's meta device from its config (a published config
 by hub id, or the folder's config.json), so every shape is exact and no memory is taken; the adapter is
@@ -73,6 +73,7 @@ class Settings:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     method_options: tuple[tuple[str, Any], ...] = ()
+    frames: int = 1  # video families: frames per training clip
 
 
 @dataclass
@@ -118,17 +119,17 @@ def _tiny(model: str) -> Any:
     return build_tiny(model)
 
 
-def vae_factor(model: str) -> int:
-    """How much the VAE downsamples (8 for every published SD3/Flux/Qwen-Image VAE): 2^(blocks - 1) of an
-    image VAE's config, 2^(spatial downsamples) of a video-style one (`temperal_downsample`)."""
+def vae_factors(model: str) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the VAE (8x for every published SD3/Flux/Qwen-Image/Wan VAE; Wan's
+    also 4x in time), from its config (personalize.models.encode.vae_factors)."""
+    from personalize.models.encode import vae_factors as of_config
+
     if model.startswith("tiny-"):
         config = dict(_tiny(model).vae.config)
     else:
         file = Path(model).expanduser() / "vae" / "config.json"
         config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0] * 4}
-    if "temperal_downsample" in config:
-        return 2 ** len(config["temperal_downsample"])
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return of_config(config)
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
@@ -176,6 +177,7 @@ def _trace(
     batch: int,
     half: bool,
     downsample: int,
+    frames: int = 1,
 ) -> Trace:
     """One training forward of the transformer on the meta device (no memory, no weights)."""
     from diffusers import models as diffusers_models
@@ -215,7 +217,8 @@ def _trace(
             param.data = param.data.float()
             trainable += param.numel()
     latent = resolution // downsample
-    saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
+    dtype = torch.bfloat16 if half else torch.float32
+    saved = _activations(transformer, family, config, latent, batch, dtype, frames)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
     tensors = tuple(float(t.numel()) for t in state_dict.values() if t.is_floating_point())
     return Trace(quantizable, rows, other, trainable, *saved, table=table, tensors=tensors)
@@ -233,17 +236,21 @@ def _activations(
     size: int,
     batch: int,
     dtype: torch.dtype,
+    frames: int = 1,
 ) -> tuple[float, float, float]:
-    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
-    (in total, with checkpointing, workspace)."""
-    latents = torch.zeros(batch, *family.latent_shape(config, size, size), device="meta", dtype=dtype)
+    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size` (video families:
+    `frames` latent frames): (in total, with checkpointing, workspace)."""
+    channels, height, width = family.latent_shape(config, size, size)
+    shape = (batch, channels, *((frames,) if family.clip else ()), height, width)
+    latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
         for key, shape in family.example_shapes(config).items()
     }
-    tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
-    # attention over the joint sequence, or over the image / text tokens alone (Z-Image's refiners)
-    squares = {tokens, family.image_tokens(config, size, size), family.text_tokens(config)}
+    image, text = family.image_tokens(config, size, size) * frames, family.text_tokens(config)
+    # attention over the joint sequence, the image or text tokens alone (Z-Image's refiners, Wan's self-attention
+    # over every frame), or image queries on text keys (Wan's cross-attention)
+    tokens = {image, text, image + text}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -254,7 +261,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] in squares:  # math kernel
+        if tensor.dim() >= 2 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -301,6 +308,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
     half = DTYPE_BYTES[settings.mixed_precision] == 2
+    spatial, temporal = vae_factors(model)
+    latent_frames = 1 + (max(settings.frames, 1) - 1) // temporal  # the VAE keeps the first frame, then 1 in `temporal`
     hyper = {**dict(settings.method_options)}
     if settings.method in ("lora", "dora", "loha", "lokr"):
         hyper.update(rank=settings.rank, alpha=settings.rank)
@@ -314,7 +323,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
             settings.resolution,
             settings.batch_size,
             half,
-            vae_factor(model),
+            spatial,
+            latent_frames if family.clip else 1,
         )
     except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
         raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
@@ -493,6 +503,7 @@ def settings_of(config: Any) -> Settings:
         gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer,
         method_options=tuple(sorted(config.method_options.items())),
+        frames=config.data.frames or 1,
     )
 
 

@@ -450,7 +450,8 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
-            extra=extra,
+            extra={**(extra or {}), **({"num_frames": config.data.frames} if config.data.frames else {})},
+            fps=config.data.fps or 16.0,  # video models sample clips of the training length
         )
     unet.train(was_training)
     return path
