@@ -159,7 +159,7 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     settings = LoopSettings.from_config(config, checkpoint_root)
     model.train()
     # On a CPU the frozen Linear layers keep no input for backward and compute their input gradient where
-    # the CPU is fast (fp32 on one without native bf16: 5-9x less step time at bf16; adapters.frozen_linear)
+    # the CPU is fast (fp32 on one without native bf16: 5-9x less fwd+bwd time per layer; adapters.frozen_linear)
     with lean_frozen_linears(model, enabled=device.type == "cpu"):
         train_loop(accelerator, [model], compute_loss, state, settings)
     adapters.finish(model)  # Diff-Pruning: keep its top-density entries
