@@ -43,9 +43,13 @@ constraints:
 	@{ grep '^#' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
 	@mv $(CONSTRAINTS).new $(CONSTRAINTS) && echo "wrote $(CONSTRAINTS)"
 
+# The demo personalizes the pretrained world model (benchmarks/dreambench_mini/model, shipped) on five photos
+# of a ball it never saw (examples/ball), then draws the same prompts before and after (README: "The demo").
 demo: $(STAMP)
-	$(BIN)/personalize train --images examples/cat --preset tiny --output demo-out/cat --overwrite
-	@echo "demo: adapter, samples/, config.yaml and README.md written to demo-out/cat/"
+	$(BIN)/personalize train --images examples/ball --model dreambench-mini --token sks --class-word ball \
+		--set data.bucket_step=16 --set validation_images=0 --output demo-out/ball --overwrite
+	$(BIN)/python -m benchmarks.dreambench_mini.demo demo-out/ball
+	@echo "demo: adapter, before_after.png, loss.png, config.yaml and README.md written to demo-out/ball/"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ Also ours with `--quantize nf4` (bf16) against the reference's bf16 peak, and Lo
 at the same targets (fp32). Each run is one fresh process of `--steps` optimizer steps; a global optimizer-step hook
 (torch.optim's register_optimizer_step_post_hook, the same on both sides) stamps the end of every step, and
 s/step is the median of the intervals after the first step (loading, caching and the first step's one-time
-costs fall outside). Peak memory: the child's max RSS (CPU) or torch.cuda.max_memory_allocated (GPU).
+costs fall outside). Peak memory: the child's VmHWM (peak RSS; CPU) or torch.cuda.max_memory_allocated (GPU).
 
     python -m benchmarks.flow_step --peer-dir DIFFUSERS/examples/dreambooth --peer-python VENV/bin/python
         [--families flux sd3] [--precisions no bf16] [--steps 3] [--repeats 3]
@@ -74,7 +74,10 @@ def peer_argv(family: str, model: Path, out: Path, steps: int, precision: str, a
     script = argparse.Namespace(peer_script=args.peer_dir / SCRIPTS[family], resolution=args.resolution)
     shared = train_step.peer_argv(model, out, steps, script)
     argv = [f"--mixed_precision={precision}" if a == "--mixed_precision=no" else a for a in shared]
-    argv += ["--cache_latents", f"--max_sequence_length={PEER_SEQUENCE[family]}"]
+    # the SD3 script's latent caching sends bf16 pixels into its fp32 VAE and fails ("Input type (c10::BFloat16)
+    # and bias type (float) should be the same"): its bf16 runs encode every step instead
+    caching = [] if (family == "sd3" and precision == "bf16") else ["--cache_latents"]
+    argv += [*caching, f"--max_sequence_length={PEER_SEQUENCE[family]}"]
     return argv + (["--lora_alpha=4"] if family == "flux" else [])  # the SD3 script sets alpha = rank (4)
 
 
@@ -90,7 +93,9 @@ stamps = []
 register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
 
 def report(partial):
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: ru_maxrss carries the parent's high-water mark across fork + exec
+    hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")]
+    peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
     print("MEASURED " + json.dumps({"stamps": stamps, "peak_bytes": peak, "partial": partial}), flush=True)

@@ -1,8 +1,9 @@
 """The memory planner against measurement: planned CPU peak vs the peak RSS of real `personalize train` runs.
 
 Random-init Flux and SD3 transformers at several widths (reduced depth, personalize.models.tiny_flow), saved
-locally, each trained for 2 steps at 256 px (LoRA rank 4, batch 1) in a fresh process; the child's
-ru_maxrss is the measurement, `personalize.plan.plan(folder, settings, "cpu").peak` the estimate.
+locally, each trained for 2 steps at 256 px (LoRA rank 4, batch 1) in a fresh process; the child's VmHWM
+(the peak RSS of its own address space; ru_maxrss would carry this parent's high-water mark across fork +
+exec) is the measurement, `personalize.plan.plan(folder, settings, "cpu").peak` the estimate.
 Cases: fp32, bf16, gradient checkpointing and `--quantize nf4`. A case marked `:load` stops at the
 transformer's first training forward and is compared with the planned loading phase (CPU: the mapped fp32
 file + its bf16 copy): on a CPU without bf16 instructions a bf16 training step takes hours.
@@ -59,7 +60,10 @@ import json, os, resource, sys
 import torch
 
 def report(code):
-    print("MEASURED " + json.dumps({"code": code, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM, not ru_maxrss: ru_maxrss carries the parent's high-water mark across fork + exec
+    hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")]
+    peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("MEASURED " + json.dumps({"code": code, "peak": peak}))
 
 if os.environ.get("PLAN_CHECK_UNTIL_TRAINING"):
     def stop(module, args):

@@ -73,3 +73,18 @@ def read_png_settings(path: str | Path) -> dict[str, Any]:
     with Image.open(path) as image:
         text = image.text.get("personalize") if hasattr(image, "text") else None
     return json.loads(text) if text else {}
+
+
+def save_gif(
+    frames: Sequence[Image.Image], path: str | Path, fps: float, settings: Mapping[str, Any] | None = None
+) -> Path:
+    """Write frames as a looping animated GIF atomically (video samples), the settings in its comment."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    comment = json.dumps(dict(settings), sort_keys=True, default=str).encode() if settings else b""
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    duration = max(20, round(1000 / fps)) if fps > 0 else 100  # milliseconds per frame (GIF: 10 ms steps)
+    first.save(partial, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0, comment=comment)
+    os.replace(partial, path)
+    return path

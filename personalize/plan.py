@@ -1,4 +1,4 @@
-"""Memory planner for flow-matching DiT training (SD3, Flux): peak device memory before anything is loaded.
+"""Memory planner for flow-matching DiT training (SD3, Flux, Wan, ...): peak device memory before anything is loaded.
 
 Reads no weights: the transformer is built on PyTorch's meta device from its config (a published config
 by hub id, or the folder's config.json), so every shape is exact and no memory is taken; the adapter is
@@ -73,6 +73,7 @@ class Settings:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     method_options: tuple[tuple[str, Any], ...] = ()
+    frames: int = 1  # video families: frames per training clip
 
 
 @dataclass
@@ -118,17 +119,17 @@ def _tiny(model: str) -> Any:
     return build_tiny(model)
 
 
-def vae_factor(model: str) -> int:
-    """How much the VAE downsamples (8 for every published SD3/Flux/Qwen-Image VAE): 2^(blocks - 1) of an
-    image VAE's config, 2^(spatial downsamples) of a video-style one (`temperal_downsample`)."""
+def vae_factors(model: str) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the VAE (8x for every published SD3/Flux/Qwen-Image/Wan VAE; Wan's
+    also 4x in time), from its config (personalize.models.encode.vae_factors)."""
+    from personalize.models.encode import vae_factors as of_config
+
     if model.startswith("tiny-"):
         config = dict(_tiny(model).vae.config)
     else:
         file = Path(model).expanduser() / "vae" / "config.json"
         config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0] * 4}
-    if "temperal_downsample" in config:
-        return 2 ** len(config["temperal_downsample"])
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return of_config(config)
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:
@@ -162,7 +163,7 @@ class Trace:
     checkpointed: float  # block inputs + the largest block's activations
     workspace: float
     table: float = 0.0  # elements of position tables (SD3's pos_embed), of which a step reads only a crop
-    largest: float = 0.0  # elements of the largest frozen tensor
+    tensors: tuple[float, ...] = ()  # elements of each floating tensor, in the order the files are cast
 
 
 @functools.lru_cache(maxsize=16)
@@ -176,6 +177,7 @@ def _trace(
     batch: int,
     half: bool,
     downsample: int,
+    frames: int = 1,
 ) -> Trace:
     """One training forward of the transformer on the meta device (no memory, no weights)."""
     from diffusers import models as diffusers_models
@@ -203,6 +205,7 @@ def _trace(
             quantizable += module.weight.numel()
             rows += module.weight.shape[0]
     other = sum(p.numel() for p in transformer.parameters()) - quantizable
+    state_dict = transformer.state_dict()  # before the adapter: the files' tensors, in cast order
     # buffers are weights too: SD3's position table (pos_embed_max_size^2 x width, 0.9 GB in fp32 for SD3.5 medium)
     other += sum(b.numel() for b in transformer.buffers() if b.is_floating_point())
     transformer.requires_grad_(method == "full")
@@ -214,10 +217,11 @@ def _trace(
             param.data = param.data.float()
             trainable += param.numel()
     latent = resolution // downsample
-    saved = _activations(transformer, family, config, latent, batch, torch.bfloat16 if half else torch.float32)
+    dtype = torch.bfloat16 if half else torch.float32
+    saved = _activations(transformer, family, config, latent, batch, dtype, frames)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
-    largest = max((t.numel() for t in (*transformer.parameters(), *transformer.buffers())), default=0)
-    return Trace(quantizable, rows, other, trainable, *saved, table=table, largest=largest)
+    tensors = tuple(float(t.numel()) for t in state_dict.values() if t.is_floating_point())
+    return Trace(quantizable, rows, other, trainable, *saved, table=table, tensors=tensors)
 
 
 def _position_table(module: torch.nn.Module) -> bool:
@@ -232,17 +236,21 @@ def _activations(
     size: int,
     batch: int,
     dtype: torch.dtype,
+    frames: int = 1,
 ) -> tuple[float, float, float]:
-    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size`:
-    (in total, with checkpointing, workspace)."""
-    latents = torch.zeros(batch, *family.latent_shape(config, size, size), device="meta", dtype=dtype)
+    """Saved-for-backward bytes of one forward on meta tensors for latents of side `size` (video families:
+    `frames` latent frames): (in total, with checkpointing, workspace)."""
+    channels, height, width = family.latent_shape(config, size, size)
+    shape = (batch, channels, *((frames,) if family.clip else ()), height, width)
+    latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
     embeds = {
         key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
         for key, shape in family.example_shapes(config).items()
     }
-    tokens = family.image_tokens(config, size, size) + family.text_tokens(config)
-    # attention over the joint sequence, or over the image / text tokens alone (Z-Image's refiners)
-    squares = {tokens, family.image_tokens(config, size, size), family.text_tokens(config)}
+    image, text = family.image_tokens(config, size, size) * frames, family.text_tokens(config)
+    # attention over the joint sequence, the image or text tokens alone (Z-Image's refiners, Wan's self-attention
+    # over every frame), or image queries on text keys (Wan's cross-attention)
+    tokens = {image, text, image + text}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -253,7 +261,7 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] in squares:  # math kernel
+        if tensor.dim() >= 2 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -300,6 +308,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
     half = DTYPE_BYTES[settings.mixed_precision] == 2
+    spatial, temporal = vae_factors(model)
+    latent_frames = 1 + (max(settings.frames, 1) - 1) // temporal  # the VAE keeps the first frame, then 1 in `temporal`
     hyper = {**dict(settings.method_options)}
     if settings.method in ("lora", "dora", "loha", "lokr"):
         hyper.update(rank=settings.rank, alpha=settings.rank)
@@ -313,7 +323,8 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
             settings.resolution,
             settings.batch_size,
             half,
-            vae_factor(model),
+            spatial,
+            latent_frames if family.clip else 1,
         )
     except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
         raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
@@ -345,7 +356,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
         if idle:
             estimate.parts["idle encoders (resident copies)"] = idle
         estimate.caching = CPU_RUNTIME + encoders  # the transformer's pages are not read yet
-        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.largest)
+        cast = _cast_bytes(model, settings, trace.quantizable + trace.other, trace.tensors)
         estimate.loading = CPU_RUNTIME + idle + cast
         if _file_bytes_per_parameter(model, "transformer") == compute:  # mapped, never cast: pages read = crop
             for name in estimate.parts:
@@ -368,7 +379,7 @@ def _file_bytes_per_parameter(model: str, component: str) -> float | None:
     return 2.0
 
 
-def _cast_bytes(model: str, settings: Settings, parameters: float, largest: float) -> float:
+def _cast_bytes(model: str, settings: Settings, parameters: float, tensors: tuple[float, ...]) -> float:
     """CPU: resident transformer bytes while it is loaded in fp32 and cast to the compute dtype (see the
     module doc). A quantized base is read one weight at a time; a full fine-tune keeps fp32 (no cast)."""
     if settings.quantize:
@@ -378,7 +389,13 @@ def _cast_bytes(model: str, settings: Settings, parameters: float, largest: floa
     if source is None:  # built in code: fp32 tensors, each freed as soon as its cast copy exists
         return 4 * parameters
     if source == 4:  # a folder of fp32 files: cast_from_files reads one tensor at a time; no cast: mapped pages
-        return compute * parameters + 4 * largest if compute != 4 else 0.0
+        if compute == 4:
+            return 0.0
+        peak = done = 0.0
+        for numel in tensors:  # the copies so far + this tensor read in fp32 + its copy
+            peak = max(peak, done + (4 + compute) * numel)
+            done += compute * numel
+        return max(peak, compute * parameters)
     return (source + 4) * parameters  # from a hub cache: cast to fp32 while the files are mapped
 
 
@@ -486,6 +503,7 @@ def settings_of(config: Any) -> Settings:
         gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer,
         method_options=tuple(sorted(config.method_options.items())),
+        frames=config.data.frames or 1,
     )
 
 

@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
     add("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])
     add("--gradient-checkpointing", action="store_true")
     add("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    add("--frames", type=int, default=0, help="video models: frames per clip (default: the family's, 17 for Wan)")
     add("--vram", metavar="SIZE", help="fit this memory, e.g. 16GB: print the cheapest settings that fit")
     add("--device", default="cuda", choices=["cuda", "cpu"], help="cpu adds the Python/torch runtime (RSS)")
     parser.set_defaults(run=run)
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,
+        frames=args.frames or _family_frames(args.model),
     )
     if args.vram:
         estimate, applied = fit(args.model, settings, parse_size(args.vram), args.device)
@@ -55,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
     for line in estimate.lines():
         print(f"  {line}")
     return 0
+
+
+def _family_frames(model: str) -> int:
+    """A video family's default clip length (1 for image families)."""
+    from personalize.plan import model_config
+
+    family, _ = model_config(model)
+    return family.clip[0] if family.clip else 1
 
 
 def _flags(settings: Any) -> str:

@@ -29,6 +29,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
+    parser.add_argument(
+        "--num-frames", type=int, default=None, help="video models: frames per clip, saved as a GIF (Wan: 4k + 1)"
+    )
     parser.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, unipc, flow-euler, ...")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -197,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image:  # an edit model edits this image as the prompt says
         call_arguments["image"] = _source_image(pipe, args.image)
         conditioning["image"] = args.image
+    if args.num_frames:
+        call_arguments["num_frames"] = args.num_frames
     pipe.set_progress_bar_config(disable=None)  # None: show on a terminal, hide in logs
     settings = GenerationSettings(
         prompt=args.prompt,

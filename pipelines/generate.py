@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from personalize.errors import UserError
-from personalize.images import make_grid, save_png
+from personalize.images import make_grid, save_gif, save_png
 
 # name -> (diffusers scheduler class, extra config); flow-matching models take only flow schedulers.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -81,7 +81,8 @@ def _pipeline_call_arguments(pipe: Any, settings: GenerationSettings) -> dict[st
 
 
 def generate(pipe: Any, settings: GenerationSettings) -> list[Any]:
-    """Generate `settings.num_images` PIL images, image i from seed `settings.seed + i`."""
+    """Generate `settings.num_images` PIL images, image i from seed `settings.seed + i` (video pipelines:
+    one list of frames per clip)."""
     import torch
 
     if settings.scheduler:
@@ -93,7 +94,7 @@ def generate(pipe: Any, settings: GenerationSettings) -> list[Any]:
     for index in range(settings.num_images):
         generator = torch.Generator(generator_device).manual_seed(settings.seed + index)
         result = pipe(**arguments, generator=generator, output_type="pil")
-        images.extend(result.images)
+        images.extend(result.frames if hasattr(result, "frames") else result.images)  # video: a list of frames each
     return images
 
 
@@ -115,8 +116,11 @@ def image_settings(pipe: Any, settings: GenerationSettings, index: int, model: s
 def write_images(
     images: list[Any], output: str | Path, metadata: list[dict[str, Any]], grid: bool = True
 ) -> list[Path]:
-    """Save images (a single `.png` path for one image, else a folder with a grid.png too)."""
+    """Save images (a single `.png` path for one image, else a folder with a grid.png too). Clips (lists of
+    frames, from video pipelines) are saved as animated GIFs at 16 fps (Wan's rate), one per clip."""
     output = Path(output)
+    if images and isinstance(images[0], list):
+        return _write_clips(images, output, metadata)
     if output.suffix.lower() == ".png":
         if len(images) != 1:
             raise UserError(f"--output {output} is one file but {len(images)} images were made; pass a folder")
@@ -128,3 +132,17 @@ def write_images(
     if grid and len(images) > 1:
         paths.append(save_png(make_grid(images), output / "grid.png"))
     return paths
+
+
+def _write_clips(clips: list[list[Any]], output: Path, metadata: list[dict[str, Any]], fps: float = 16.0) -> list[Path]:
+    """Each clip as `NNN_seedS.gif` in the folder `output` (or as `output` itself when it names one .gif)."""
+    if output.suffix.lower() == ".gif":
+        if len(clips) != 1:
+            raise UserError(f"--output {output} is one file but {len(clips)} clips were made; pass a folder")
+        return [save_gif(clips[0], output, fps, {**metadata[0], "frames": len(clips[0])})]
+    if output.suffix:
+        raise UserError(f"--output {output}: a video model writes .gif clips; pass a folder or a .gif file")
+    return [
+        save_gif(clip, output / f"{index:03d}_seed{settings['seed']}.gif", fps, {**settings, "frames": len(clip)})
+        for index, (clip, settings) in enumerate(zip(clips, metadata))
+    ]

@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         "--grid", type=Path, default=None, help="where to write the grid (default RUN_DIR/before_after.png)"
     )
     args = parser.parse_args(argv)
+    import torch
+
     from personalize.models import load_pipeline
 
+    # One thread, as `personalize train` picks for a small model: on a busy CPU, more threads wait on each other.
+    torch.set_num_threads(1)
     pipe = load_pipeline("dreambench-mini")
     pipe.set_progress_bar_config(disable=True)
     token = run.run_token(args.run_dir)

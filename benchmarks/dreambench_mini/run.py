@@ -39,6 +39,8 @@ METHODS: dict[str, list[str]] = {
     "krona": ["--method", "krona"],
     "full + prior preservation": ["--method", "full", "--prior-preservation", "--class-images", "50"],
     "pivotal": ["--method", "pivotal"],
+    "lora lr 1e-3": ["--lr", "1e-3"],  # the default at 10x its learning rate (a from-scratch toy base)
+    "full lr 1e-4": ["--method", "full", "--lr", "1e-4"],  # every UNet weight, 20x full's default rate
 }
 GUIDANCE = 4.0
 STEPS = 20

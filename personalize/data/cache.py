@@ -211,15 +211,15 @@ def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 @torch.no_grad()
 def _fill_latents(dataset: ImageDataset, vae: Any, todo: dict[str, tuple[int, Plan, Path]], batch_size: int) -> None:
-    by_bucket: dict[tuple[int, int], list[tuple[str, int, Plan, Path]]] = {}
-    for key, (index, plan, path) in todo.items():
-        by_bucket.setdefault(plan.target_size, []).append((key, index, plan, path))
+    by_bucket: dict[tuple[int, ...], list[tuple[str, int, Plan, Path]]] = {}
+    for key, (index, plan, path) in todo.items():  # the dataset's bucket: size (+ clip length for video)
+        by_bucket.setdefault(tuple(dataset.buckets[index]), []).append((key, index, plan, path))
     total = sum(len(group) for group in by_bucket.values())
     with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0, leave=False) as progress:
         for group in by_bucket.values():
             for chunk in _batches(group, batch_size):
                 items = [dataset.render(index, plan) for _, index, plan, _ in chunk]
-                latents = encode_images(vae, torch.stack([item["pixels"] for item in items]))  # (B, C, h, w)
+                latents = encode_images(vae, torch.stack([item["pixels"] for item in items]))  # (B, C, [F,] h, w)
                 for row, (key, _, _, path) in enumerate(chunk):
                     tensors = {"latents": latents[row]}
                     if "mask" in items[row]:

@@ -33,4 +33,10 @@ class DataConfig:
     class_prompt: str = option("", "prompt of the class images; default 'a photo of {class_word}'")
     num_class_images: int = option(0, "prior preservation: how many class images to use (0: off)")
     cache_dir: str = option("", "latent/text-embedding cache; '' -> $PERSONALIZE_CACHE or ~/.cache/personalize")
+    frames: int = option(
+        0,
+        "video models: frames per training clip (0: the model's default, 17 for Wan; Wan takes 4k + 1); "
+        "video files give their first N frames, still images one-frame clips",
+    )
+    fps: float = option(0.0, "video models: frame rate clips are sampled at (0: the model's default, 16 for Wan)")
     num_workers: int = option(-1, "DataLoader worker processes; -1 -> auto (0 for cached data, else cores - 1)")

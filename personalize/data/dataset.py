@@ -1,9 +1,11 @@
 """`build_dataset`: scan, decode-check and bucket every image once; items are decoded on demand.
 
 Each usable file becomes a `Record` (content hash, oriented size, prompt, bucket); unusable files are
-named in `dataset.report`. An index may be an int (epoch 0) or an `(epoch, index)` pair, which is what
-`build_loader`'s sampler yields: random crops and flips are then a function of (seed, epoch, index)
-alone and identical in every worker process.
+named in `dataset.report`. With `data.frames` set (video models) every item is a clip (3, F, H, W): a
+video file its first `frames` frames at `data.fps` (personalize.data.video), a still image a one-frame
+clip; the batches then group clips of the same length as well as the same bucket. An index may be an
+int (epoch 0) or an `(epoch, index)` pair, which is what `build_loader`'s sampler yields: random crops
+and flips are then a function of (seed, epoch, index) alone and identical in every worker process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from personalize.data.decode import MAX_PIXELS, BadImage, decode, parse_color, r
 from personalize.data.sources import Candidate, orphan_sidecars, subsets_of
 from personalize.data.sources import candidates as list_candidates
 from personalize.data.transforms import Plan, apply_plan, decide_flip, make_plan, mask_tensor, to_tensor
+from personalize.data.video import is_video, read_clip
 from personalize.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Record:
     flip: float
     repeats: int
     bucket: Size  # (H, W)
+    frames: int = 1  # frames of the clip it gives (video models); 1 for a still image
 
 
 DEFAULT_RESOLUTION = 512  # for callers of personalize.data without a model; the trainers use the model's
@@ -74,6 +78,8 @@ def _check(config: DataConfig) -> None:
         raise UserError(f"data.flip is a probability between 0 and 1, got {config.flip}")
     if config.repeats < 1:
         raise UserError(f"data.repeats must be at least 1, got {config.repeats}")
+    if config.frames < 0 or config.fps < 0:
+        raise UserError(f"data.frames and data.fps cannot be negative (got {config.frames}, {config.fps:g})")
     if config.max_aspect < 1.0:
         raise UserError(f"data.max_aspect must be at least 1.0, got {config.max_aspect}")
     try:
@@ -84,13 +90,17 @@ def _check(config: DataConfig) -> None:
 
 def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Record | None:
     path = candidate.path
+    clip = bool(config.frames) and is_video(path)
     try:
         data = read_bytes(path)
-        decoded = decode(data, parse_color(config.background), MAX_PIXELS, draft=(1, 1))  # JPEG: 1/8 scale
+        if clip:
+            size, has_alpha = read_clip(data, config.frames, config.fps).size, False
+        else:
+            decoded = decode(data, parse_color(config.background), MAX_PIXELS, draft=(1, 1))  # JPEG: 1/8 scale
+            size, has_alpha = decoded.size, decoded.alpha is not None
     except BadImage as error:
         report.skipped.append((path, str(error)))
         return None
-    size = decoded.size
     bucket = choose_bucket(
         size, config.resolution, config.bucket_step, config.max_aspect, config.bucketing, config.no_upscale
     )
@@ -108,12 +118,13 @@ def _record(candidate: Candidate, config: DataConfig, report: DataReport) -> Rec
         path=path,
         digest=hashlib.sha256(data).hexdigest(),
         size=size,
-        has_alpha=decoded.alpha is not None,
+        has_alpha=has_alpha,
         prompt=candidate.prompt,
         is_class=subset.is_class,
         flip=subset.flip,
         repeats=subset.repeats,
         bucket=bucket,
+        frames=config.frames if clip else 1,
     )
 
 
@@ -152,7 +163,12 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.background = parse_color(config.background)
         self.rows = [number for number, record in enumerate(records) for _ in range(record.repeats)]
-        self.buckets: list[Size] = [records[number].bucket for number in self.rows]
+        # clips batch with clips of the same length: the frame count joins the bucket (video models)
+        video = bool(config.frames)
+        self.buckets: list[Size] = [
+            (*records[number].bucket, records[number].frames) if video else records[number].bucket  # type: ignore[misc]
+            for number in self.rows
+        ]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,16 +184,27 @@ class ImageDataset(Dataset):
         record = self.records[self.rows[index]]
         red, green, blue = self.background
         background = f"-bg{red:02x}{green:02x}{blue:02x}" if record.has_alpha else ""
-        return f"{record.digest[:32]}-{plan.tag()}{background}"
+        clip = f"-f{record.frames}r{self.config.fps:g}" if self.config.frames and is_video(record.path) else ""
+        return f"{record.digest[:32]}-{plan.tag()}{background}{clip}"
 
     def render(self, index: int, plan: Plan) -> dict[str, Any]:
         record = self.records[self.rows[index]]
         data = read_bytes(record.path)
         if hashlib.sha256(data).hexdigest() != record.digest:
             raise BadImage("changed on disk since the dataset was built")
+        if self.config.frames and is_video(record.path):  # a clip: every frame through the same plan, (3, F, H, W)
+            clip = read_clip(data, record.frames, self.config.fps)
+            pixels = torch.stack([to_tensor(apply_plan(frame, plan)) for frame in clip.frames], dim=1)
+            return self._item(record, plan, index, pixels, None)
         decoded = decode(data, self.background, draft=plan.resized)
+        pixels = to_tensor(apply_plan(decoded.image, plan))  # (3, H, W)
+        if self.config.frames:  # a still image in a video run: a one-frame clip (3, 1, H, W)
+            pixels = pixels[:, None]
+        return self._item(record, plan, index, pixels, decoded.alpha)
+
+    def _item(self, record: Record, plan: Plan, index: int, pixels: torch.Tensor, alpha: Any) -> dict[str, Any]:
         item: dict[str, Any] = {
-            "pixels": to_tensor(apply_plan(decoded.image, plan)),
+            "pixels": pixels,
             "prompt": record.prompt,
             "is_class": record.is_class,
             "original_size": plan.original_size,
@@ -186,10 +213,10 @@ class ImageDataset(Dataset):
             "key": self.item_key(index, plan),
         }
         if self.config.alpha_mask:
-            if decoded.alpha is None:
+            if alpha is None:
                 item["mask"] = torch.ones(1, *plan.target_size)
             else:
-                item["mask"] = mask_tensor(apply_plan(decoded.alpha, plan))
+                item["mask"] = mask_tensor(apply_plan(alpha, plan))
         return item
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
@@ -209,7 +236,8 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
     if not any(not record.is_class for record in records):
         where = config.images
         detail = report.summary() if report.skipped else "no files found"
-        raise UserError(f"no usable training image in {where}: {detail}; add JPEG, PNG or WebP photos")
+        media = "MP4/GIF clips or " if config.frames else ""
+        raise UserError(f"no usable training image in {where}: {detail}; add {media}JPEG, PNG or WebP photos")
     if report.skipped:
         log.warning(report.summary())
     for warning in report.warnings:

@@ -14,9 +14,10 @@ Gradients flow through sd1/sd2/sdxl text encoders (for text-encoder training); s
 pipeline itself. Tensors come back on the text encoder's device and dtype.
 
 `encode_images` maps pixels in [-1, 1] to the latent space the denoiser trains in:
-z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or per channel
-z = (E(x) - latents_mean) / latents_std for VAEs that store channel statistics (Qwen-Image, Krea 2). Video-style
-VAEs (a `temperal_downsample` config: Qwen-Image's, Wan's) take (B, 3, F, H, W); an image is one frame.
+z = (E(x) - shift_factor) * scaling_factor (shift only for VAEs that define it: SD3, Flux), or, for
+VAEs that normalise each latent channel (their config has latents_mean / latents_std: Qwen-Image, Krea 2,
+Wan), z_c = (E(x)_c - mean_c) / std_c. Video-style VAEs (a `temperal_downsample` config: Qwen-Image's,
+Wan's) take clips (B, 3, F, H, W) and give (B, C, F', h, w); an image (B, 3, H, W) goes in as one frame.
 A VAE with latent batch-norm statistics (Flux.2's AutoencoderKLFlux2) has its own latent space: E(x) in 2x2
 patches (B, 4C, H/16, W/16), normalized per channel, z = (patches - running_mean) / sqrt(running_var + eps).
 By default it takes the *mean* of the VAE posterior instead of a sample: a cached latent is then a
@@ -27,6 +28,7 @@ the latent scale), so training on the mean loses nothing measurable. `sample=Tru
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -89,15 +91,14 @@ def encode_text(pipe: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     raise ValueError(f"encode_text does not support the {family} family")
 
 
-def vae_factors(config: Any) -> tuple[int, int]:
+def vae_factors(config: Mapping[str, Any]) -> tuple[int, int]:
     """(spatial, temporal) downsampling of a VAE from its config: video VAEs name theirs
-    (scale_factor_spatial / _temporal) or list their downsamples (Qwen-Image's temperal_downsample),
-    image VAEs halve once per block after the first."""
-    spatial = getattr(config, "scale_factor_spatial", None)
-    if spatial is None and getattr(config, "temperal_downsample", None) is not None:
-        spatial = 2 ** len(config.temperal_downsample)
-    spatial = spatial or 2 ** (len(config.block_out_channels) - 1)
-    return int(spatial), int(getattr(config, "scale_factor_temporal", None) or 1)
+    (scale_factor_spatial / _temporal), image VAEs halve once per block after the first."""
+    if "temperal_downsample" in config:  # Wan / Qwen-Image style: one halving per stage, some also in time
+        stages = list(config["temperal_downsample"])
+        spatial = config.get("scale_factor_spatial") or 2 ** len(stages)
+        return int(spatial), int(config.get("scale_factor_temporal") or 2 ** sum(map(bool, stages)))
+    return 2 ** (len(config["block_out_channels"]) - 1), 1
 
 
 def channel_statistics(vae: Any, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -119,7 +120,7 @@ def latent_scale(vae: Any) -> tuple[float, float]:
 def encode_images(
     vae: Any, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) scaled latents (posterior mean unless sample=True)."""
+    """(B, 3, [F,] H, W) in [-1, 1] -> (B, C, [F',] H/8, W/8) scaled latents (posterior mean unless sample=True)."""
     device, dtype = _device_dtype(vae)
     one_frame = pixels.ndim == 4 and "temperal_downsample" in vae.config  # an image through a video-style VAE
     pixels = pixels.to(device=device, dtype=dtype)

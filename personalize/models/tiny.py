@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from personalize.models import tiny_diffusion, tiny_flow2, tiny_flow_more, tiny_text
+from personalize.models import tiny_diffusion, tiny_flow2, tiny_flow_more, tiny_text, tiny_video
 
 TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd15": tiny_diffusion.tiny_sd15,
@@ -22,6 +22,7 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-chroma": tiny_flow2.tiny_chroma,
     "tiny-flux2": tiny_flow2.tiny_flux2,
     "tiny-flux2-klein": tiny_flow2.tiny_flux2_klein,
+    "tiny-wan": tiny_video.tiny_wan,
 }
 TINY_LANGUAGE: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-llama": tiny_text.tiny_llama,

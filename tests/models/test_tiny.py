@@ -19,6 +19,7 @@ EXPECTED_FAMILY = {
     "tiny-hidream": "hidream",
     "tiny-krea2": "krea2",
     "tiny-flux-kontext": "flux-kontext",
+    "tiny-wan": "wan",
     "tiny-llama": "llm",
     "tiny-llava": "vlm",
 }
@@ -50,6 +51,9 @@ def _one_step(pipe, name, seed=0):
         kwargs["max_sequence_length"] = 16
     if "max_area" in inspect.signature(pipe.__call__).parameters:  # Flux Kontext sizes by area
         kwargs["max_area"] = IMAGE_SIZE.get(name, 64) ** 2
+    if "num_frames" in inspect.signature(pipe.__call__).parameters:  # video (Wan): a one-frame clip
+        kwargs["num_frames"] = 1
+        return pipe(**kwargs).frames[:, 0]  # (B, F, 3, H, W) -> the frame
     return pipe(**kwargs).images
 
 

@@ -129,3 +129,23 @@ def test_cpu_threads_fit_the_model(monkeypatch):
         assert threads == 2
     with pytest.raises(UserError, match="cpu_threads"), cpu_threads("many", [small], torch.device("cpu")):
         pass
+
+
+def test_end_of_run_samples_keep_the_loops_thread_choice(quick, monkeypatch):
+    """The final grid is drawn after the loop has restored torch's thread count: it must still use the
+    run's choice (one thread for a tiny model), else a busy machine spends minutes on two sample images."""
+    from personalize.trainers.common import validation
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    real = validation.sample_grid
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "sample_grid", recording)
+    quick(steps=2, validation_steps=5, validation_images=1)  # no mid-run grid: only the end-of-run one
+    assert seen == [1]
+    assert torch.get_num_threads() == 2  # and the caller's count comes back

@@ -197,7 +197,7 @@ def any_process(accelerator: Any, flag: bool) -> bool:
 
 def needs_final_samples(state: TrainState, samples: list[Path]) -> bool:
     """The end-of-run grid is drawn unless the last step already has one or the run was stopped."""
-    return not state.stopped_early and not (samples and samples[-1].name.endswith(f"{state.step:06d}.png"))
+    return not state.stopped_early and not (samples and samples[-1].stem.endswith(f"{state.step:06d}"))
 
 
 def raise_if_interrupted(state: TrainState, output: Path, steps: int) -> None:

@@ -25,7 +25,14 @@ import torch
 from personalize.errors import UserError
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.frozen_base import load_frozen_base, place, with_model_resolution
-from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, raise_if_interrupted, train_loop
+from personalize.trainers.common.loop import (
+    BatchStream,
+    LoopSettings,
+    TrainState,
+    cpu_threads,
+    raise_if_interrupted,
+    train_loop,
+)
 from personalize.trainers.common.optim import build_lr_scheduler, build_optimizer
 from personalize.trainers.common.run import begin_training, run_metrics, start_run, write_metrics
 from personalize.trainers.common.step_memory import step_memory_settings
@@ -179,8 +186,9 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     if accelerator.is_main_process:
         from personalize.trainers.conditioning.card import render_card
 
-        if config.validation_images > 0 and not state.stopped_early:
-            samples.append(write_samples(pipe, config, data, output, state.step, autocast))
+        if config.validation_images > 0 and not state.stopped_early:  # with the loop's thread choice
+            with cpu_threads(config.cpu_threads, [pipe.unet, *models.values()], accelerator.device):
+                samples.append(write_samples(pipe, config, data, output, state.step, autocast))
         card = render_card(config, family, files, output, metrics, samples[-1] if samples else None)
         (output / "README.md").write_text(card)
         files += [output / "README.md", output / "config.yaml", write_metrics(output, metrics, state)]

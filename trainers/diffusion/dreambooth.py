@@ -35,6 +35,7 @@ from personalize.trainers.common.loop import (
     BatchStream,
     LoopSettings,
     TrainState,
+    cpu_threads,
     needs_final_samples,
     raise_if_interrupted,
     train_loop,
@@ -436,7 +437,9 @@ def _validate(
         if type(module).__name__ == "Linear4bit":
             module.train()
     autocast = accelerator.autocast if config.mixed_precision != "no" else None  # a factory: one context per use
-    with ema.swap() if ema is not None else nullcontext():
+    # the loop's thread choice also for the end-of-run grid, drawn after the loop has restored torch's default
+    threads = cpu_threads(config.cpu_threads, [unet], device)
+    with threads, ema.swap() if ema is not None else nullcontext():
         path = sample_grid(
             pipe,
             prompts,
@@ -447,7 +450,8 @@ def _validate(
             steps=config.validation_steps,
             size=config.data.resolution,
             autocast=autocast,
-            extra=extra,
+            extra={**(extra or {}), **({"num_frames": config.data.frames} if config.data.frames else {})},
+            fps=config.data.fps or 16.0,  # video models sample clips of the training length
         )
     unet.train(was_training)
     return path

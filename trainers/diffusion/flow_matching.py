@@ -1,10 +1,11 @@
-"""Flow-matching DiT personalization (SD3 / SD3.5, Flux.1): the `personalize train` recipe for those models.
+"""Flow-matching DiT personalization (SD3 / SD3.5, Flux.1, Wan T2V): the `personalize train` recipe for those models.
 
 Reads top to bottom like dreambooth.py: resolve the config (with the family's defaults), load the base,
 check what the model can take, build the data (class images for prior preservation), cache latents and
 text embeddings (the VAE and text encoders then leave the device), quantize / inject / unfreeze the
 transformer, run the shared loop, then write the adapter, samples, config.yaml and README.md.
-Everything that differs per family comes from its description (personalize.models.families).
+Everything that differs per family comes from its description (personalize.models.families). Video
+families (a description with `clip`) train on clips: latents (B, C, F, h, w), `data.frames` / `data.fps`.
 The edit task (`edit.sources` set: `--task edit --control DIR`) trains the same way on (source, target,
 instruction) triples: the source's latents go to the family's `predict_edit` as clean reference tokens.
 
@@ -85,7 +86,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
 
         pipe = load_pipeline(config.model, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
     device, weight_dtype = accelerator.device, DTYPES[config.mixed_precision]
-    config = _check_model(with_model_resolution(config, pipe, say), family, pipe, say)
+    config = _check_model(with_model_resolution(_family_resolution(config, family), pipe, say), family, pipe, say)
     text_encoders = {name: getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None)}
     for module in (pipe.transformer, pipe.vae, *text_encoders.values()):
         module.requires_grad_(False)
@@ -242,7 +243,27 @@ def with_family_defaults(config: TrainConfig, family: FamilyDescription) -> Trai
         updates["precondition_outputs"] = family.precondition_outputs
     if config.guidance_scale is None and family.guidance_scale is not None:
         updates["guidance_scale"] = family.guidance_scale
+    if family.clip is not None:  # a video family: clips of its default length and rate unless set
+        frames, fps = family.clip
+        updates["data"] = dataclasses.replace(
+            config.data, frames=config.data.frames or frames, fps=config.data.fps or fps
+        )
+    elif config.data.frames:
+        raise UserError(
+            f"data.frames is for video models; {config.model} ({family.name}) trains on images: drop data.frames"
+        )
     return dataclasses.replace(config, **updates)
+
+
+def _family_resolution(config: TrainConfig, family: FamilyDescription) -> TrainConfig:
+    """The family's training side when the user set none and the model config names none (Wan: 480);
+    the tiny models train at 64 px."""
+    from personalize.models import is_tiny
+
+    if config.data.resolution or family.native_resolution is None:
+        return config
+    side = 64 if is_tiny(config.model) else family.native_resolution
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=side))
 
 
 def _check_method(config: TrainConfig, family: FamilyDescription) -> None:
@@ -288,11 +309,20 @@ def _check_distilled(config: TrainConfig, family: FamilyDescription, transformer
 
 def _check_model(config: TrainConfig, family: FamilyDescription, pipe: Any, say: Any) -> TrainConfig:
     """What the model itself rules out: a distilled model without consent, a resolution it cannot take."""
+    from personalize.models.encode import vae_factors
+
     transformer_config = dict(pipe.transformer.config)
     _check_distilled(config, family, transformer_config)
-    vae_factor = int(getattr(pipe, "vae_scale_factor", 0)) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    spatial, temporal = vae_factors(pipe.vae.config)  # WanPipeline has no vae_scale_factor
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 0)) or spatial
     multiple = vae_factor * family.latent_multiple(transformer_config)
     data = config.data
+    if data.frames and (data.frames - 1) % temporal:
+        nearest = max(1, round((data.frames - 1) / temporal)) * temporal + 1
+        raise UserError(
+            f"data.frames {data.frames} does not fit this model: its VAE compresses {temporal} frames into one "
+            f"after the first, so clips have {temporal}k + 1 frames; use e.g. {nearest}"
+        )
     if data.resolution % multiple:
         nearest = max(multiple, round(data.resolution / multiple) * multiple)
         raise UserError(
@@ -377,7 +407,7 @@ def _loss_function(
         per_sample, weights, is_class = [], [], []
         keep = ("latents", "is_class", "reference", *family.embed_keys)
         for group in unet_step.concat_batches([{k: item[k] for k in keep if k in item} for item in batches]):
-            latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w)
+            latents = group["latents"].to(device, dtype=torch.float32)  # (B, C, h, w); video (B, C, F, h, w)
             embeds = {key: group[key] for key in family.embed_keys}
             reference = group.get("reference")  # (B, C, h, w): edit pairs' source latents
             values, sample_weights = flow_step.per_sample_loss(

@@ -47,10 +47,17 @@ class FlowSettings:
 
 
 def flow_schedule(scheduler_config: Any) -> FlowSchedule:
-    """The training tables of a pipeline's FlowMatchEulerDiscreteScheduler (as constructed, before set_timesteps)."""
+    """The training tables of a pipeline's FlowMatchEulerDiscreteScheduler (as constructed, before set_timesteps).
+
+    A pipeline released with another flow scheduler (Wan's UniPC on flow sigmas) names its shift
+    `flow_shift`: the training tables take that shift.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    config = dict(scheduler_config)
+    if "shift" not in config and config.get("flow_shift") is not None:
+        config["shift"] = config["flow_shift"]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     count = scheduler.config.num_train_timesteps
     return FlowSchedule(scheduler.timesteps.float().clone(), scheduler.sigmas[:count].float().clone(), count)
 
@@ -98,7 +105,8 @@ def per_sample_loss(
     compute_dtype: torch.dtype,
     reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses (B,), weights (B,)) for scaled latents x0 (B, C, h, w) in fp32; `reference` (B, C, h', w'):
+    """(losses (B,), weights (B,)) for scaled latents x0 (B, C, h, w) -- video: (B, C, F, h, w) -- in fp32;
+    `reference` (B, C, h', w'):
     an edit pair's source latents, fed clean to the family's `predict_edit`."""
     noise = losses.sample_noise(latents, 0.0, generator)  # (B, C, h, w)
     u = timestep_density(
@@ -127,7 +135,7 @@ def per_sample_loss(
             reference.to(latents.device, compute_dtype),
         )  # (B, C, h, w)
     if settings.precondition_outputs:  # x0_hat = x_t - sigma * v_hat, compared with x0
-        sigma = sigmas.to(latents.device).reshape(-1, 1, 1, 1)
+        sigma = sigmas.to(latents.device).reshape(-1, *([1] * (latents.ndim - 1)))
         prediction, target = noisy - sigma * prediction.float(), latents
     per_sample = losses.per_sample_mse(prediction, target)
     return per_sample, loss_weighting(settings.weighting_scheme, sigmas).to(per_sample.device)

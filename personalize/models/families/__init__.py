@@ -1,4 +1,4 @@
-"""Flow-matching DiT families, one description each (flux.py, sd3.py, qwen_image.py, ...): see description.py.
+"""Flow-matching DiT families, one description each (flux.py, sd3.py, qwen_image.py, wan.py, ...): see description.py.
 
 Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked before
 SD3; HiDream, Chroma and Flux.2 configs also have Flux's keys, so they are asked before Flux.
@@ -20,13 +20,14 @@ from personalize.models.families.hidream import HIDREAM
 from personalize.models.families.krea2 import KREA2_FAMILY
 from personalize.models.families.qwen_image import QWEN_IMAGE_FAMILY
 from personalize.models.families.sd3 import SD3
+from personalize.models.families.wan import WAN
 from personalize.models.families.z_image import Z_IMAGE_FAMILY
 
 FLOW_FAMILIES: dict[str, FamilyDescription] = {
     description.name: description
     for description in (
         *(HIDREAM, CHROMA, FLUX2, FLUX2_KLEIN, FLUX, SD3, FLUX_KONTEXT),
-        *(QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY),
+        *(QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY, WAN),
     )
 }
 

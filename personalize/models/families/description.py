@@ -27,7 +27,10 @@ branches on a family's name. What differs per family:
   `encoder_parameters`: parameters of the released text encoders + VAE (the planner's caching phase);
 - `trained_latents(config, h, w)`: the (C, h', w') shape of what the recipe trains on for VAE latents of
   h x w (personalize.models.encode.encode_images' output; None: (latent_channels, h, w); Flux.2's VAE
-  hands out 2x2 patches, (4C, h/2, w/2)).
+  hands out 2x2 patches, (4C, h/2, w/2));
+- `clip`: (frames, fps) for video families, whose latents carry a frame axis (B, C, F, h, w) and whose data
+  are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w);
+  `native_resolution`: the training side when the model's config names none.
 
 Edit models (`personalize train --task edit`) add one hook:
 
@@ -81,11 +84,13 @@ class FamilyDescription:
     single_file_prefix: str = "lora_transformer"  # what ComfyUI maps onto the transformer (see README)
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_tokens: Callable[[Mapping[str, Any]], int] = lambda config: 77
-    image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w
+    image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w  # per latent frame
     embed_keys: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
     embed_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = None
     block_pattern: str = r"(single_)?transformer_blocks\.\d+"
     encoder_parameters: float = 0.0
+    clip: tuple[int, float] | None = None  # video families: default (frames, fps) of a training clip
+    native_resolution: int | None = None
     trained_latents: Callable[[Mapping[str, Any], int, int], tuple[int, int, int]] | None = None
 
     def latent_shape(self, config: Mapping[str, Any], h: int, w: int) -> tuple[int, int, int]:
