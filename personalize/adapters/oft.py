@@ -429,10 +429,15 @@ class BOFT(OrthogonalBase):
         return x.numel() // self.dim < self.dim
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module, scale: float) -> torch.Tensor | None:
-        if not plain_linear(x, base_layer, "rescale" in self._parameters) or self._few_rows(x):
+        if not plain_linear(x, base_layer, False) or self._few_rows(x):
             return None
         if not merged_pays(x, base_layer, self.acts_on_input):
             return None
+        if "rescale" in self._parameters:
+            # peft's BOFT (boft_s): y = s * (W M x) + b = (diag(s) W M) x + b, one product with the merged
+            # weight: 3 GEMM-sized passes (forward, input gradient, weight gradient) against the rotated
+            # activations' 5 (x M, W x', and the three gradients)
+            return nn.functional.linear(x, self.merged(base_layer.weight, scale), base_layer.bias)
         mats = self.channel_matrix(scale, x.dtype).T[None]  # (1, dim, dim): v' = v M^T, one dense block
         return merged_rotation(x, mats, base_layer, self.acts_on_input, orthogonal=scale == 1.0)
 

@@ -176,10 +176,11 @@ def test_formats_refuse_what_the_other_side_cannot_read(tmp_path):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("scale", [1.0, 0.6])
-@pytest.mark.parametrize(("method", "on_input"), [("oft", True), ("oft", False), ("boft", False)])
+@pytest.mark.parametrize(("method", "on_input"), [("oft", True), ("oft", False), ("boft", False), ("boft", True)])
 def test_the_merged_weight_path_equals_rotating_the_activations(method, on_input, scale, bias):
-    """With more tokens than channels the layer runs OFT/BOFT through the merged weight (MergedRotation);
-    output, input gradient and block gradient equal those of rotating the activations."""
+    """With more tokens than channels the layer runs OFT/BOFT through the merged weight (MergedRotation;
+    peft's BOFT, which also scales the output by boft_s, through diag(s) W M); output, input gradient and
+    block gradient equal those of rotating the activations."""
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=bias).requires_grad_(False)  # in != out: transposes would show
     holder = nn.Sequential(base)
@@ -187,15 +188,18 @@ def test_the_merged_weight_path_equals_rotating_the_activations(method, on_input
     module = holder[0].adapters["a"]
     with torch.no_grad():
         module.oft_blocks.normal_(0, 0.2)
+        if "rescale" in module._parameters:  # peft's BOFT form trains a per-output scale too
+            module.rescale.uniform_(0.5, 1.5)
     x = torch.randn(2, 80, 64, requires_grad=True)  # 160 rows >= 64, 48
     grad = torch.randn(2, 80, 48)
     assert module.fused_forward(x, base, scale) is not None  # the merged path is taken here
 
     def run():
-        x.grad, module.oft_blocks.grad = None, None
+        for param in (x, *module.parameters()):
+            param.grad = None
         y = holder(x)
         y.backward(grad)
-        return y.detach(), x.grad.clone(), module.oft_blocks.grad.clone()
+        return y.detach(), x.grad.clone(), *(param.grad.clone() for param in module.parameters())
 
     fused = run()
     module.fused_forward = lambda *args: None  # the activation path
