@@ -492,13 +492,14 @@ def _card_settings(config: TrainConfig) -> dict[str, Any]:
 
 
 def _restore_pipe(
-    pipe: Any, original_unet: torch.nn.Module, trained: dict[str, torch.nn.Module], config: TrainConfig
+    pipe: Any, original: torch.nn.Module, trained: dict[str, torch.nn.Module], config: Any, denoiser: str = "unet"
 ) -> None:
-    """Leave a caller's pipeline as it was: put back its UNet (when a copy trained), remove adapters."""
+    """Leave a caller's pipeline as it was: put back its denoiser (`pipe.unet` / `pipe.transformer`, when a copy
+    trained), remove adapters. Shared with the flow-matching recipe."""
     from personalize import adapters
 
     for name, module in trained.items():
-        if name == "unet" and module is not original_unet:
-            pipe.unet = original_unet
+        if name == denoiser and module is not original:
+            setattr(pipe, denoiser, original)
         elif config.method != "full":
             adapters.remove(module, config.adapter_name)

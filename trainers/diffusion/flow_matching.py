@@ -48,6 +48,7 @@ from personalize.trainers.diffusion.dreambooth import (
     _card_settings,
     _datasets,
     _hyperparameters,
+    _restore_pipe,
     _stream,
     _summary,
     _validate,
@@ -207,7 +208,7 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
     evaluate_output(accelerator, output, config, state, metrics, say)
     accelerator.wait_for_everyone()
     if not own_pipe:
-        _restore_pipe(pipe, original, trained, config)
+        _restore_pipe(pipe, original, trained, config, denoiser="transformer")
     accelerator.end_training()  # closes the trackers (--report-to)
     accelerator.free_memory()
     raise_if_interrupted(state, output, config.steps)
@@ -487,16 +488,3 @@ def _card(
         metrics=metrics,
         adapter={"hyper": hyper, "targets": config.targets, "components": list(trained), "name": config.adapter_name},
     )
-
-
-def _restore_pipe(
-    pipe: Any, original: torch.nn.Module, trained: dict[str, torch.nn.Module], config: TrainConfig
-) -> None:
-    """Leave a caller's pipeline as it was: its own transformer back (when a copy trained), adapters removed."""
-    from personalize import adapters
-
-    for name, module in trained.items():
-        if name == "transformer" and module is not original:
-            pipe.transformer = original
-        elif config.method != "full":
-            adapters.remove(module, config.adapter_name)
