@@ -147,6 +147,23 @@ def test_lean_forward_allocations_map_large_blocks_inside_the_block_only():
     assert done.stdout.split("\n")[-2] == "[1, 0]"
 
 
+MAPPED_THROUGHOUT = MAPPED_BLOCKS.replace(
+    """    with lean_forward_allocations(lean):
+        before""",
+    """    with lean_allocations_throughout(lean):
+        with lean_forward_allocations(lean):  # a forward pass inside the training loop, then its backward
+            pass
+        before""",
+).replace("import _glibc,", "import _glibc, lean_allocations_throughout,")
+
+
+@pytest.mark.skipif(_glibc() is None, reason="the allocator policy is glibc's")
+def test_lean_allocations_throughout_outlast_a_forward_block_inside_them():
+    # a forward block inside the loop's block goes back to the loop's threshold, not to glibc's 32 MiB
+    done = subprocess.run([sys.executable, "-c", MAPPED_THROUGHOUT], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "[1, 0]"
+
+
 def test_a_run_with_every_step_memory_choice_off_trains_the_same_adapter(quick, tmp_path):
     # lr as before tiny models got their own defaults: the two kernels' rounding stays within the tolerance
     lean = quick(method="locon", lr=1e-4, output=str(tmp_path / "lean"), validation_images=0, cpu_allocator="lean")

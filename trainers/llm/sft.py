@@ -35,7 +35,11 @@ from personalize.adapters.training import CALIBRATED
 from personalize.errors import UserError
 from personalize.trainers.common.loop import BatchStream, LoopSettings, TrainState, raise_if_interrupted, train_loop
 from personalize.trainers.common.run import DTYPES, begin_training, run_metrics, start_run, write_metrics
-from personalize.trainers.common.step_memory import lean_forward_allocations, return_freed_memory
+from personalize.trainers.common.step_memory import (
+    lean_allocations_throughout,
+    lean_forward_allocations,
+    return_freed_memory,
+)
 from personalize.trainers.llm.chat_data import ChatReport, Example, collate, pack, read_conversations, tokenize
 from personalize.trainers.llm.config import (
     HOOKED,
@@ -63,7 +67,15 @@ def train(config: LLMTrainConfig | None = None, **options: Any) -> LLMResult:
     """Run the recipe; `options` are LLMTrainConfig keys."""
     config = resolve(config if config is not None else config_from_options(options))
     accelerator, say, output, checkpoint_root, resume_from = start_run(config, [])
+    # On a CPU every block of 256 KiB and more gets pages of its own for the whole run: the frozen layers'
+    # per-layer backward temporaries would otherwise pile up in the heap (step_memory.lean_allocations_throughout)
+    with lean_allocations_throughout(accelerator.device.type == "cpu"):
+        return _run(config, accelerator, say, output, checkpoint_root, resume_from)
 
+
+def _run(
+    config: LLMTrainConfig, accelerator: Any, say: Any, output: Path, checkpoint_root: Path, resume_from: Any
+) -> LLMResult:
     # --- data + base model --------------------------------------------------------------------
     report = ChatReport()
     conversations = read_conversations(config.data, report)
