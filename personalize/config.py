@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,8 +231,10 @@ def build(
     file: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
     overrides: Iterable[str] = (),
+    base: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> T:
-    """defaults < preset < file < flags (None values skipped) < --set overrides."""
+    """defaults < base(merged layers) < preset < file < flags (None values skipped) < --set overrides;
+    `base` sees what the other layers say (e.g. which model) and returns the layer beneath them."""
     data: dict[str, Any] = {}
     if preset:
         data = merge(data, read_preset(preset))
@@ -241,6 +243,8 @@ def build(
     if flags:
         data = merge(data, {key: value for key, value in flags.items() if value is not None})
     data = merge(data, parse_overrides(overrides))
+    if base is not None:
+        data = base(data)
     return from_dict(cls, data)
 
 

@@ -162,9 +162,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--val-split is for --task classify")
     if is_language_run(args):
         return run_language(args, flags_to_config(args))
+    from personalize.models.training_defaults import under_model_defaults
     from personalize.trainers import train
-    from personalize.trainers.diffusion.config import TrainConfig
+    from personalize.trainers.diffusion.config import DEFAULT_MODEL, TrainConfig
 
-    config = build(TrainConfig, preset=args.preset, file=args.config, flags=flags_to_config(args), overrides=args.set)
+    flags = flags_to_config(args)
+    config = build(
+        TrainConfig,
+        preset=args.preset,
+        file=args.config,
+        flags=flags,
+        overrides=args.set,
+        base=lambda layers: under_model_defaults(layers, DEFAULT_MODEL),  # a base folder's training_defaults.json
+    )
     train(config)
     return 0

@@ -209,7 +209,12 @@ class TrainConfig:
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from keyword options; data keys may be given flat (images=..., resolution=...)."""
+    """TrainConfig from keyword options; data keys may be given flat (images=..., resolution=...).
+    A run that names no method starts from its base folder's own training defaults, if it has any
+    (personalize.models.training_defaults); every option given here wins over them."""
+    from personalize.models.training_defaults import under_model_defaults
+
+    options = under_model_defaults(options, DEFAULT_MODEL)
     train_keys = {item.name for item in dataclasses.fields(TrainConfig)}
     data_keys = {item.name for item in dataclasses.fields(DataConfig)}
     top: dict[str, Any] = {}
