@@ -45,9 +45,10 @@ constraints:
 
 # The demo personalizes the pretrained world model (benchmarks/dreambench_mini/model, shipped) on five photos
 # of a ball it never saw (examples/ball), then draws the same prompts before and after (README: "The demo").
+# No method flag: the base's own training_defaults.json decides (benchmarks/results/dreambench_mini.md).
 demo: $(STAMP)
 	$(BIN)/personalize train --images examples/ball --model dreambench-mini --token sks --class-word ball \
-		--set data.bucket_step=16 --set validation_images=0 --output demo-out/ball --overwrite
+		--set validation_images=0 --output demo-out/ball --overwrite
 	$(BIN)/python -m benchmarks.dreambench_mini.demo demo-out/ball
 	@echo "demo: adapter, before_after.png, loss.png, config.yaml and README.md written to demo-out/ball/"
 

@@ -3,7 +3,7 @@
     python -m benchmarks.dreambench_mini.demo RUN_DIR [--subject ball] [--seeds 4] [--grid PATH]
 
 RUN_DIR is a `personalize train --model dreambench-mini` run on a subject's photos (`make demo`:
-examples/ball, the teal-over-pink ball the world never contained). The same prompts and seeds are drawn
+examples/ball, the yellow-over-purple ball the world never contained). The same prompts and seeds are drawn
 with the base alone ("before") and with the run's adapter ("after"); the grid shows them side by side
 (rows: the prompts, which put the subject into contexts its photos never showed, then class prompts)
 and measures.py's figures are printed: the subject appears where the prompt put it, and class prompts

@@ -3,9 +3,10 @@
 Each generated 16 x 16 image is parsed by hand-written rules, no learned judge:
 - background: the median colour of the 1-pixel border -> the nearest context colour ("on the beach", ...);
 - object: pixels farther than FOREGROUND from that background colour; the shape whose template (fitted
-  to the object's bounding box) overlaps it best (IoU); its median colour -> the nearest world colour;
+  to the object's bounding box) overlaps it best (IoU); its median colour -> the nearest world colour, and
+  the same for its upper and lower halves (a two-coloured object: "a yellow and purple cone");
 - subject: the object has the subject's shape, and at least SUBJECT_SHARE of its pixels are near each of the
-  subject's two colours, the top colour above the bottom one (no world object has either colour).
+  subject's two colours, the top colour above the bottom one (no world object of that shape has the pair).
 
 The three axes of a method on a subject (see score()):
 - subject fidelity: share of subject-prompt images (new contexts) in which the subject appears;
@@ -39,6 +40,8 @@ class Parsed:
     subject: str | None  # the subject whose two colours the object carries, if any
     height: int
     iou: float
+    upper: str | None = None  # nearest world colour of the object's upper half
+    lower: str | None = None  # ... and of its lower half
 
 
 def _nearest(colour: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
@@ -75,15 +78,18 @@ def parse(image: np.ndarray) -> Parsed:
     shape = max(ious, key=ious.__getitem__)
     inside = pixels[mask]  # (K, 3)
     colour = _nearest(np.median(inside, axis=0), world.COLOURS)
-    subject = None
     ys = np.where(mask)[0]
+    middle = (top + bottom) / 2
+    upper = _nearest(np.median(inside[ys < middle], axis=0), world.COLOURS) if (ys < middle).any() else colour
+    lower = _nearest(np.median(inside[ys > middle], axis=0), world.COLOURS) if (ys > middle).any() else colour
+    subject = None
     for name, candidate in world.SUBJECTS.items():
         near_top = np.linalg.norm(inside - np.array(candidate.top, dtype=np.float32), axis=-1) < SUBJECT_COLOUR
         near_bottom = np.linalg.norm(inside - np.array(candidate.bottom, dtype=np.float32), axis=-1) < SUBJECT_COLOUR
         both = near_top.mean() >= SUBJECT_SHARE and near_bottom.mean() >= SUBJECT_SHARE
         if both and ys[near_top].mean() < ys[near_bottom].mean() and shape == candidate.shape:
             subject = name
-    return Parsed(context, shape, colour, subject, int(bottom - top + 1), ious[shape])
+    return Parsed(context, shape, colour, subject, int(bottom - top + 1), ious[shape], upper, lower)
 
 
 @dataclass(frozen=True)

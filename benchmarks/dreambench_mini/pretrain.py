@@ -172,30 +172,45 @@ PROBE = [  # (shape, colour, context): every shape, colour and context at least 
     ("box", "yellow", "on the grass"),
     ("cone", "purple", "in a room"),
 ]
+PROBE_TWO_TONE = [  # (shape, upper colour, lower colour, context): two-coloured objects, the subjects' pairs on
+    ("cone", "yellow", "purple", "on the grass"),  # other shapes among them
+    ("box", "red", "blue", "at night"),
+    ("ball", "blue", "yellow", "in the snow"),
+    ("cone", "blue", "yellow", "on the beach"),
+    ("box", "yellow", "purple", "in the sky"),
+    ("ball", "purple", "red", "in a room"),
+]
 
 
 @torch.no_grad()
 def probe(pipe, seeds: int = 2, steps: int = 15, guidance: float = 4.0) -> tuple[dict[str, float], np.ndarray]:
     """Prompt following of the current model: shares of PROBE images with the asked shape, colour, context."""
-    prompts = [f"a photo of a {colour} {shape} {context}" for shape, colour, context in PROBE]
+    asked = [(shape, colour, colour, context) for shape, colour, context in PROBE] + PROBE_TWO_TONE
+    prompts = [
+        f"a photo of a {upper if upper == lower else f'{upper} and {lower}'} {shape} {context}"
+        for shape, upper, lower, context in asked
+    ]
     generator = torch.Generator().manual_seed(0)
     images = pipe(
         prompts * seeds, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np"
     ).images  # (P * seeds, 16, 16, 3) floats in [0, 1]
     images = (images * 255).round().astype(np.uint8)
-    hits = {"shape": [], "colour": [], "context": [], "all": []}
-    for image, (shape, colour, context) in zip(images, PROBE * seeds):
+    hits = {"shape": [], "colour": [], "context": [], "all": [], "two_tone": []}
+    for image, (shape, upper, lower, context) in zip(images, asked * seeds):
         parsed = measures.parse(image)
+        if upper != lower:  # the pair, in its order: what a subject needs the base to be able to draw
+            hits["two_tone"].append(parsed.upper == upper and parsed.lower == lower)
+            continue
         right = {
             "shape": parsed.shape == shape,
-            "colour": parsed.colour == colour,
+            "colour": parsed.colour == upper,
             "context": parsed.context == context,
         }
         for key, value in right.items():
             hits[key].append(value)
         hits["all"].append(all(right.values()))
     grid = np.concatenate(
-        [np.concatenate(list(images[s * len(PROBE) : (s + 1) * len(PROBE)]), 1) for s in range(seeds)]
+        [np.concatenate(list(images[s * len(asked) : (s + 1) * len(asked)]), 1) for s in range(seeds)]
     )
     return {key: float(np.mean(values)) for key, values in hits.items()}, grid
 

@@ -31,16 +31,18 @@ PEER = "diffusers train_dreambooth_lora.py"
 # What the world model needs whatever the method: its 16 px images (bucket sides in multiples of 16).
 WORLD_FLAGS = ["--resolution", str(world.SIZE), "--set", f"data.bucket_step={world.SIZE}"]
 METHODS: dict[str, list[str]] = {
-    "default (lora)": [],
-    "lora + text encoder": ["--train-text-encoder"],
+    "default (no flags)": [],  # the base's training_defaults.json (ship.py): full fine-tuning, lr 1e-4, 2000 steps
+    "lora": ["--method", "lora"],  # SD1.5's LoRA defaults: rank 16, lr 1e-4, 500 steps, attention
+    "lora + text encoder": ["--method", "lora", "--train-text-encoder"],
     "dora": ["--method", "dora"],
     "loha": ["--method", "loha"],
     "lokr": ["--method", "lokr"],
     "krona": ["--method", "krona"],
-    "full + prior preservation": ["--method", "full", "--prior-preservation", "--class-images", "50"],
     "pivotal": ["--method", "pivotal"],
-    "lora lr 1e-3": ["--lr", "1e-3"],  # the default at 10x its learning rate (a from-scratch toy base)
-    "full lr 1e-4": ["--method", "full", "--lr", "1e-4"],  # every UNet weight, 20x full's default rate
+    "lora lr 1e-3 1000 steps": ["--method", "lora", "--lr", "1e-3", "--steps", "1000"],
+    "full at SD1.5 settings": ["--method", "full"],  # DreamBooth's lr 5e-6, 400 steps
+    "full + prior preservation": ["--prior-preservation", "--class-images", "50"],  # the default + prior loss
+    "full lr 2e-4 1000 steps": ["--method", "full", "--lr", "2e-4", "--steps", "1000"],
 }
 GUIDANCE = 4.0
 STEPS = 20

@@ -1,15 +1,20 @@
 """A procedural image world with captions: coloured shapes ("ball", "box", "cone") in named contexts.
 
-Every image is 16 x 16 RGB: one big object (a shape in one colour, at a jittered position) on a
-background that names a context ("on the grass", "in the snow", ...), with a little pixel noise. The world
+Every image is 16 x 16 RGB: one big object (a shape in one colour, or in two: an upper and a lower half,
+at a jittered position) on a background that names a context ("on the grass", "in the snow", ...), with a
+little pixel noise. The world
 is kept this small on purpose: a base pretrained from scratch on a shared CPU core in under an hour must
 learn to follow its prompts (see pretrain.py). Captions say what is there, with parts left out at random
-so that the model also learns short prompts: "a photo of a red ball on the beach", "a blue box",
-"a cone at night".
+so that the model also learns short prompts: "a photo of a red ball on the beach", "a yellow and purple
+cone", "a box at night".
 
-Novel subjects (`SUBJECTS`) are objects the world never contains: a shape in two colours that no world
-object has (teal over pink, lime over maroon). The base model never sees them; a personalization method is
-then judged on whether it can put them into the world's contexts (see measures.py).
+Novel subjects (`SUBJECTS`) are objects the world never contains: a shape in a two-colour pairing that the
+world shows only on other shapes (a yellow-over-purple ball: the world has yellow-over-purple cones and boxes,
+never balls). The base can draw both colours, two-coloured objects and the shape, as a real base has seen
+many two-tone objects but not this one; what it has never drawn is this object, and nothing in a prompt
+names it. A personalization method is judged on whether it can put the subject into the world's contexts
+(see measures.py). (An earlier world with single-colour objects and subjects in colours the world never
+had gave every method 0.00: its base had not learned to draw a two-coloured object at all.)
 """
 
 from __future__ import annotations
@@ -37,23 +42,37 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 55, 190),
 }
 SHAPES = ("ball", "box", "cone")  # circle, square, upward triangle
+TWO_TONE = 0.35  # share of world objects in two colours
 EXTENT = (4.5, 6.5)  # half-extent in pixels: objects fill a third to four fifths of the image
 
 
 @dataclass(frozen=True)
 class Subject:
-    """A novel object: a world shape whose upper and lower halves have colours no world object has."""
+    """A novel object: a world shape whose upper and lower halves carry a pairing of world colours that the
+    world shows on other shapes only."""
 
     name: str  # the class word it belongs to, e.g. "ball"
     shape: str
-    top: tuple[int, int, int]
-    bottom: tuple[int, int, int]
+    top_colour: str
+    bottom_colour: str
+
+    @property
+    def top(self) -> tuple[int, int, int]:
+        return COLOURS[self.top_colour]
+
+    @property
+    def bottom(self) -> tuple[int, int, int]:
+        return COLOURS[self.bottom_colour]
 
 
 SUBJECTS: dict[str, Subject] = {
-    "ball": Subject("ball", "ball", top=(0, 165, 165), bottom=(255, 110, 200)),  # teal over pink
-    "box": Subject("box", "box", top=(170, 250, 0), bottom=(130, 0, 40)),  # lime over maroon
+    "ball": Subject("ball", "ball", "yellow", "purple"),
+    "box": Subject("box", "box", "red", "blue"),
 }
+
+
+# (shape, upper colour, lower colour) that world objects never have: the subjects
+HELD_OUT = {(subject.shape, subject.top_colour, subject.bottom_colour) for subject in SUBJECTS.values()}
 
 
 @dataclass(frozen=True)
@@ -62,11 +81,12 @@ class Scene:
 
     shape: str
     context: str
-    colour: str | None = None  # None: the object is a subject (two colours)
+    colour: str | None = None  # None: the object is a subject; else the colour of the object (its upper half)
     subject: str | None = None
     cx: float = SIZE / 2
     cy: float = SIZE / 2
     extent: float = 5.5
+    lower: str | None = None  # a two-coloured world object: the colour of its lower half
 
 
 def shape_mask(shape: str, cx: float, cy: float, extent: float, size: int = SIZE, supersample: int = 1) -> np.ndarray:
@@ -109,7 +129,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """One (16, 16, 3) uint8 image of a scene, with fixed-seed noise from `rng`."""
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.extent, supersample=SUPERSAMPLE)
     if scene.subject is None:
-        top = bottom = COLOURS[scene.colour]
+        top, bottom = COLOURS[scene.colour], COLOURS[scene.lower or scene.colour]
     else:
         top, bottom = SUBJECTS[scene.subject].top, SUBJECTS[scene.subject].bottom
     return draw(mask, CONTEXTS[scene.context], top, bottom, scene.cy, rng)
@@ -132,23 +152,30 @@ def random_scene(
     context: str | None = None,
     colour: str | None = None,
     subject: str | None = None,
+    two_tone: float = 0.0,
 ) -> Scene:
-    """A scene with the given parts fixed and the rest drawn at random."""
+    """A scene with the given parts fixed and the rest drawn at random; with probability `two_tone` a world
+    object gets a second colour (its lower half), never a subject's pairing on that subject's shape."""
     shape = shape or (SUBJECTS[subject].shape if subject else SHAPES[rng.integers(len(SHAPES))])
     context = context or list(CONTEXTS)[rng.integers(len(CONTEXTS))]
+    lower = None
     if subject is None:
         colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+        if rng.random() < two_tone:
+            lower = str(
+                rng.choice([name for name in COLOURS if name != colour and (shape, colour, name) not in HELD_OUT])
+            )
     extent = float(rng.uniform(*EXTENT))
     margin = extent + 0.5
     cx, cy = (float(rng.uniform(margin, SIZE - margin)) for _ in range(2))
-    return Scene(shape, context, colour, subject, cx, cy, extent)
+    return Scene(shape, context, colour, subject, cx, cy, extent, lower)
 
 
 def caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
     """A caption naming the scene; the colour and the context are each left out with probability `drop`."""
     words = ["a photo of a"] if rng.random() < 0.5 else ["a"]
     if scene.colour and rng.random() >= drop:
-        words.append(scene.colour)
+        words.append(f"{scene.colour} and {scene.lower}" if scene.lower else scene.colour)
     words.append(scene.shape)
     if rng.random() >= drop:
         words.append(scene.context)
@@ -157,7 +184,7 @@ def caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
 
 def world_sample(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """One (image, caption) pair of the world: a random object in a random context."""
-    scene = random_scene(rng)
+    scene = random_scene(rng, two_tone=TWO_TONE)
     return render(scene, rng), caption(scene, rng)
 
 

@@ -7,7 +7,7 @@ from benchmarks.dreambench_mini import measures, world
 from personalize.errors import UserError
 from personalize.models import world as world_model
 
-SLOW_STEPS = 300
+SLOW_STEPS = 1000  # half the default: full fine-tuning put the ball in 0.50-0.55 of new contexts here
 
 
 def test_world_is_deterministic_and_captioned():
@@ -35,6 +35,19 @@ def test_parse_reads_a_rendered_scene():
     assert subject.subject == "box" and subject.context == "in a room"
 
 
+def test_two_coloured_objects_never_carry_a_subjects_pairing_on_its_shape():
+    rng = np.random.default_rng(1)
+    scenes = [world.random_scene(rng, two_tone=1.0) for _ in range(600)]
+    assert all(scene.lower and scene.lower != scene.colour for scene in scenes)
+    assert not {(scene.shape, scene.colour, scene.lower) for scene in scenes} & world.HELD_OUT
+    pairs = {(scene.colour, scene.lower) for scene in scenes}
+    assert all((subject.top_colour, subject.bottom_colour) in pairs for subject in world.SUBJECTS.values())
+    scene = world.random_scene(rng, shape="cone", colour="red", context="on the grass")
+    parsed = measures.parse(world.render(world.Scene(**{**scene.__dict__, "lower": "blue"}), rng))
+    assert (parsed.upper, parsed.lower, parsed.subject) == ("red", "blue", None)
+    assert "red and blue cone" in world.caption(world.Scene(**{**scene.__dict__, "lower": "blue"}), rng, drop=0.0)
+
+
 def test_world_model_name_resolves_to_its_folder(tmp_path, monkeypatch):
     (tmp_path / "model_index.json").write_text("{}")
     monkeypatch.setenv("PERSONALIZE_WORLD_MODEL", str(tmp_path))
@@ -49,17 +62,12 @@ def _world_model_built() -> bool:
     return any((folder / "model_index.json").is_file() for folder in world_model.world_model_candidates())
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _world_model_built(), reason="build it first: python -m benchmarks.dreambench_mini.pretrain")
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 2026-12-07 (benchmarks/results/dreambench_mini.md): on the shipped 1000-step world base the "
-    "default preset never draws the two-coloured subject (subject fidelity 0.00 at 500 steps, also at lr 1e-3); "
-    "strict, so this fails loudly once a better base or default makes it pass",
-)
+@pytest.mark.slow
 def test_default_preset_beats_no_training_on_the_world(tmp_path):
-    """The no-flags preset, trained briefly on a novel subject: the subject appears where the untrained base
-    never draws it, and class prompts still draw the class (drift bounded)."""
+    """The no-flags default (the base's training_defaults.json), trained for half its steps on a novel subject:
+    the subject appears in new contexts where the untrained base never draws it, and class prompts still
+    draw the class (drift bounded)."""
     import torch
 
     from benchmarks.dreambench_mini import run
@@ -77,8 +85,8 @@ def test_default_preset_beats_no_training_on_the_world(tmp_path):
     base = run.draw(pipe, None, "ball", "sks", seeds=2)["figures"]
     trained = run.draw(pipe, out, "ball", "sks", seeds=2)["figures"]
     assert base["subject"] == 0.0  # the world never held the subject
-    assert trained["subject"] >= base["subject"] + 0.25
-    assert base["class_accuracy"] - trained["class_accuracy"] <= 0.25
+    assert trained["in_context"] >= base["in_context"] + 0.25
+    assert base["class_accuracy"] - trained["class_accuracy"] <= 0.125
 
 
 def test_demo_grid_puts_before_and_after_side_by_side(tmp_path):
