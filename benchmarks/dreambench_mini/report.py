@@ -96,8 +96,11 @@ def pretrain_plot(probes: list[dict[str, float]], path: Path) -> Path:
 
     steps = [probe["step"] for probe in probes]
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
-    for key, label in [("context", "context"), ("colour", "colour"), ("shape", "shape"), ("all", "all three")]:
-        axes.plot(steps, [probe[key] for probe in probes], marker="o", markersize=3, label=label)
+    keys = [("context", "context"), ("colour", "colour"), ("shape", "shape"), ("all", "all three")]
+    keys += [("two_tone", "both colours of a two-colour prompt")]
+    for key, label in keys:
+        if all(key in probe for probe in probes):  # probes of the first world had no two-colour prompts
+            axes.plot(steps, [probe[key] for probe in probes], marker="o", markersize=3, label=label)
     for chance in (1 / 6, 1 / 4, 1 / 3):  # a generator guessing the context, the colour, the shape
         axes.axhline(chance, color="gray", linestyle=":", linewidth=0.6)
     axes.set_xlabel("denoiser steps (batch 32)")

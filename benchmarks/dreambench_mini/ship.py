@@ -5,8 +5,9 @@
 
 Only the pipeline (safetensors and configs) and pretrain.json (its settings and the prompt-following
 probes) are copied, and training_defaults.json (TRAINING_DEFAULTS: what a no-flags `personalize train` on
-this base starts from, chosen by run.py's table; personalize.models.training_defaults) is written; the training state pretrain.py continues from stays in the cache. Float32, not
-half precision: transformers loads a text encoder in the dtype it was saved in, and CPU runs want float32.
+this base starts from, chosen by run.py's table; personalize.models.training_defaults) is written; the
+training state pretrain.py continues from stays in the cache. Float32, not half precision: transformers
+loads a text encoder in the dtype it was saved in, and CPU runs want float32.
 """
 
 from __future__ import annotations
