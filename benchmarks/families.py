@@ -90,7 +90,7 @@ def lines_of_code(path: Path) -> int:
 def ours_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Namespace, quantize: str) -> list[str]:
     argv = ["train", "--model", str(model), "--images", str(IMAGES), "--method", "lora", "--rank", "4"]
     argv += ["--alpha", "4", "--targets", FAMILIES[family][4], "--resolution", str(args.resolution)]
-    argv += ["--batch-size", "1", "--steps", str(steps), "--lr", "1e-4", "--mixed-precision", "bf16"]
+    argv += ["--batch-size", "1", "--steps", str(steps), "--lr", "1e-4", "--mixed-precision", args.precision]
     argv += ["--checkpoint-every", "0", "--output", str(out), "--seed", "0", "--overwrite"]
     argv += ["--set", "validation_images=0", "--set", "data.bucketing=false", "--set", "data.num_workers=0"]
     # a fresh latent/text cache per run: both runs of a pair (and the reference) encode once
@@ -99,10 +99,10 @@ def ours_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Na
 
 
 def peer_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Namespace) -> list[str]:
-    """The SD1.5 benchmark's reference arguments with the family's script, bf16, alpha 4, cached latents."""
+    """The SD1.5 benchmark's reference arguments with the family's script, --precision, alpha 4, cached latents."""
     script = argparse.Namespace(peer_script=args.peer_dir / FAMILIES[family][0], resolution=args.resolution)
     shared = train_step.peer_argv(model, out, steps, script)
-    argv = ["--mixed_precision=bf16" if a == "--mixed_precision=no" else a for a in shared]
+    argv = [f"--mixed_precision={args.precision}" if a == "--mixed_precision=no" else a for a in shared]
     return [*argv, "--lora_alpha=4", "--cache_latents"]
 
 
@@ -117,6 +117,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument(
+        "--precision", default="bf16", help="bf16 (the goal's) or no: fp32, for a CPU without bf16 instructions"
+    )
+    parser.add_argument("--no-nf4", action="store_true", help="skip the NF4 row")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     families_dir = ROOT / "personalize" / "models" / "families"
@@ -128,9 +132,10 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     sides = []  # (family, row name, python, kind, quantize)
     for family in args.families:
-        sides.append((family, "personalize lora bf16", sys.executable, "ours", ""))
-        sides.append((family, "diffusers bf16", args.peer_python, "peer", ""))
-        sides.append((family, "personalize lora nf4 (bf16)", sys.executable, "ours", "nf4"))
+        sides.append((family, f"personalize lora {args.precision}", sys.executable, "ours", ""))
+        sides.append((family, f"diffusers {args.precision}", args.peer_python, "peer", ""))
+        if not args.no_nf4:
+            sides.append((family, f"personalize lora nf4 ({args.precision})", sys.executable, "ours", "nf4"))
     for repeat in range(args.repeats):
         results: dict[tuple[str, str], list[dict[str, float]]] = {(s[0], s[1]): [] for s in sides}
         for steps in (args.warmup, args.warmup + args.steps):
@@ -150,15 +155,15 @@ def main() -> None:
 def report(results: dict[tuple[str, str], list[dict[str, float]]], args: argparse.Namespace, repeat: int,
            heads: dict[str, int]) -> None:  # fmt: skip
     print(f"\nrepeat {repeat + 1}: {args.resolution} px, batch 1, rank 4, {args.steps} steps after {args.warmup}")
-    print(f"{'family':12s} {'trainer':30s} {'s/step':>8s} {'peak MB':>9s} {'vs diffusers bf16':>22s}")
+    print(f"{'family':12s} {'trainer':30s} {'s/step':>8s} {'peak MB':>9s} {'vs diffusers':>22s}")
     table = {}
     for key, runs in results.items():
         step = (runs[1]["seconds"] - runs[0]["seconds"]) / args.steps
         table[key] = (step, max(run["peak_bytes"] for run in runs) / 2**20)
     for (family, name), (step, peak) in table.items():
-        peer = table.get((family, "diffusers bf16"))
+        peer = table.get((family, f"diffusers {args.precision}"))
         versus = ""
-        if peer and name == "personalize lora bf16":
+        if peer and name == f"personalize lora {args.precision}":
             versus = f"{step / peer[0]:.2f}x t {peak / peer[1]:.2f}x m"
         elif peer and "nf4" in name:
             versus = f"{peak / peer[1]:.2f}x m"
