@@ -44,3 +44,33 @@ def quick(tiny_pipelines, cache_dir, tmp_path):
         return train(pipe=copy.deepcopy(tiny_pipelines(model)), **settings)
 
     return run
+
+
+def assert_resume_reproduces(quick, monkeypatch, tmp_path, *, after_kill=None, **settings):
+    """Train `settings` (checkpoint_every below steps) into a/; into b/ killed right after the first checkpoint,
+    then resumed with other global RNG state (as a new process has): b/'s adapter must equal a/'s.
+    `after_kill(folder)` checks the killed folder; returns the resumed run's result."""
+    from safetensors.torch import load_file
+
+    from personalize.trainers.common import loop
+
+    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, state, root, keep):
+        save(accelerator, state, root, keep)
+        raise KeyboardInterrupt  # killed right after the first checkpoint
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        quick(**settings, output=str(tmp_path / "b"))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    if after_kill is not None:
+        after_kill(tmp_path / "b")
+    torch.manual_seed(999)
+    result = quick(**settings, output=str(tmp_path / "b"), resume=True)
+    resumed = load_file(str(result.output_dir / "b.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    return result

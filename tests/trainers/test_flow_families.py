@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from personalize.cli import main
 
-from .conftest import CAT
+from .conftest import CAT, assert_resume_reproduces
 
 FAMILIES = {
     "tiny-qwen-image": "qwen-image",
@@ -100,25 +100,8 @@ def test_nf4_base_trains_on_cpu(quick, model):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path, model):
-    from personalize.trainers.common import loop
-
     settings = dict(model=model, method="lora", rank=4, steps=4, lr=1e-3, resolution=32, checkpoint_every=2)
-    settings.update(validation_images=0)
-    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, state, root, keep):
-        save(accelerator, state, root, keep)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        quick(**settings, output=str(tmp_path / "b"))
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    resumed = load_file(str(quick(**settings, output=str(tmp_path / "b"), resume=True).output_dir / "b.safetensors"))
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    assert_resume_reproduces(quick, monkeypatch, tmp_path, **settings, validation_images=0)
 
 
 def test_a_dit_family_without_a_description_is_one_line_naming_the_nearest(capsys, tmp_path, cache_dir):

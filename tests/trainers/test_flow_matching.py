@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from personalize.cli import main
 
-from .conftest import CAT
+from .conftest import CAT, assert_resume_reproduces
 
 METHODS = ["lora", "dora", "loha", "lokr", "krona", "ia3", "full"]
 QUICK = {("lora", "tiny-flux"), ("lora", "tiny-sd3"), ("full", "tiny-flux"), ("lokr", "tiny-sd3")}  # the rest: slow
@@ -123,26 +123,9 @@ def test_nf4_base_trains_on_cpu(quick):
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path):
-    from personalize.trainers.common import loop
-
     settings = dict(model="tiny-sd3", method="lora", rank=4, steps=4, lr=1e-3, resolution=32, checkpoint_every=2)
     settings.update(validation_images=0, lr_scheduler="cosine", ema=True)
-    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, state, root, keep):
-        save(accelerator, state, root, keep)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        quick(**settings, output=str(tmp_path / "b"))
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    torch.manual_seed(999)
-    resumed = load_file(str(quick(**settings, output=str(tmp_path / "b"), resume=True).output_dir / "b.safetensors"))
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    assert_resume_reproduces(quick, monkeypatch, tmp_path, **settings)
 
 
 def _one_line_error(capsys, argv):

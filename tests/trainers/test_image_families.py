@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from personalize.cli import main
 
-from .conftest import CAT
+from .conftest import CAT, assert_resume_reproduces
 
 FAMILIES = {
     "tiny-flux-kontext": "flux-kontext",
@@ -88,24 +88,8 @@ def test_nf4_base_trains_on_cpu(quick, model):
 
 @pytest.mark.parametrize("model", [pytest.param(name, marks=pytest.mark.slow) for name in MODELS])
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path, model):
-    from personalize.trainers.common import loop
-
     settings = dict(model=model, method="lokr", rank=4, steps=4, lr=1e-3, checkpoint_every=2, validation_images=0)
-    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, state, root, keep):
-        save(accelerator, state, root, keep)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        quick(**settings, output=str(tmp_path / "b"))
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    resumed = load_file(str(quick(**settings, output=str(tmp_path / "b"), resume=True).output_dir / "b.safetensors"))
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    assert_resume_reproduces(quick, monkeypatch, tmp_path, **settings)
 
 
 @pytest.mark.parametrize("model", MODELS)

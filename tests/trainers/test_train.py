@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from personalize.trainers.common import loop
+from .conftest import assert_resume_reproduces
 
 METHOD_OPTIONS = {"krona": {"a1": 4, "a2": 4}}  # the paper's a1=64 does not divide the tiny UNet's 32 channels
 
@@ -78,26 +78,12 @@ def test_training_lowers_the_loss_on_a_fixed_batch(quick, tiny_pipelines):
 
 def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_path):
     settings = dict(method="lora", rank=4, steps=4, lr=1e-3, lr_scheduler="cosine", checkpoint_every=2, ema=True)
-    uninterrupted = load_file(str(quick(**settings, output=str(tmp_path / "a")).output_dir / "a.safetensors"))
 
-    save = loop.save_checkpoint
+    def no_adapter_yet(folder):
+        assert not (folder / "b.safetensors").exists()
 
-    def save_then_die(accelerator, state, root, keep):
-        save(accelerator, state, root, keep)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        quick(**settings, output=str(tmp_path / "b"))
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    assert not (tmp_path / "b" / "b.safetensors").exists()
-    torch.manual_seed(999)  # a new process: other global RNG state, restored from the checkpoint
-    resumed = quick(**settings, output=str(tmp_path / "b"), resume=True)
+    resumed = assert_resume_reproduces(quick, monkeypatch, tmp_path, after_kill=no_adapter_yet, **settings)
     assert resumed.metrics["steps"] == 4
-    final = load_file(str(resumed.output_dir / "b.safetensors"))
-    assert final.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 def test_prior_preservation_doubles_the_batch_with_class_images(quick, monkeypatch, tmp_path):
