@@ -41,14 +41,17 @@ def _vae(latent_channels: int, scale: dict[str, float]) -> Any:
     )
 
 
-def _t5(width: int, max_length: int) -> tuple[Any, Any]:
-    from transformers import T5Config, T5EncoderModel
+def _t5(width: int, max_length: int, d_kv: int = 16, umt5: bool = False) -> tuple[Any, Any]:
+    """A 1-layer T5 encoder (or UMT5, Wan's) of `width` and its tokenizer."""
+    import transformers
 
+    prefix = "UMT5" if umt5 else "T5"
+    config_class, model_class = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}EncoderModel")
     tokenizer = tiny_t5_tokenizer(max_length)
-    config = T5Config(
+    config = config_class(
         vocab_size=len(tokenizer),
         d_model=width,
-        d_kv=16,
+        d_kv=d_kv,
         d_ff=32,
         num_layers=1,
         num_heads=2,
@@ -57,7 +60,7 @@ def _t5(width: int, max_length: int) -> tuple[Any, Any]:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config), tokenizer
+    return model_class(config), tokenizer
 
 
 def _clip(hidden: int, projection: int | None = None) -> Any:

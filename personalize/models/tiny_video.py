@@ -17,26 +17,7 @@ from typing import Any
 
 from personalize.models.families import FLOW_FAMILIES
 from personalize.models.tiny_diffusion import _seeded
-from personalize.models.tiny_tokenizers import tiny_t5_tokenizer
-
-
-def _umt5(width: int, max_length: int = 512) -> tuple[Any, Any]:
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tokenizer = tiny_t5_tokenizer(max_length)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=width,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config), tokenizer
+from personalize.models.tiny_flow import _t5
 
 
 def _vae(base_dim: int) -> Any:
@@ -58,7 +39,7 @@ def _pipeline(config: dict[str, Any], vae_base: int, text_tokens: int) -> Any:
     from diffusers import WanPipeline, WanTransformer3DModel
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    text_encoder, tokenizer = _umt5(config["text_dim"], text_tokens)
+    text_encoder, tokenizer = _t5(config["text_dim"], text_tokens, d_kv=8, umt5=True)  # Wan's UMT5
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
