@@ -147,9 +147,24 @@ def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     from personalize.models.position_tables import lazy_position_tables
 
     with lazy_position_tables() as tables:
-        pipe = cls.from_pretrained(source, **kwargs)
+        pipe = cls.from_pretrained(source, **{**_family_components(source, kwargs), **kwargs})
     tables.fill_missing(pipe)
     return pipe
+
+
+HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+def _family_components(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Components a described family builds itself for this folder / released id (Qwen-Image-Edit's processor
+    where torchvision is missing), else none."""
+    from personalize.models.families import family_of_folder, published_config
+
+    path = Path(source).expanduser()
+    family = family_of_folder(path) if path.is_dir() else (published_config(source) or (None, None))[0]
+    if family is None or family.load_components is None:
+        return {}
+    return family.load_components(source, **{key: kwargs[key] for key in HUB_OPTIONS if key in kwargs})
 
 
 def load_language_model(model: str, *, torch_dtype: Any = None, **kwargs: Any) -> tuple[Any, Any]:

@@ -15,6 +15,8 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-sd3": tiny_diffusion.tiny_sd3,
     "tiny-flux": tiny_diffusion.tiny_flux,
     "tiny-qwen-image": tiny_flow_more.tiny_qwen_image,
+    "tiny-qwen-image-edit": tiny_flow_more.tiny_qwen_image_edit,
+    "tiny-qwen-image-edit-plus": tiny_flow_more.tiny_qwen_image_edit_plus,
     "tiny-z-image": tiny_flow_more.tiny_z_image,
     "tiny-hidream": tiny_flow_more.tiny_hidream,
     "tiny-krea2": tiny_flow_more.tiny_krea2,

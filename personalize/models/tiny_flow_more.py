@@ -15,6 +15,7 @@ HiDream the Flux VAE layout (tiny_flow). Tokenizers are byte-level BPEs built he
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from functools import lru_cache, partial, wraps
 from typing import Any
@@ -41,31 +42,42 @@ TEMPLATE_WORDS = [
     "objects",
     "background",
 ]
+# Qwen-Image-Edit's system prompt (the edit pipelines drop its first 64 tokens): the pieces Qwen's vocabulary
+# holds as one token each, beyond the words
+EDIT_TEMPLATE = (
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), then explain "
+    "how the user's text instruction should alter or modify the image. Generate a new image that meets the user's "
+    "requirements while maintaining consistency with the original input where appropriate."
+)
+EDIT_PIECES = [("color",), (" ", "("), (")", ","), ("'", "s")]
 CHAT_TEMPLATE = (  # Qwen's ChatML; the generation prompt opens the assistant turn (Qwen3: thinking enabled)
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
-@lru_cache(maxsize=1)
-def _qwen_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+@lru_cache(maxsize=2)
+def _qwen_vocab(edit: bool = False) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """GPT-2-style byte-level BPE (Qwen2Tokenizer's layout): byte symbols, merges with 'Ġ' marking a space,
-    then Qwen's special tokens (the last ids, as in Qwen's vocabulary)."""
+    then Qwen's special tokens (the last ids, as in Qwen's vocabulary). `edit`: also the edit template's."""
     symbols = bytes_to_unicode()
     vocab_list = list(symbols.values())
     space = symbols[ord(" ")]
-    words = Counter(tuple(space + word) for word in corpus_words() + TEMPLATE_WORDS)
+    template = TEMPLATE_WORDS + (re.findall(r"[a-z]+", EDIT_TEMPLATE, flags=re.IGNORECASE) if edit else [])
+    words = Counter(tuple(space + word) for word in corpus_words() + template)
     words.update(tuple(word) for word in ("system", "user", "assistant", "Describe"))  # after a special / newline
+    if edit:
+        words.update(tuple(symbols[ord(c)] for c in "".join(piece)) for piece in EDIT_PIECES)
     merges = learn_bpe(words, 4000)  # until every word is one token
     vocab_list += ["".join(pair) for pair in merges if "".join(pair) not in vocab_list]
     vocab_list += QWEN_SPECIALS
     return {token: index for index, token in enumerate(vocab_list)}, merges
 
 
-def qwen_tokenizer(max_length: int = 1024) -> Any:
+def qwen_tokenizer(max_length: int = 1024, edit: bool = False) -> Any:
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _qwen_vocab()
+    vocab, merges = _qwen_vocab(edit)
     tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -128,14 +140,23 @@ def _qwen_image(layers: int, heads: int, text_width: int, pipeline: str) -> Any:
     config = _published(
         "qwen-image", {"num_layers": layers, "num_attention_heads": heads, "joint_attention_dim": text_width}
     )
-    tokenizer = qwen_tokenizer()
+    edit = "Edit" in pipeline  # the edit pipelines also take Qwen2-VL's processor (the encoder sees the source)
+    tokenizer = qwen_tokenizer(edit=edit)
+    extra = {"processor": _qwen_processor(tokenizer)} if edit else {}
     return getattr(diffusers, pipeline)(
         transformer=diffusers.QwenImageTransformer2DModel(**config),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER),
         vae=qwen_vae(),
         text_encoder=qwen25_vl(text_width, len(tokenizer)),
         tokenizer=tokenizer,
+        **extra,
     )
+
+
+def _qwen_processor(tokenizer: Any) -> Any:
+    from personalize.models.vl_processor import ImageOnlyQwen2VLProcessor, image_processor_class
+
+    return ImageOnlyQwen2VLProcessor(image_processor_class()(), tokenizer, chat_template=tokenizer.chat_template)
 
 
 QWEN_SCHEDULER = dict(  # Qwen/Qwen-Image's scheduler config (resolution-dependent shift at inference)
@@ -249,6 +270,14 @@ KREA2_SCHEDULER = dict(  # resolution-aware dynamic shifting, as Krea 2's pipeli
 
 def tiny_qwen_image() -> Any:
     return reduced_qwen_image()
+
+
+def tiny_qwen_image_edit() -> Any:
+    return _qwen_image(1, 2, 64, "QwenImageEditPipeline")
+
+
+def tiny_qwen_image_edit_plus() -> Any:
+    return _qwen_image(1, 2, 64, "QwenImageEditPlusPipeline")
 
 
 def tiny_z_image() -> Any:

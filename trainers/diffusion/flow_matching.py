@@ -29,6 +29,7 @@ import torch
 from personalize.errors import UserError
 from personalize.eval import logs
 from personalize.models.families import FamilyDescription, transformer_config
+from personalize.models.families.description import Embeds, stack_rows
 from personalize.trainers.common.ema import EMA
 from personalize.trainers.common.finish import evaluate_output, write_run_files
 from personalize.trainers.common.frozen_base import idle_until_validation, place, with_model_resolution
@@ -105,7 +106,8 @@ def train(config: TrainConfig | None = None, *, pipe: Any = None, **options: Any
         if config.edit.instructions:
             instructions = read_instructions(config.edit.instructions)
             instance_data = with_instructions(instance_data, instructions, config.data.token, config.edit.instructions)
-    cache_text = not config.train_text_encoder  # a trained text encoder must run every step
+    # a trained text encoder must run every step; one that reads the edit's source picture runs once per source crop
+    cache_text = not config.train_text_encoder and not (edit and family.encode_edit_prompt)
     # an edit run keeps the VAE: each source crop is encoded on first use and kept (_loss_function.references)
     idle = [*(() if edit else (pipe.vae,)), *(text_encoders.values() if cache_text else ())]
     if config.cache_latents:
@@ -390,6 +392,20 @@ def _loss_function(
                     source_latents[batch["key"][row]] = latents
         return torch.stack([source_latents[key] for key in batch["key"]])
 
+    edit_embeds: dict[str, Embeds] = {}  # item key -> its instruction's embeddings with its source picture
+
+    def edit_prompts(batch: dict[str, Any]) -> Embeds:
+        """Embeddings of instructions the text encoder reads with their source picture (Qwen-Image-Edit),
+        each (source crop, instruction) encoded once."""
+        assert family.encode_edit_prompt is not None
+        for row, key in enumerate(batch["key"]):
+            if key not in edit_embeds:
+                prompt, source = [batch["prompt"][row]], batch[SOURCE_KEY][row : row + 1]
+                with torch.no_grad():
+                    embeds = family.encode_edit_prompt(pipe, prompt, source)
+                edit_embeds[key] = {name: value.cpu() for name, value in embeds.items()}
+        return stack_rows([edit_embeds[key] for key in batch["key"]])
+
     def encode(batch: dict[str, Any]) -> dict[str, Any]:
         """Fill in what the cache did not provide: latents from pixels, embeddings from prompts."""
         batch = dict(batch)
@@ -398,7 +414,9 @@ def _loss_function(
         if "latents" not in batch:
             with torch.no_grad():
                 batch["latents"] = encode_images(pipe.vae, batch["pixels"]).float()  # (B, C, h, w)
-        if "prompt_embeds" not in batch:
+        if "prompt_embeds" not in batch and SOURCE_KEY in batch and family.encode_edit_prompt is not None:
+            batch.update(edit_prompts(batch))
+        elif "prompt_embeds" not in batch:
             with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
                 batch.update(family.encode_prompt(pipe, list(batch["prompt"])))
         return batch

@@ -19,6 +19,7 @@ from personalize.models.families.flux_kontext import FLUX_KONTEXT
 from personalize.models.families.hidream import HIDREAM
 from personalize.models.families.krea2 import KREA2_FAMILY
 from personalize.models.families.qwen_image import QWEN_IMAGE_FAMILY
+from personalize.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from personalize.models.families.sd3 import SD3
 from personalize.models.families.wan import WAN
 from personalize.models.families.z_image import Z_IMAGE_FAMILY
@@ -27,7 +28,7 @@ FLOW_FAMILIES: dict[str, FamilyDescription] = {
     description.name: description
     for description in (
         *(HIDREAM, CHROMA, FLUX2, FLUX2_KLEIN, FLUX, SD3, FLUX_KONTEXT),
-        *(QWEN_IMAGE_FAMILY, Z_IMAGE_FAMILY, KREA2_FAMILY, WAN),
+        *(QWEN_IMAGE_FAMILY, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, Z_IMAGE_FAMILY, KREA2_FAMILY, WAN),
     )
 }
 

@@ -38,6 +38,13 @@ Edit models (`personalize train --task edit`) add one hook:
   image's latents `reference` (B, C, h', w') as extra tokens the way the family's reference script feeds
   them (their own position ids); returns the prediction for the noisy tokens only, (B, C, h, w).
   None: the family has no edit input (`--task edit` names the families that do).
+- `encode_edit_prompt(pipe, prompts, sources)`: for families whose text encoder also reads the source picture
+  (Qwen-Image-Edit): the embeddings of each instruction with its source pixels (B, 3, H, W) in [0, 1]; the
+  recipe then encodes each (source crop, instruction) once, keeping the text encoder, instead of caching
+  prompts alone. None: `encode_prompt` serves edits too (Kontext, Flux.2).
+
+Loading: `load_components(source, **kwargs)` gives pipeline components to pass to `from_pretrained` for a
+folder or hub id of this family (a component transformers cannot build on this machine, built another way).
 
 Families that share a transformer class (Flux.1 and Flux Kontext) are told apart by their pipeline class
 (`pipeline_class`, then `model_index.json`'s `_class_name`), before the transformer class or the config.
@@ -109,6 +116,8 @@ class FamilyDescription:
         }
 
     predict_edit: PredictEdit | None = None  # edit models: the source latents as extra tokens (see above)
+    encode_edit_prompt: Callable[[Any, list[str], torch.Tensor], Embeds] | None = None  # prompts that see the source
+    load_components: Callable[..., dict[str, Any]] | None = None
 
     def method_defaults(self, method: str) -> tuple[int | None, float, int] | None:
         return self.defaults.get(method)
@@ -137,3 +146,16 @@ def trim_padding(embeds: Embeds) -> Embeds:
         key: value[:, :longest] if value.dim() >= 2 and key.startswith("prompt_embeds") else value
         for key, value in embeds.items()
     }
+
+
+def stack_rows(rows: list[Embeds]) -> Embeds:
+    """Embeddings of one prompt each, of different lengths -> one batch: the `prompt_embeds*` tensors
+    zero-padded after the longest row's tokens (mask 0 there), the rest stacked as they are."""
+    longest = max(row["prompt_embeds"].shape[1] for row in rows)
+
+    def padded(key: str, value: torch.Tensor) -> torch.Tensor:  # (1, T, ...) -> (1, longest, ...)
+        if not key.startswith("prompt_embeds") or value.dim() < 2:
+            return value
+        return torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, longest - value.shape[1]))
+
+    return {key: torch.cat([padded(key, row[key]) for row in rows]) for key in rows[0]}

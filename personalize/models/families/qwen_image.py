@@ -35,19 +35,30 @@ def encode_prompt(pipe: Any, prompts: list[str]) -> Embeds:
 
 
 def predict(
-    transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: Embeds, guidance: float | None
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: Embeds,
+    guidance: float | None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """One transformer call; `reference` (B, C, h', w') latents join as packed tokens after the noisy ones with
+    an `img_shapes` entry of their own (Qwen-Image-Edit), and only the noisy tokens' prediction comes back."""
     b, _, h, w = noisy.shape
     embeds = trim_padding(embeds)
+    tokens, shapes = pack(noisy), [(1, h // 2, w // 2)]  # (B, h/2 * w/2, 4C)
+    if reference is not None:
+        tokens = torch.cat([tokens, pack(reference.to(noisy.dtype))], dim=1)  # (B, N + N', 4C)
+        shapes.append((1, reference.shape[-2] // 2, reference.shape[-1] // 2))
     output = transformer(
-        hidden_states=pack(noisy),  # (B, h/2 * w/2, 4C)
+        hidden_states=tokens,
         encoder_hidden_states=embeds["prompt_embeds"],
         encoder_hidden_states_mask=embeds["prompt_embeds_mask"],
         timestep=timesteps.to(noisy.dtype) / 1000,
-        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        img_shapes=[shapes] * b,
         return_dict=False,
-    )[0]  # (B, h/2 * w/2, 4C)
-    return unpack(output, h, w)
+    )[0]  # (B, N (+ N'), 4C)
+    return unpack(output[:, : (h // 2) * (w // 2)], h, w)
 
 
 QWEN_IMAGE = dict(
