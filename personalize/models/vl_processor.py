@@ -1,9 +1,10 @@
-"""Qwen2-VL's processor for images only, so Qwen-Image-Edit's text encoder runs where torchvision is missing.
+"""Qwen2-VL's and Qwen3-VL's processors for images only, so Qwen-Image-Edit's and Qwen-Image 2.1's text
+encoders run where torchvision is missing.
 
-transformers (5.x) builds `Qwen2VLProcessor` from an image processor, a tokenizer and a video processor, and
-its video processor cannot be built without torchvision; the edit pipelines only ever hand it images. This
-subclass takes the image processor (the PIL backend when torchvision is missing) and the tokenizer, and
-processes text and images exactly as Qwen2VLProcessor does (same placeholder expansion, same outputs).
+transformers (5.x) builds `Qwen2VLProcessor` / `Qwen3VLProcessor` from an image processor, a tokenizer and a
+video processor, and the video processor cannot be built without torchvision; the image pipelines only ever
+hand them images. These subclasses take the image processor (the PIL backend when torchvision is missing) and
+the tokenizer, and process text and images exactly as their parents do (same placeholder expansion, outputs).
 
     processor = image_only_processor("Qwen/Qwen-Image-Edit", subfolder="processor")
 """
@@ -12,18 +13,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen2VLProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers import Qwen2VLProcessor, Qwen3VLProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without the video processor (`get_attributes` reads the signature: images + text)."""
+    """Qwen2VLProcessor without the video processor (`get_attributes` reads this signature: images + text)."""
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor (Qwen-Image 2.1's) without the video processor."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 def image_processor_class() -> Any:
@@ -39,10 +43,12 @@ def image_processor_class() -> Any:
     return Qwen2VLImageProcessorPil
 
 
-def image_only_processor(source: str, subfolder: str = "processor", **kwargs: Any) -> ImageOnlyQwen2VLProcessor:
-    """The processor a Qwen-Image-Edit checkpoint ships in `subfolder`, read without its video processor."""
+def image_only_processor(source: str, subfolder: str = "processor", qwen3: bool = False, **kwargs: Any) -> Any:
+    """The processor a Qwen-Image-Edit (Qwen-Image 2.1: `qwen3`) checkpoint ships in `subfolder`, read without
+    its video processor."""
     from transformers import AutoTokenizer
 
     image_processor = image_processor_class().from_pretrained(source, subfolder=subfolder, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, subfolder=subfolder, **kwargs)
-    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+    processor = ImageOnlyQwen3VLProcessor if qwen3 else ImageOnlyQwen2VLProcessor
+    return processor(image_processor, tokenizer, chat_template=tokenizer.chat_template)

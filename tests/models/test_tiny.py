@@ -15,6 +15,8 @@ EXPECTED_FAMILY = {
     "tiny-sd3": "sd3",
     "tiny-flux": "flux",
     "tiny-qwen-image": "qwen-image",
+    "tiny-qwen-image-edit": "qwen-image-edit",
+    "tiny-qwen-image-edit-plus": "qwen-image-edit-plus",
     "tiny-z-image": "z-image",
     "tiny-hidream": "hidream",
     "tiny-krea2": "krea2",
@@ -35,7 +37,8 @@ IMAGE_SIZE = {
 }
 # the families of issue 27 (not listed) have an 8x VAE like the released ones: 64 px
 # Qwen-Image's published scheduler (shift_terminal 0.02) divides by zero for a single step, in stock diffusers
-STEPS = {"tiny-qwen-image": 2}
+STEPS = {"tiny-qwen-image": 2, "tiny-qwen-image-edit": 2, "tiny-qwen-image-edit-plus": 2}
+EDITS_ONLY = ("tiny-qwen-image-edit", "tiny-qwen-image-edit-plus")  # their call needs a source image
 
 
 def _one_step(pipe, name, seed=0):
@@ -49,6 +52,10 @@ def _one_step(pipe, name, seed=0):
     )
     if name in ("tiny-sd3", "tiny-flux"):
         kwargs["max_sequence_length"] = 16
+    if name in EDITS_ONLY:
+        from PIL import Image
+
+        kwargs["image"] = Image.new("RGB", (64, 64), (200, 40, 90))
     if "max_area" in inspect.signature(pipe.__call__).parameters:  # Flux Kontext sizes by area
         kwargs["max_area"] = IMAGE_SIZE.get(name, 64) ** 2
     if "num_frames" in inspect.signature(pipe.__call__).parameters:  # video (Wan): a one-frame clip
