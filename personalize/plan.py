@@ -119,16 +119,18 @@ def _tiny(model: str) -> Any:
     return build_tiny(model)
 
 
-def vae_factors(model: str) -> tuple[int, int]:
-    """(spatial, temporal) downsampling of the VAE (8x for every published SD3/Flux/Qwen-Image/Wan VAE; Wan's
-    also 4x in time), from its config (personalize.models.encode.vae_factors)."""
+def vae_factors(model: str, family: FamilyDescription | None = None) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the VAE, from its config (personalize.models.encode.vae_factors); a
+    hub id without a local config: the family's released VAE (8x for SD3/Flux/Qwen-Image/Wan, Wan's also 4x in
+    time; 16x for Qwen-Image 2.1)."""
     from personalize.models.encode import vae_factors as of_config
 
     if model.startswith("tiny-"):
         config = dict(_tiny(model).vae.config)
     else:
         file = Path(model).expanduser() / "vae" / "config.json"
-        config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0] * 4}
+        stages = [0] * (family.vae_stages if family is not None else 3)
+        config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0, *stages]}
     return of_config(config)
 
 
@@ -307,8 +309,13 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     if settings.method not in PLANNED_METHODS:
         raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
+    if family.unplanned:
+        raise UserError(
+            f"the planner cannot size {family.name} yet ({family.unplanned}); train without --vram and choose "
+            "--quantize nf4 / --gradient-checkpointing / --resolution yourself"
+        )
     half = DTYPE_BYTES[settings.mixed_precision] == 2
-    spatial, temporal = vae_factors(model)
+    spatial, temporal = vae_factors(model, family)
     latent_frames = 1 + (max(settings.frames, 1) - 1) // temporal  # the VAE keeps the first frame, then 1 in `temporal`
     hyper = {**dict(settings.method_options)}
     if settings.method in ("lora", "dora", "loha", "lokr"):

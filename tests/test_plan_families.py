@@ -10,6 +10,13 @@ import pytest
 
 from personalize.plan import GB, Settings, plan
 
+
+def plan_family(model):
+    from personalize.plan import model_config
+
+    return model_config(model)[0]
+
+
 CAT = Path(__file__).resolve().parent.parent / "examples" / "cat"
 
 PUBLISHED = {  # hub id -> transformer parameters in billions (from the released model cards)
@@ -17,6 +24,18 @@ PUBLISHED = {  # hub id -> transformer parameters in billions (from the released
     "Tongyi-MAI/Z-Image-Turbo": (5.9, 6.4),
     "HiDream-ai/HiDream-I1-Full": (16.5, 17.5),
 }
+
+
+def test_qwen_image21_by_hub_id_knows_its_16x_vae_and_says_in_one_line_that_it_is_not_planned(capsys):
+    """No download: the 16x VAE is the family's; the planner cannot trace 2.1's mask-built sequence on the meta
+    device, and says so in one line (exit 2) instead of guessing."""
+    from personalize.cli import main
+    from personalize.plan import vae_factors
+
+    assert vae_factors("Qwen/Qwen-Image-2.1", plan_family("Qwen/Qwen-Image-2.1")) == (16, 1)
+    assert main(["plan", "--model", "Qwen/Qwen-Image-2.1", "--vram", "24GB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the planner cannot size qwen-image-21 yet") and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow

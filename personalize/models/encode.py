@@ -124,6 +124,8 @@ def encode_images(
     device, dtype = _device_dtype(vae)
     one_frame = pixels.ndim == 4 and "temperal_downsample" in vae.config  # an image through a video-style VAE
     pixels = pixels.to(device=device, dtype=dtype)
+    if vae.config.get("in_channels") == 4 and pixels.shape[1] == 3:  # an RGBA VAE (Qwen-Image 2.1): opaque alpha
+        pixels = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)  # (B, 4, [F,] H, W)
     posterior = vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mean  # (B, C, [F,] h, w)
     latents = latents[:, :, 0] if one_frame else latents  # (B, C, h, w)

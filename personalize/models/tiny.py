@@ -17,6 +17,7 @@ TINY_DIFFUSION: dict[str, Callable[[], Any]] = {
     "tiny-qwen-image": tiny_flow_more.tiny_qwen_image,
     "tiny-qwen-image-edit": tiny_flow_more.tiny_qwen_image_edit,
     "tiny-qwen-image-edit-plus": tiny_flow_more.tiny_qwen_image_edit_plus,
+    "tiny-qwen-image21": tiny_flow_more.tiny_qwen_image21,
     "tiny-z-image": tiny_flow_more.tiny_z_image,
     "tiny-hidream": tiny_flow_more.tiny_hidream,
     "tiny-krea2": tiny_flow_more.tiny_krea2,

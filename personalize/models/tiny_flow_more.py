@@ -50,8 +50,11 @@ EDIT_TEMPLATE = (
     "requirements while maintaining consistency with the original input where appropriate."
 )
 EDIT_PIECES = [("color",), (" ", "("), (")", ","), ("'", "s")]
-CHAT_TEMPLATE = (  # Qwen's ChatML; the generation prompt opens the assistant turn (Qwen3: thinking enabled)
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+CHAT_TEMPLATE = (  # Qwen's ChatML (content a string, or VL-style text parts); the generation prompt opens the
+    # assistant turn (Qwen3: thinking enabled)
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -266,6 +269,49 @@ def reduced_krea2(layers: int = 1, heads: int = 4, text_width: int = 64) -> Any:
 KREA2_SCHEDULER = dict(  # resolution-aware dynamic shifting, as Krea 2's pipeline config
     use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=6400
 )
+
+
+QWEN21_SCHEDULER = dict(  # resolution-dependent shift, QwenImage21Pipeline's calculate_shift defaults
+    use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+)
+
+
+@_seeded_builder
+def reduced_qwen_image21(layers: int = 1, heads: int = 2, text_width: int = 64) -> Any:
+    """A QwenImage21Pipeline: the single-stream 2.1 transformer (heads of 128) on a 16x RGBA VAE's 64 unpatched
+    latent channels, a Qwen3-VL text encoder and its processor (read without torchvision)."""
+    import diffusers
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from personalize.models.vl_processor import ImageOnlyQwen3VLProcessor, image_processor_class
+
+    config = _published("qwen-image-21", {"num_layers": layers, "num_attention_heads": heads})
+    tokenizer = qwen_tokenizer()
+    rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    text = {**_text_config(text_width, 2), "num_key_value_heads": 2, "head_dim": 16, "rope_parameters": rope}
+    special = {name: len(tokenizer) - len(QWEN_SPECIALS) + QWEN_SPECIALS.index(name) for name in QWEN_SPECIALS}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": text_width}
+    encoder = Qwen3VLConfig(
+        text_config={**text, "vocab_size": len(tokenizer)},
+        vision_config={**vision, "deepstack_visual_indexes": []},
+        image_token_id=special["<|image_pad|>"],
+        video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"],
+    )
+    # Qwen3-VL's pixel bounds: a condition picture keeps the size the VAE sees (one slot per 32 px tile)
+    images = image_processor_class()(patch_size=16, merge_size=2, size={"shortest_edge": 65536, "longest_edge": 2**24})
+    return diffusers.QwenImage21Pipeline(
+        transformer=diffusers.QwenImage21Transformer2DModel(**{**config, "context_in_dim": text_width}),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN21_SCHEDULER),
+        vae=diffusers.AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, num_res_blocks=1),
+        text_encoder=Qwen3VLForConditionalGeneration(encoder),
+        processor=ImageOnlyQwen3VLProcessor(images, tokenizer, chat_template=tokenizer.chat_template),
+    )
+
+
+def tiny_qwen_image21() -> Any:
+    return reduced_qwen_image21()
 
 
 def tiny_qwen_image() -> Any:

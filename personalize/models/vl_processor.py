@@ -14,6 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import Qwen2VLProcessor, Qwen3VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+# diffusers loads a pipeline component of a module outside its known libraries (a folder saved from a pipeline
+# holding these processors names this module) through the base class the module exposes under its own name
+__all__ = ["ImageOnlyQwen2VLProcessor", "ImageOnlyQwen3VLProcessor", "ProcessorMixin", "image_only_processor"]
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

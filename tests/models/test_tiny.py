@@ -17,6 +17,7 @@ EXPECTED_FAMILY = {
     "tiny-qwen-image": "qwen-image",
     "tiny-qwen-image-edit": "qwen-image-edit",
     "tiny-qwen-image-edit-plus": "qwen-image-edit-plus",
+    "tiny-qwen-image21": "qwen-image-21",
     "tiny-z-image": "z-image",
     "tiny-hidream": "hidream",
     "tiny-krea2": "krea2",
@@ -67,7 +68,8 @@ def _one_step(pipe, name, seed=0):
 @pytest.mark.parametrize("name", sorted(TINY_DIFFUSION))
 def test_one_denoising_step_gives_an_image_of_the_right_size(tiny_pipelines, name):
     images = _one_step(tiny_pipelines(name), name)
-    assert images.shape == (1, 3, IMAGE_SIZE.get(name, 64), IMAGE_SIZE.get(name, 64))
+    channels = 4 if name == "tiny-qwen-image21" else 3  # Qwen-Image 2.1's VAE decodes RGBA
+    assert images.shape == (1, channels, IMAGE_SIZE.get(name, 64), IMAGE_SIZE.get(name, 64))
     assert torch.isfinite(images).all()
 
 

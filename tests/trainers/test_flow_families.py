@@ -1,4 +1,5 @@
-"""Qwen-Image, Z-Image, HiDream-I1 and Krea 2 through the flow-matching recipe: CLI, Python API, stock loaders.
+"""Qwen-Image, Qwen-Image 2.1, Z-Image, HiDream-I1 and Krea 2 through the flow-matching recipe: CLI, Python API,
+stock loaders.
 
 Default run: LoRA through the CLI and the stock-loader comparison per family (a few seconds each); LoKr,
 nf4, resume and the wider matrix run with the slow tests.
@@ -17,6 +18,7 @@ from .conftest import CAT, assert_resume_reproduces
 
 FAMILIES = {
     "tiny-qwen-image": "qwen-image",
+    "tiny-qwen-image21": "qwen-image-21",
     "tiny-z-image": "z-image",
     "tiny-hidream": "hidream",
     "tiny-krea2": "krea2",
@@ -169,6 +171,12 @@ def _stock_call(model, pipe):
     args, kwargs, output = calls[-1]  # the second step: a timestep inside (0, 1000)
     if model in ("tiny-qwen-image", "tiny-krea2"):  # packed 2x2 tokens, t / 1000
         return unpack(kwargs["hidden_states"], 4, 4), kwargs["timestep"] * 1000, unpack(output, 4, 4)
+    if model == "tiny-qwen-image21":  # unpatched 16x latents (2 x 2), one token each after the text; t / 1000
+
+        def grid(tokens):
+            return tokens[:, -4:].transpose(1, 2).reshape(1, -1, 2, 2)
+
+        return grid(kwargs["hidden_states"]), kwargs["timestep"] * 1000, grid(output)
     if model == "tiny-z-image":  # lists of (C, 1, h, w), (1000 - t) / 1000, negated output
         images, times, predictions = args[0][:1], args[1][:1], output[:1]  # the conditional half (CFG batch)
         return torch.stack(images).squeeze(2), 1000 - times * 1000, -torch.stack(predictions).squeeze(2)
@@ -198,7 +206,9 @@ def test_predict_in_training_mode_is_the_inference_prediction(tiny_pipelines, mo
     family = describe(FAMILIES[model])
     transformer = copy.deepcopy(tiny_pipelines(model).transformer)
     embeds = family.encode_prompt(tiny_pipelines(model), ["a photo of sks cat"])
-    latents, timesteps = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([400.0])
+    channels = family.latent_channels(transformer.config)
+    latents = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([400.0])
     with torch.no_grad():
         inference = family.predict(transformer.eval(), latents, timesteps, embeds, family.guidance_scale)
         training = family.predict(transformer.train(), latents, timesteps, embeds, family.guidance_scale)

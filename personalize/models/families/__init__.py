@@ -2,7 +2,8 @@
 
 Order matters where configs overlap: Flux configs also have `joint_attention_dim`, so Flux is asked before
 SD3; HiDream, Chroma and Flux.2 configs also have Flux's keys, so they are asked before Flux.
-Families sharing a transformer class (Flux.1 and Flux Kontext) are told apart by the pipeline class first.
+Families sharing a transformer class (Flux.1 and Flux Kontext, Qwen-Image and Qwen-Image-Edit) are told apart
+by the pipeline class first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from personalize.models.families.flux_kontext import FLUX_KONTEXT
 from personalize.models.families.hidream import HIDREAM
 from personalize.models.families.krea2 import KREA2_FAMILY
 from personalize.models.families.qwen_image import QWEN_IMAGE_FAMILY
+from personalize.models.families.qwen_image21 import QWEN_IMAGE_21_FAMILY
 from personalize.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from personalize.models.families.sd3 import SD3
 from personalize.models.families.wan import WAN
@@ -28,7 +30,15 @@ FLOW_FAMILIES: dict[str, FamilyDescription] = {
     description.name: description
     for description in (
         *(HIDREAM, CHROMA, FLUX2, FLUX2_KLEIN, FLUX, SD3, FLUX_KONTEXT),
-        *(QWEN_IMAGE_FAMILY, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, Z_IMAGE_FAMILY, KREA2_FAMILY, WAN),
+        *(
+            QWEN_IMAGE_21_FAMILY,
+            QWEN_IMAGE_FAMILY,
+            QWEN_IMAGE_EDIT,
+            QWEN_IMAGE_EDIT_PLUS,
+            Z_IMAGE_FAMILY,
+            KREA2_FAMILY,
+            WAN,
+        ),
     )
 }
 
