@@ -126,12 +126,11 @@ def vae_factors(model: str, family: FamilyDescription | None = None) -> tuple[in
     from personalize.models.encode import vae_factors as of_config
 
     if model.startswith("tiny-"):
-        config = dict(_tiny(model).vae.config)
-    else:
-        file = Path(model).expanduser() / "vae" / "config.json"
-        stages = [0] * (family.vae_stages if family is not None else 3)
-        config = json.loads(file.read_text()) if file.is_file() else {"block_out_channels": [0, *stages]}
-    return of_config(config)
+        return of_config(dict(_tiny(model).vae.config))
+    file = Path(model).expanduser() / "vae" / "config.json"
+    if file.is_file():
+        return of_config(json.loads(file.read_text()))
+    return 2 ** (family.vae_stages if family is not None else 3), 1
 
 
 def model_config(model: str) -> tuple[FamilyDescription, dict[str, Any]]:

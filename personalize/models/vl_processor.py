@@ -18,7 +18,12 @@ from transformers.processing_utils import ProcessorMixin
 
 # diffusers loads a pipeline component of a module outside its known libraries (a folder saved from a pipeline
 # holding these processors names this module) through the base class the module exposes under its own name
-__all__ = ["ImageOnlyQwen2VLProcessor", "ImageOnlyQwen3VLProcessor", "ProcessorMixin", "image_only_processor"]
+__all__ = [
+    "ImageOnlyQwen2VLProcessor",
+    "ImageOnlyQwen3VLProcessor",
+    "ProcessorMixin",
+    "image_only_processor",
+]
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

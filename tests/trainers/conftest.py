@@ -74,3 +74,13 @@ def assert_resume_reproduces(quick, monkeypatch, tmp_path, *, after_kill=None, *
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
     return result
+
+
+def one_line_error(capsys, argv):
+    """Run the CLI on `argv`: it must exit 2 with exactly one `error: ...` line on stderr, which is returned."""
+    from personalize.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err

@@ -8,7 +8,7 @@ from personalize.cli import main
 from personalize.config import build, list_presets
 from personalize.trainers.diffusion.config import TrainConfig, config_from_options, infer_words, resolve
 
-from .conftest import CAT
+from .conftest import CAT, one_line_error
 
 PRESETS = ["sd15-lora", "sd15-dreambooth", "sd15-krona", "sd15-lokr", "sdxl-lora", "sdxl-lokr", "sdxl-qlora", "tiny"]
 PRESETS += ["sd15-textual-inversion", "sdxl-textual-inversion", "sd15-pivotal", "sdxl-pivotal"]
@@ -57,22 +57,15 @@ def test_flags_override_presets_and_set_overrides_flags():
     assert config.validation_prompts == ["a", "b"] and config.model == "tiny-sd15"
 
 
-def _one_line_error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     base = ["train", "--images", str(CAT), "--model", "tiny-sd15", "--output", str(tmp_path / "out")]
-    assert "did you mean 'rank'" in _one_line_error(capsys, [*base, "--set", "rnak=4"])
-    assert "does not exist" in _one_line_error(capsys, ["train", "--images", str(tmp_path / "missing")])
-    assert "lora" in _one_line_error(capsys, [*base, "--method", "lorra"])
-    assert "--steps" in _one_line_error(capsys, [*base, "--steps", "0"])
-    assert "--images" in _one_line_error(capsys, ["train", "--model", "tiny-sd15"])
-    assert "tiny-sd15" in _one_line_error(capsys, [*base[:3], "--model", "not a model"])
-    assert "prodigy" in _one_line_error(capsys, [*base, "--optimizer", "prodigy", "--steps", "1"])
+    assert "did you mean 'rank'" in one_line_error(capsys, [*base, "--set", "rnak=4"])
+    assert "does not exist" in one_line_error(capsys, ["train", "--images", str(tmp_path / "missing")])
+    assert "lora" in one_line_error(capsys, [*base, "--method", "lorra"])
+    assert "--steps" in one_line_error(capsys, [*base, "--steps", "0"])
+    assert "--images" in one_line_error(capsys, ["train", "--model", "tiny-sd15"])
+    assert "tiny-sd15" in one_line_error(capsys, [*base[:3], "--model", "not a model"])
+    assert "prodigy" in one_line_error(capsys, [*base, "--optimizer", "prodigy", "--steps", "1"])
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw
 
 from personalize.cli import main
 
+from .conftest import one_line_error
+
 
 @pytest.fixture
 def pairs(tmp_path):
@@ -105,33 +107,26 @@ def test_predict_edit_appends_source_tokens_with_their_own_position_ids(tiny_pip
     assert (prediction - plain).abs().max() > 1e-4  # the source tokens change the prediction
 
 
-def _one_line_error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_edit_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, cache_dir, pairs):
     targets, sources, instructions = pairs
     out = tmp_path / "out"
     (sources / "pair1.png").rename(sources / "other.png")
-    error = _one_line_error(capsys, _argv(pairs, out, cache_dir))
+    error = one_line_error(capsys, _argv(pairs, out, cache_dir))
     assert "pair1.png" in error and "other.png" in error  # both unpaired files are named
     (sources / "other.png").rename(sources / "pair1.png")
     instructions.write_text("pair9: add a ball\n")
-    assert "pair9" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
+    assert "pair9" in one_line_error(capsys, _argv(pairs, out, cache_dir))
     instructions.write_text("add a ball everywhere\n")
-    assert "name: instruction" in _one_line_error(capsys, _argv(pairs, out, cache_dir))
-    error = _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-flux"])
+    assert "name: instruction" in one_line_error(capsys, _argv(pairs, out, cache_dir))
+    error = one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-flux"])
     assert "flux-kontext" in error and "edit" in error  # a family without a source input names those with one
-    assert "edit model" in _one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-sd15"])  # a UNet
-    error = _one_line_error(capsys, ["train", "--images", str(targets), "--control", str(sources)])
+    assert "edit model" in one_line_error(capsys, [*_argv(pairs, out, cache_dir), "--model", "tiny-sd15"])  # a UNet
+    error = one_line_error(capsys, ["train", "--images", str(targets), "--control", str(sources)])
     assert "--task edit" in error
-    error = _one_line_error(capsys, ["train", "--task", "edit", "--images", str(targets)])
+    error = one_line_error(capsys, ["train", "--task", "edit", "--images", str(targets)])
     assert "--control" in error
     assert not out.exists()
-    error = _one_line_error(
+    error = one_line_error(
         capsys, ["generate", "--model", "tiny-flux", "--prompt", "x", "--image", str(sources / "pair0.png")]
     )
     assert "edit model" in error

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from personalize.cli import main
 
-from .conftest import CAT, assert_resume_reproduces
+from .conftest import CAT, assert_resume_reproduces, one_line_error
 
 METHODS = ["lora", "dora", "loha", "lokr", "krona", "ia3", "full"]
 QUICK = {("lora", "tiny-flux"), ("lora", "tiny-sd3"), ("full", "tiny-flux"), ("lokr", "tiny-sd3")}  # the rest: slow
@@ -128,24 +128,17 @@ def test_interrupted_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp_pat
     assert_resume_reproduces(quick, monkeypatch, tmp_path, **settings)
 
 
-def _one_line_error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, cache_dir):
     from personalize.models import build_tiny
 
     out = tmp_path / "out"
-    assert "multiple of 2" in _one_line_error(capsys, _argv("tiny-flux", out, cache_dir, "--resolution", "33"))
-    error = _one_line_error(capsys, _argv("tiny-sd3", out, cache_dir, "--method", "bitfit"))
+    assert "multiple of 2" in one_line_error(capsys, _argv("tiny-flux", out, cache_dir, "--resolution", "33"))
+    error = one_line_error(capsys, _argv("tiny-sd3", out, cache_dir, "--method", "bitfit"))
     assert "bitfit" in error and "lora" in error
     folder = tmp_path / "schnell"
     build_tiny("tiny-flux").save_pretrained(folder)
     config_file = folder / "transformer" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "guidance_embeds": False}))  # schnell
     capsys.readouterr()
-    assert "schnell" in _one_line_error(capsys, _argv(str(folder), out, cache_dir))
+    assert "schnell" in one_line_error(capsys, _argv(str(folder), out, cache_dir))
     assert not out.exists()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from personalize.cli import main
 
-from .conftest import assert_resume_reproduces
+from .conftest import assert_resume_reproduces, one_line_error
 
 av = pytest.importorskip("av")
 
@@ -147,23 +147,16 @@ def test_interrupted_wan_run_resumes_to_the_same_adapter(quick, monkeypatch, tmp
     assert_resume_reproduces(quick, monkeypatch, tmp_path, **settings)
 
 
-def _one_line_error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_video_input_is_one_line_exit_2(capsys, tmp_path, cache_dir, clips, monkeypatch):
     out = tmp_path / "out"
-    error = _one_line_error(capsys, [*_argv(clips, out, cache_dir), "--set", "data.frames=6"])
+    error = one_line_error(capsys, [*_argv(clips, out, cache_dir), "--set", "data.frames=6"])
     assert "data.frames 6" in error and "4k + 1" in error and "use e.g. 5" in error
     flux = _argv(clips, out, cache_dir)
     flux[flux.index("tiny-wan")] = "tiny-flux"
-    assert "data.frames is for video models" in _one_line_error(capsys, flux)
+    assert "data.frames is for video models" in one_line_error(capsys, flux)
     assert not out.exists()
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed
-    error = _one_line_error(capsys, _argv(clips, out, cache_dir))
+    error = one_line_error(capsys, _argv(clips, out, cache_dir))
     assert "pip install 'personalize[video]'" in error
 
 

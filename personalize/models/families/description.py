@@ -154,12 +154,11 @@ def trim_padding(embeds: Embeds) -> Embeds:
 
 def stack_rows(rows: list[Embeds]) -> Embeds:
     """Embeddings of one prompt each, of different lengths -> one batch: the `prompt_embeds*` tensors
-    zero-padded after the longest row's tokens (mask 0 there), the rest stacked as they are."""
+    zero-padded after the longest row's tokens (mask 0 there, `pad_rows`), the rest stacked as they are."""
     longest = max(row["prompt_embeds"].shape[1] for row in rows)
-
-    def padded(key: str, value: torch.Tensor) -> torch.Tensor:  # (1, T, ...) -> (1, longest, ...)
-        if not key.startswith("prompt_embeds") or value.dim() < 2:
-            return value
-        return torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, longest - value.shape[1]))
-
-    return {key: torch.cat([padded(key, row[key]) for row in rows]) for key in rows[0]}
+    return {
+        key: pad_rows([row[key][0] for row in rows], longest)[0]
+        if key.startswith("prompt_embeds") and rows[0][key].dim() >= 2
+        else torch.cat([row[key] for row in rows])
+        for key in rows[0]
+    }

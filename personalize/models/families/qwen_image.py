@@ -12,6 +12,7 @@ no guidance input (true CFG at inference); the script trains attention q/k/v/out
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,6 +25,26 @@ ATTENTION = [r"(.*\.)?attn\.(to_q|to_k|to_v|to_out\.0)"]  # the reference script
 JOINT = [r"(.*\.)?attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
 FEED_FORWARD = [r"(.*\.)?(img_mlp|txt_mlp)\.net\.(0\.proj|2)"]
 ALL_LINEAR = [r"transformer_blocks\.\d+\..*"]  # + the AdaLN modulations img_mod / txt_mod
+
+
+PLANNED_TOKENS = 64  # the planner's prompt length
+
+
+def prompt_shapes(config: Mapping[str, Any], tokens: int) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of a `tokens`-long prompt's embeddings and mask (the planner's meta tensors)."""
+    return {"prompt_embeds": (tokens, int(config["joint_attention_dim"])), "prompt_embeds_mask": (tokens,)}
+
+
+def processor_components(source: str, qwen3: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """`from_pretrained` components of a Qwen-Image-Edit (`qwen3`: Qwen-Image 2.1) folder or hub id: where
+    torchvision is missing, its processor read without the video half (else none: transformers builds it)."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return {}
+    from personalize.models.vl_processor import image_only_processor  # imports transformers: only when needed
+
+    return {"processor": image_only_processor(source, subfolder="processor", qwen3=qwen3, **kwargs)}
 
 
 def encode_prompt(pipe: Any, prompts: list[str]) -> Embeds:
@@ -101,13 +122,10 @@ QWEN_IMAGE_FAMILY = FamilyDescription(
     "to_q/to_k/to_v/to_out.0, uniform timesteps) and README_qwen.md",
     full_precision=(r"(img_in|txt_in|txt_norm|proj_out|norm_out\.linear|time_text_embed\..*)",),
     published={"Qwen/Qwen-Image": QWEN_IMAGE},
-    text_tokens=lambda config: 64,  # planned prompt length: a DreamBooth caption + the template's tail
+    text_tokens=lambda config: PLANNED_TOKENS,  # a DreamBooth caption + the template's tail
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
     embed_keys=("prompt_embeds", "prompt_embeds_mask"),
-    embed_shapes=lambda config: {
-        "prompt_embeds": (64, int(config["joint_attention_dim"])),
-        "prompt_embeds_mask": (64,),
-    },
+    embed_shapes=lambda config: prompt_shapes(config, PLANNED_TOKENS),
     single_file_prefix="lycoris",  # ComfyUI reads lycoris_<diffusers path> for this family (README)
     encoder_parameters=8.29e9 + 0.127e9,  # Qwen2.5-VL-7B + the Wan-2.1-style VAE
 )

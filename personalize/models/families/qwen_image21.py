@@ -15,10 +15,12 @@ timesteps, target noise - x0) and the targets diffusers' `_tp_plan` names (atten
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
+from personalize.models.families import qwen_image
 from personalize.models.families.description import Embeds, FamilyDescription, pad_rows, trim_padding
 
 TEXT_TOKENS = 512  # the cache pads every prompt to this; training trims the shared padding
@@ -108,16 +110,5 @@ QWEN_IMAGE_21_FAMILY = FamilyDescription(
     # depend on values, which the planner's meta-device trace cannot follow
     unplanned="its transformer builds its token sequence from mask values, which a meta-device trace cannot follow",
     encoder_parameters=8.77e9 + 0.2e9,  # Qwen3-VL-8B + the 16x VAE (approximate)
-    load_components=lambda source, **kwargs: _processor(source, **kwargs),
+    load_components=partial(qwen_image.processor_components, qwen3=True),  # no torchvision needed
 )
-
-
-def _processor(source: str, **kwargs: Any) -> dict[str, Any]:
-    """Qwen3-VL's processor read without its video processor where torchvision is missing (else: nothing)."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return {}
-    from personalize.models.vl_processor import image_only_processor
-
-    return {"processor": image_only_processor(source, subfolder="processor", qwen3=True, **kwargs)}

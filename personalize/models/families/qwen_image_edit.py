@@ -22,20 +22,21 @@ import torch
 from personalize.models.families import qwen_image
 from personalize.models.families.description import Embeds, FamilyDescription, pad_rows
 
-EDIT_TEXT_TOKENS = 1024  # the edit pipelines' tokenizer_max_length: the prompt now carries image tokens
 PLUS_CONDITION_AREA = 384 * 384
+# planned prompt lengths: an instruction + the picture's image tokens (one per 28 px: 14 px patches merged 2x2)
+EDIT_TOKENS = qwen_image.PLANNED_TOKENS + 37 * 37  # a 1024 px source (rounded to 1036 = 37 x 28)
+PLUS_TOKENS = qwen_image.PLANNED_TOKENS + 14 * 14  # the 384 x 384 area (rounded to 392 = 14 x 28)
 
 
 def _pictures(sources: torch.Tensor, pipe: Any, area: int | None) -> list[Any]:
     """(B, 3, H, W) pixels in [0, 1] -> PIL images, resized to `area` (keeping the aspect) when given."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
     from PIL import Image
 
     pictures = []
     for pixels in sources.detach().float().cpu().clamp(0, 1):
         picture = Image.fromarray((pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
         if area is not None:
-            from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
-
             width, height = calculate_dimensions(area, picture.width / picture.height)
             picture = pipe.image_processor.resize(picture, height, width)
         pictures.append(picture)
@@ -57,17 +58,6 @@ def edit_prompt_encoder(area: int | None) -> Any:
     return encode_edit_prompt
 
 
-def load_components(source: str, **kwargs: Any) -> dict[str, Any]:
-    """Qwen2-VL's processor read without its video processor where torchvision is missing (else: nothing)."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return {}
-    from personalize.models.vl_processor import image_only_processor
-
-    return {"processor": image_only_processor(source, subfolder="processor", **kwargs)}
-
-
 QWEN_IMAGE_EDIT = dataclasses.replace(
     qwen_image.QWEN_IMAGE_FAMILY,
     name="qwen-image-edit",
@@ -75,12 +65,9 @@ QWEN_IMAGE_EDIT = dataclasses.replace(
     tiny_names=("tiny-qwen-image-edit",),
     predict_edit=qwen_image.predict,  # qwen_image.predict appends `reference` tokens with their own img_shapes
     encode_edit_prompt=edit_prompt_encoder(None),
-    load_components=load_components,
-    text_tokens=lambda config: 64 + 1024,  # planned: an instruction + a 1024 px picture's 1024 image tokens
-    embed_shapes=lambda config: {
-        "prompt_embeds": (64 + 1024, int(config["joint_attention_dim"])),
-        "prompt_embeds_mask": (64 + 1024,),
-    },
+    load_components=qwen_image.processor_components,  # no torchvision needed
+    text_tokens=lambda config: EDIT_TOKENS,
+    embed_shapes=lambda config: qwen_image.prompt_shapes(config, EDIT_TOKENS),
     defaults_source="diffusers' train_dreambooth_lora_qwen_image.py defaults (rank 4, lr 1e-4, attention "
     "to_q/to_k/to_v/to_out.0, uniform timesteps); the edit inputs as QwenImageEditPipeline feeds them",
     published={"Qwen/Qwen-Image-Edit": qwen_image.QWEN_IMAGE},
@@ -92,11 +79,8 @@ QWEN_IMAGE_EDIT_PLUS = dataclasses.replace(
     pipeline_class="QwenImageEditPlusPipeline",
     tiny_names=("tiny-qwen-image-edit-plus",),
     encode_edit_prompt=edit_prompt_encoder(PLUS_CONDITION_AREA),
-    text_tokens=lambda config: 64 + 196,  # an instruction + a 384 x 384 picture's 196 image tokens
-    embed_shapes=lambda config: {
-        "prompt_embeds": (64 + 196, int(config["joint_attention_dim"])),
-        "prompt_embeds_mask": (64 + 196,),
-    },
+    text_tokens=lambda config: PLUS_TOKENS,
+    embed_shapes=lambda config: qwen_image.prompt_shapes(config, PLUS_TOKENS),
     defaults_source="diffusers' train_dreambooth_lora_qwen_image.py defaults (rank 4, lr 1e-4, attention "
     "to_q/to_k/to_v/to_out.0, uniform timesteps); the edit inputs as QwenImageEditPlusPipeline feeds them",
     published={
