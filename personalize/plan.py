@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from personalize.errors import UserError
+from personalize.meta_trace import ConcreteIndices
 from personalize.models.families import FamilyDescription, described_family, family_of_config, transformer_config
 
 GB = 1024**3
@@ -56,6 +57,7 @@ DTYPE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
 PLANNED_METHODS = ("lora", "dora", "loha", "lokr", "krona", "ia3", "full")  # the flow-matching recipe's methods
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 # what a published family's text encoders and VAE hold (parameters of the released files)
+PUBLISHED_VAE_PARAMETERS = 0.13e9  # Flux's VAE 84M, Qwen-Image's and Wan's 127M: an upper bound by hub id
 ENCODER_PARAMETERS = {"flux": 123e6 + 4762e6 + 84e6, "sd3": 124e6 + 695e6 + 4762e6 + 84e6}
 
 
@@ -74,6 +76,7 @@ class Settings:
     optimizer: str = "adamw"
     method_options: tuple[tuple[str, Any], ...] = ()
     frames: int = 1  # video families: frames per training clip
+    edit: bool = False  # --task edit: the source's tokens join the sequence; encoders stay on the device
 
 
 @dataclass
@@ -179,6 +182,7 @@ def _trace(
     half: bool,
     downsample: int,
     frames: int = 1,
+    edit: bool = False,
 ) -> Trace:
     """One training forward of the transformer on the meta device (no memory, no weights)."""
     from diffusers import models as diffusers_models
@@ -219,7 +223,7 @@ def _trace(
             trainable += param.numel()
     latent = resolution // downsample
     dtype = torch.bfloat16 if half else torch.float32
-    saved = _activations(transformer, family, config, latent, batch, dtype, frames)
+    saved = _activations(transformer, family, config, latent, batch, dtype, frames, edit)
     table = sum(m.pos_embed.numel() for m in transformer.modules() if _position_table(m))
     tensors = tuple(float(t.numel()) for t in state_dict.values() if t.is_floating_point())
     return Trace(quantizable, rows, other, trainable, *saved, table=table, tensors=tensors)
@@ -230,6 +234,16 @@ def _position_table(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "PatchEmbed" and bool(getattr(module, "pos_embed_max_size", None))
 
 
+def _example_input(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One input of `predict` for the trace: floats on meta; masks (`*_mask`: every planned token valid) and
+    image slots (`*_slots`: none, a text-to-image prompt) with real values on the CPU (personalize.meta_trace)."""
+    if key.endswith("_mask"):
+        return torch.ones(shape, dtype=torch.long)
+    if key.endswith("_slots"):
+        return torch.zeros(shape, dtype=torch.long)
+    return torch.zeros(shape, device="meta", dtype=dtype)
+
+
 def _activations(
     transformer: torch.nn.Module,
     family: FamilyDescription,
@@ -238,20 +252,19 @@ def _activations(
     batch: int,
     dtype: torch.dtype,
     frames: int = 1,
+    edit: bool = False,
 ) -> tuple[float, float, float]:
     """Saved-for-backward bytes of one forward on meta tensors for latents of side `size` (video families:
-    `frames` latent frames): (in total, with checkpointing, workspace)."""
+    `frames` latent frames; edit runs: with the source's latents of the same size as extra tokens): (in total,
+    with checkpointing, workspace)."""
     channels, height, width = family.latent_shape(config, size, size)
     shape = (batch, channels, *((frames,) if family.clip else ()), height, width)
     latents = torch.zeros(shape, device="meta", dtype=dtype)  # (B, C, [F,] h, w)
-    embeds = {
-        key: torch.zeros(batch, *shape, device="meta", dtype=torch.long if key.endswith("_mask") else dtype)
-        for key, shape in family.example_shapes(config).items()
-    }
+    embeds = {key: _example_input(key, (batch, *shape), dtype) for key, shape in family.example_shapes(config).items()}
     image, text = family.image_tokens(config, size, size) * frames, family.text_tokens(config)
     # attention over the joint sequence, the image or text tokens alone (Z-Image's refiners, Wan's self-attention
-    # over every frame), or image queries on text keys (Wan's cross-attention)
-    tokens = {image, text, image + text}
+    # over every frame), or image queries on text keys (Wan's cross-attention); edit runs: target + source tokens
+    tokens = {image, text, image + text, 2 * image, 2 * image + text}
     parameters = {id(p) for p in transformer.parameters()} | {id(t) for t in transformer.buffers()}
     per_block: dict[str, float] = {}
     largest = [0.0]
@@ -262,7 +275,10 @@ def _activations(
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) in parameters or id(base) in parameters:
             return tensor
-        if tensor.dim() >= 2 and tensor.shape[-1] in tokens and tensor.shape[-2] in tokens:  # math-kernel attention
+        # the math kernel's (B, H, Q, K) or (B * H, Q, K) attention matrices; not a (B, T, D) hidden state whose
+        # width happens to equal a token count (Qwen-Image 2.1: 4096 wide, 4096 image tokens at 1024 px)
+        shape = tensor.shape
+        if tensor.dim() >= 3 and shape[-3] != batch and shape[-1] in tokens and shape[-2] in tokens:
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         per_block[current[0]] = per_block.get(current[0], 0.0) + nbytes
@@ -291,9 +307,13 @@ def _activations(
         with (
             torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
             fx_config.patch(meta_nonzero_assume_all_nonzero=True),
+            ConcreteIndices(),  # masks that decide shapes (Qwen-Image 2.1's image slots) keep their values
         ):
             timesteps = torch.full((batch,), 500.0, device="meta")
-            output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
+            if edit and family.predict_edit is not None:  # the source crop is the target's size
+                output = family.predict_edit(transformer, latents, timesteps, embeds, family.guidance_scale, latents)
+            else:
+                output = family.predict(transformer, latents, timesteps, embeds, family.guidance_scale)
     finally:
         for handle in handles:
             handle.remove()
@@ -308,11 +328,11 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     if settings.method not in PLANNED_METHODS:
         raise UserError(f"the planner covers --method {', '.join(PLANNED_METHODS)}; got '{settings.method}'")
     family, config = model_config(model)
-    if family.unplanned:
-        raise UserError(
-            f"the planner cannot size {family.name} yet ({family.unplanned}); train without --vram and choose "
-            "--quantize nf4 / --gradient-checkpointing / --resolution yourself"
-        )
+    if settings.edit and family.predict_edit is None:
+        from personalize.models.families import FLOW_FAMILIES
+
+        edit_families = ", ".join(name for name, f in FLOW_FAMILIES.items() if f.predict_edit is not None)
+        raise UserError(f"{model} is a {family.name} model, not an edit model; --task edit plans {edit_families}")
     half = DTYPE_BYTES[settings.mixed_precision] == 2
     spatial, temporal = vae_factors(model, family)
     latent_frames = 1 + (max(settings.frames, 1) - 1) // temporal  # the VAE keeps the first frame, then 1 in `temporal`
@@ -331,6 +351,7 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
             half,
             spatial,
             latent_frames if family.clip else 1,
+            settings.edit,
         )
     except ValueError as error:  # the model's own check of what it can take (e.g. SD3's pos_embed_max_size)
         raise UserError(f"cannot plan {model} at --resolution {settings.resolution}: {error}") from None
@@ -355,6 +376,10 @@ def plan(model: str, settings: Settings, device: str = "cuda") -> Estimate:
     else:
         estimate.parts["activations (without checkpointing)"] = trace.activations
     estimate.parts["workspace"] = trace.workspace
+    if settings.edit:  # the VAE encodes each source crop on first use; a prompt that reads the source, every step
+        resident = ("vae", *(family.text_encoders if family.encode_edit_prompt else ()))
+        kept = sum(_component_bytes(model, family, settings, name) for name in resident)
+        estimate.parts["encoders kept for edit pairs"] = kept
     encoders = _encoder_bytes(model, family, settings)
     if device == "cpu":
         estimate.parts["runtime (Python, torch)"] = CPU_RUNTIME
@@ -425,18 +450,25 @@ def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Setting
 
 def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
     """Text encoders in the compute dtype + the fp32 VAE, from the folder's file headers or the published sizes."""
-    folder = Path(model).expanduser()
-    compute = DTYPE_BYTES[settings.mixed_precision]
+    parts = [_component_bytes(model, family, settings, name) for name in (*family.text_encoders, "vae")]
+    if model.startswith("tiny-") or Path(model).expanduser().is_dir():
+        return sum(parts)
+    return ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) * DTYPE_BYTES[settings.mixed_precision]
+
+
+def _component_bytes(model: str, family: FamilyDescription, settings: Settings, name: str) -> float:
+    """One text encoder (compute dtype) or the VAE (fp32); by hub id from the published totals (the VAE taken
+    as PUBLISHED_VAE_PARAMETERS, the text encoders sharing the rest)."""
+    dtype = 4 if name == "vae" else DTYPE_BYTES[settings.mixed_precision]
     if model.startswith("tiny-"):
-        pipe = _tiny(model)
-        modules = [getattr(pipe, name) for name in (*family.text_encoders, "vae")]
-        return sum(sum(p.numel() for p in module.parameters()) * compute for module in modules)
+        return sum(p.numel() for p in getattr(_tiny(model), name).parameters()) * dtype
+    folder = Path(model).expanduser()
     if folder.is_dir():
-        total = 0.0
-        for name in (*family.text_encoders, "vae"):
-            total += _folder_parameters(folder / name)[0] * (4 if name == "vae" else compute)
-        return total
-    return ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) * compute
+        return _folder_parameters(folder / name)[0] * dtype
+    if name == "vae":
+        return PUBLISHED_VAE_PARAMETERS * dtype
+    total = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) - PUBLISHED_VAE_PARAMETERS
+    return total / len(family.text_encoders) * dtype
 
 
 def _folder_parameters(folder: Path) -> tuple[float, float]:
@@ -510,6 +542,7 @@ def settings_of(config: Any) -> Settings:
         optimizer=config.optimizer,
         method_options=tuple(sorted(config.method_options.items())),
         frames=config.data.frames or 1,
+        edit=bool(config.edit.sources),
     )
 
 

@@ -25,6 +25,7 @@ def register(subparsers: Any) -> None:
     add("--gradient-checkpointing", action="store_true")
     add("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
     add("--frames", type=int, default=0, help="video models: frames per clip (default: the family's, 17 for Wan)")
+    add("--task", choices=["edit"], help="edit: an edit model trained on (source, target) pairs (--task edit)")
     add("--vram", metavar="SIZE", help="fit this memory, e.g. 16GB: print the cheapest settings that fit")
     add("--device", default="cuda", choices=["cuda", "cpu"], help="cpu adds the Python/torch runtime (RSS)")
     parser.set_defaults(run=run)
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,
         frames=args.frames or _family_frames(args.model),
+        edit=args.task == "edit",
     )
     if args.vram:
         estimate, applied = fit(args.model, settings, parse_size(args.vram), args.device)

@@ -174,9 +174,12 @@ QWEN_SCHEDULER = dict(  # Qwen/Qwen-Image's scheduler config (resolution-depende
 )
 
 
-def reduced_qwen_image(layers: int = 1, heads: int = 2, text_width: int = 64) -> Any:
-    """A QwenImagePipeline with Qwen-Image's transformer config at `layers` blocks and `heads` heads of 128."""
-    return _qwen_image(layers, heads, text_width, "QwenImagePipeline")
+def reduced_qwen_image(
+    layers: int = 1, heads: int = 2, text_width: int = 64, pipeline: str = "QwenImagePipeline"
+) -> Any:
+    """A QwenImagePipeline (or `pipeline`: QwenImageEditPipeline, QwenImageEditPlusPipeline) with Qwen-Image's
+    transformer config at `layers` blocks and `heads` heads of 128."""
+    return _qwen_image(layers, heads, text_width, pipeline)
 
 
 @_seeded_builder

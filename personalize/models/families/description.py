@@ -31,8 +31,8 @@ branches on a family's name. What differs per family:
 - `clip`: (frames, fps) for video families, whose latents carry a frame axis (B, C, F, h, w) and whose data
   are clips (`data.frames` / `data.fps` default to it); None for image families (B, C, h, w);
   `native_resolution`: the training side when the model's config names none; `vae_stages`: spatial halvings
-  of the released VAE (the planner's latent size for a hub id it cannot read); `unplanned`: why the planner
-  cannot size the family (its meta-device trace), said in one line instead of an estimate.
+  of the released VAE (the planner's latent size for a hub id it cannot read). The planner traces `predict`
+  on the meta device with masks (`*_mask` keys) and image slots (`*_slots`) given real values.
 
 Edit models (`personalize train --task edit`) add one hook:
 
@@ -102,7 +102,6 @@ class FamilyDescription:
     native_resolution: int | None = None
     trained_latents: Callable[[Mapping[str, Any], int, int], tuple[int, int, int]] | None = None
     vae_stages: int = 3  # spatial halvings of the released VAE (8x; Qwen-Image 2.1: 4, 16x), for planning by hub id
-    unplanned: str | None = None  # why the planner cannot trace this family's forward (None: it can)
 
     def latent_shape(self, config: Mapping[str, Any], h: int, w: int) -> tuple[int, int, int]:
         """(C, h', w') of the latents the recipe trains on, for VAE latents of h x w."""

@@ -43,8 +43,9 @@ def predict(
 ) -> torch.Tensor:
     b, c, h, w = noisy.shape
     embeds = trim_padding(embeds)
-    slots = embeds["prompt_embeds_image_slots"].to(noisy.device).bool()  # (B, T): the encoder's image slots
-    target_slots = torch.ones(b, h * w // 4, dtype=torch.bool, device=noisy.device)  # one per 2x2 target tokens
+    # masks stay where the caller put them: the planner's trace keeps their values on the CPU (meta_trace)
+    slots = embeds["prompt_embeds_image_slots"].bool()  # (B, T): the encoder's image slots
+    target_slots = torch.ones(b, h * w // 4, dtype=torch.bool, device=slots.device)  # one per 2x2 target tokens
     output = transformer(
         hidden_states=noisy.flatten(2).transpose(1, 2),  # (B, h * w, C): unpatched latents
         timestep=timesteps.to(noisy.dtype) / 1000,
@@ -106,9 +107,6 @@ QWEN_IMAGE_21_FAMILY = FamilyDescription(
     },
     single_file_prefix="lycoris",  # as Qwen-Image's (README)
     vae_stages=4,  # 16x
-    # the joint sequence is built by boolean indexing and repeat_interleave on the image-slot mask: shapes that
-    # depend on values, which the planner's meta-device trace cannot follow
-    unplanned="its transformer builds its token sequence from mask values, which a meta-device trace cannot follow",
     encoder_parameters=8.77e9 + 0.2e9,  # Qwen3-VL-8B + the 16x VAE (approximate)
     load_components=partial(qwen_image.processor_components, qwen3=True),  # no torchvision needed
 )
