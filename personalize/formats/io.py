@@ -31,6 +31,7 @@ from personalize.formats import detect, diffusers, embeddings, kohya, peft
 from personalize.formats.canonical import LORA_METHODS, LYCORIS_METHODS, Components, method_of
 from personalize.formats.embeddings import Embeddings
 from personalize.formats.kohya_guess import guess_path
+from personalize.formats.original_names import diffusers_path
 from personalize.models.presets import model_kind
 
 EMBEDDING_NAMES = re.compile(r"(.*\.)?(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|token_embedding)")
@@ -278,7 +279,8 @@ def _map_tensors(
     elif layout == "kohya":
         unet = targets.get("unet")
         config = dict(unet.config) if unet is not None and hasattr(unet, "config") else None
-        table = kohya.name_table({c: wrappable_paths(m) for c, m in targets.items()}, config)
+        paths = {c: wrappable_paths(m) for c, m in targets.items()}
+        table = kohya.name_table(paths, config, _renames_of(targets))
         components = kohya.from_kohya(data, table)
     else:
         raise UserError(f"{where}: layout {layout} holds no adapter weights")
@@ -322,8 +324,26 @@ def _parse_only(layout: str, data: dict, metadata: dict, where: str) -> Componen
         return split_components(data)
     if layout == "kohya":
         names = {kohya.split_kohya_key(k)[0] for k in data}
-        return kohya.from_kohya(data, {name: guess_path(name) for name in names})
+        renames = kohya.single_file_renames(metadata.get("personalize_family", ""))
+        return kohya.from_kohya(data, {name: _guess(name, renames) for name in names})
     raise UserError(f"{where}: layout {layout} holds no adapter weights")
+
+
+def _renames_of(targets: Mapping[str, nn.Module]) -> tuple[tuple[str, str], ...]:
+    """The `single_file_renames` of the DiT family the denoiser belongs to (by its class; a bare one too)."""
+    from personalize.models.families import family_of_module
+
+    for component in ("transformer", "model"):
+        described = family_of_module(targets[component]) if component in targets else None
+        if described is not None:
+            return described.single_file_renames
+    return ()
+
+
+def _guess(name: str, renames: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(component, path) of a kohya name without a model: exact for a renamed layer of our own file."""
+    path = diffusers_path(renames, name)
+    return ("transformer", path) if path is not None else guess_path(name)
 
 
 def align_text_paths(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

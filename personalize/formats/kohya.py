@@ -5,7 +5,10 @@ Keys: "<prefix>_<module path with . -> _>.<param>", with the canonical parameter
 Prefixes: UNet `lora_unet`, DiT `lora_transformer`, text encoders `lora_te` (one encoder) or `lora_te1` /
 `lora_te2` (SDXL). SDXL UNet names are written in the original SGM blocks (`input_blocks_4_1_...`, what
 A1111/ComfyUI expect) and read in both SGM and diffusers-style names; LyCORIS's own `lycoris_` prefix is
-read too. Every module is written once, with its weights and its `alpha` (the effective alpha).
+read too. A DiT family's `single_file_renames` write the layers ComfyUI maps by original name only as
+`lora_unet_<original name>` (formats/original_names.py: all of Wan, a few layers of Flux.2 and Chroma); they
+are read back by the same table. Every module is written once, with its weights and its `alpha` (the
+effective alpha).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +24,11 @@ from personalize.adapters import group_by_module
 from personalize.adapters.from_weights import PARAM_NAMES
 from personalize.errors import UserError
 from personalize.formats.canonical import Components, alpha_of, method_of, rank_of
+from personalize.formats.original_names import Renames, kohya_name
 from personalize.formats.sdxl_names import block_map, to_sgm
+
+if TYPE_CHECKING:
+    from personalize.models.families.description import FamilyDescription
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora", "dora": "networks.lora"}
@@ -35,13 +42,23 @@ def clip_path(path: str) -> str:
     return f"text_model.{path}" if path.split(".")[0] in CLIP_TOP else path
 
 
+def _described(family: str) -> FamilyDescription | None:
+    from personalize.models.families import describe  # late: personalize.models imports formats
+
+    return describe(family)
+
+
+def single_file_renames(family: str) -> Renames:
+    """The layers a DiT family writes under their original names (none for UNet families)."""
+    described = _described(family)
+    return described.single_file_renames if described is not None else ()
+
+
 def write_prefix(component: str, family: str, text_encoders: int) -> str:
     if component == "unet":
         return "lora_unet"
     if component == "transformer":
-        from personalize.models.families import describe
-
-        described = describe(family)  # the single-file prefix ComfyUI maps for this DiT family
+        described = _described(family)  # the single-file prefix ComfyUI maps for this DiT family
         return described.single_file_prefix if described is not None else "lora_transformer"
     if component.startswith("text_encoder"):
         index = 1 if component == "text_encoder" else int(component.rsplit("_", 1)[1])
@@ -57,6 +74,10 @@ def kohya_module_name(
         path = to_sgm(path, block_map(unet_config)) or path
     if component.startswith("text_encoder"):
         path = clip_path(path)
+    if component == "transformer":
+        renamed = kohya_name(single_file_renames(family), path)
+        if renamed is not None:
+            return renamed
     return f"{write_prefix(component, family, text_encoders)}_{path.replace('.', '_')}"
 
 
@@ -136,9 +157,12 @@ def is_kohya_key(key: str) -> bool:
 
 
 def name_table(
-    component_paths: Mapping[str, Sequence[str]], unet_config: Mapping[str, Any] | None = None
+    component_paths: Mapping[str, Sequence[str]],
+    unet_config: Mapping[str, Any] | None = None,
+    renames: Renames = (),
 ) -> dict[str, tuple[str, str]]:
-    """Every kohya module name we accept -> (component, module path), for a model with these layers."""
+    """Every kohya module name we accept -> (component, module path), for a model with these layers;
+    `renames`: the denoiser family's `single_file_renames` (its layers' original names)."""
     encoders = sorted(c for c in component_paths if c.startswith("text_encoder"))
     table: dict[str, tuple[str, str]] = {}
     for component, paths in component_paths.items():
@@ -159,6 +183,9 @@ def name_table(
             for prefix in prefixes:
                 for name in names:
                     table.setdefault(f"{prefix}_{name.replace('.', '_')}", (component, path))
+            renamed = None if component.startswith("text_encoder") else kohya_name(renames, path)
+            if renamed is not None:
+                table.setdefault(renamed, (component, path))
     return table
 
 

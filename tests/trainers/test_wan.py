@@ -94,7 +94,7 @@ def test_wan_trains_on_clips_through_the_cli(capsys, caplog, tmp_path, cache_dir
     assert main(_argv(clips, out, cache_dir, "--method", method)) == 0
     assert "tiny-wan (wan)" in capsys.readouterr().out and "broken.mp4 (not a decodable video" in caplog.text
     keys = load_file(str(out / "run.safetensors")).keys()
-    assert keys and all(key.startswith("lora_transformer_blocks_") for key in keys)
+    assert keys and all(key.startswith("lora_unet_blocks_") for key in keys)  # Wan's own names: what ComfyUI maps
     assert (out / "pytorch_lora_weights.safetensors").is_file() == (method == "lora")
     with Image.open(out / "samples" / "step-000002.gif") as sample:  # the sample is a 5-frame clip
         assert sample.n_frames == 5 and sample.size == (32, 32)
@@ -119,6 +119,20 @@ def test_stock_wan_load_lora_weights_gives_our_loaders_frames(quick, tiny_pipeli
     assert mine.shape == (1, 5, 3, 32, 32)
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     assert (mine - plain).abs().max() > 1e-3  # the adapter changes the clip
+
+
+def test_the_single_file_in_wans_own_names_loads_in_stock_diffusers_as_ours(quick, tiny_pipelines, clips):
+    """The ComfyUI file (lora_unet_blocks_0_self_attn_q...) through diffusers' musubi-tuner converter: the
+    same clip as our loader, so every renamed layer lands on the layer it was trained on."""
+    from personalize.pipelines import load_adapter
+
+    options = dict(model="tiny-wan", images=str(clips), method="lora", rank=4, lr=5e-2, steps=3, resolution=32)
+    result = quick(**options, frames=5, fps=8, validation_images=0)
+    ours, stock = (copy.deepcopy(tiny_pipelines("tiny-wan")) for _ in range(2))
+    load_adapter(ours, result.output_dir / "out.safetensors")
+    stock.load_lora_weights(str(result.output_dir), weight_name="out.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(_frames_of(ours), _frames_of(stock), rtol=1e-4, atol=1e-4)
 
 
 def test_lokr_loads_into_a_stock_wan_pipeline_with_load_adapter(quick, tiny_pipelines):

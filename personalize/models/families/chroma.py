@@ -68,6 +68,14 @@ CHROMA1_HD = dict(  # lodestones/Chroma1-HD transformer/config.json (= the class
     approximator_layers=5,
 )
 
+# The approximator, which ComfyUI's diffusers (Flux) name map leaves out, written under its ComfyUI names
+ORIGINAL_NAMES = (
+    ("distilled_guidance_layer.in_proj", "distilled_guidance_layer.in_proj"),
+    ("distilled_guidance_layer.layers.{}.linear_1", "distilled_guidance_layer.layers.{}.in_layer"),
+    ("distilled_guidance_layer.layers.{}.linear_2", "distilled_guidance_layer.layers.{}.out_layer"),
+    ("distilled_guidance_layer.out_proj", "distilled_guidance_layer.out_proj"),
+)
+
 CHROMA = FamilyDescription(
     name="chroma",
     pipeline_class="ChromaPipeline",
@@ -96,6 +104,7 @@ CHROMA = FamilyDescription(
     "(rank 4, lr 1e-4, uniform timesteps, attention + feed-forward targets, 500 steps)",
     full_precision=(r"(x_embedder|context_embedder|proj_out|distilled_guidance_layer\..*)",),
     published={"lodestones/Chroma1-HD": CHROMA1_HD, "lodestones/Chroma1-Base": CHROMA1_HD},
+    single_file_renames=ORIGINAL_NAMES,  # the rest: lora_transformer_<diffusers path>
     text_tokens=lambda config: 512,  # ChromaPipeline's max_sequence_length (T5)
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
 )

@@ -17,7 +17,8 @@ branches on a family's name. What differs per family:
   `precondition_outputs`, `guidance_scale` (None: no guidance input);
 - `full_precision`: layers `--quantize` leaves unquantized (regexes); `tiny_names`: its offline models;
 - `targets`: adapter target presets (regexes on diffusers module paths) and the default preset;
-- LoRA key names: the diffusers component prefix and the single-file (ComfyUI) prefix;
+- LoRA key names: the diffusers component prefix, the single-file (ComfyUI) prefix and the layers it
+  renames to the model's original names;
 - `defaults`: rank / lr / steps with their source; `distilled(config)`: the caveat of a distilled model;
 - `published`: transformer configs of the released checkpoints, by hub id, for the planner (no download);
 - `embed_keys`: the tensors `encode_prompt` returns (what the text cache stores and `predict` reads) and
@@ -91,6 +92,9 @@ class FamilyDescription:
     tiny_names: tuple[str, ...] = ()  # offline tiny builders of this family (personalize.models.tiny)
     lora_prefix: str = "transformer"  # diffusers' <Family>LoraLoaderMixin
     single_file_prefix: str = "lora_transformer"  # what ComfyUI maps onto the transformer (see README)
+    # layers ComfyUI maps by their original names only, written lora_unet_<original>: (diffusers template,
+    # original template) pairs, {} a block index (personalize/formats/original_names.py)
+    single_file_renames: tuple[tuple[str, str], ...] = ()
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     text_tokens: Callable[[Mapping[str, Any]], int] = lambda config: 77
     image_tokens: Callable[[Mapping[str, Any], int, int], int] = lambda config, h, w: h * w  # per latent frame

@@ -99,6 +99,17 @@ FLUX2_DEV = dict(  # black-forest-labs/FLUX.2-dev transformer/config.json (= the
     guidance_embeds=True,
 )
 
+# The layers ComfyUI's diffusers (Flux) name map leaves out, written under their ComfyUI names
+ORIGINAL_NAMES = (
+    ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin"),
+    ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin"),
+    ("single_stream_modulation.linear", "single_stream_modulation.lin"),
+    ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+)
+
 FLUX2 = FamilyDescription(
     name="flux2",
     pipeline_class="Flux2Pipeline",
@@ -131,6 +142,7 @@ FLUX2 = FamilyDescription(
     "timesteps; targets to_q/k/v/out.0 + the single blocks' to_qkv_mlp_proj and attn.to_out) and README_flux2.md",
     full_precision=(r"(x_embedder|context_embedder|proj_out|norm_out\.linear|time_guidance_embed\..*)",),
     published={"black-forest-labs/FLUX.2-dev": FLUX2_DEV},
+    single_file_renames=ORIGINAL_NAMES,  # the rest: lora_transformer_<diffusers path>
     text_tokens=lambda config: 512,  # the pipeline's max_sequence_length
     image_tokens=lambda config, h, w: (h // 2) * (w // 2),
 )

@@ -72,6 +72,29 @@ WAN21_13B = dict(
 )
 WAN21_14B = {**WAN21_13B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 
+# ComfyUI maps Wan LoRAs by Wan's own module names only (lora_unet_blocks_0_self_attn_q, as musubi-tuner
+# writes them), so the single file renames every layer: diffusers WanTransformer3DModel -> WanModel
+ORIGINAL_NAMES = (
+    *((f"blocks.{{}}.attn1.to_{p}", f"blocks.{{}}.self_attn.{p}") for p in "qkv"),
+    ("blocks.{}.attn1.to_out.0", "blocks.{}.self_attn.o"),
+    *((f"blocks.{{}}.attn2.to_{p}", f"blocks.{{}}.cross_attn.{p}") for p in "qkv"),
+    ("blocks.{}.attn2.to_out.0", "blocks.{}.cross_attn.o"),
+    ("blocks.{}.attn2.add_k_proj", "blocks.{}.cross_attn.k_img"),  # image-to-video models
+    ("blocks.{}.attn2.add_v_proj", "blocks.{}.cross_attn.v_img"),
+    ("blocks.{}.ffn.net.0.proj", "blocks.{}.ffn.0"),
+    ("blocks.{}.ffn.net.2", "blocks.{}.ffn.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("patch_embedding", "patch_embedding"),
+    ("proj_out", "head.head"),
+)
+
+
 WAN = FamilyDescription(
     name="wan",
     pipeline_class="WanPipeline",
@@ -100,6 +123,7 @@ WAN = FamilyDescription(
     embed_keys=("prompt_embeds",),
     embed_shapes=lambda config: {"prompt_embeds": (TEXT_TOKENS, int(config["text_dim"]))},
     block_pattern=r"blocks\.\d+",
+    single_file_renames=ORIGINAL_NAMES,  # every layer: ComfyUI reads none by its diffusers name
     encoder_parameters=5680e6 + 127e6,  # UMT5-XXL encoder + the Wan 2.1 VAE
     clip=(17, 16.0),  # 4 x 4 + 1 frames at Wan's 16 fps: one second
     native_resolution=480,  # the 480p model (832 x 480 videos): a 480 px side keeps about its pixel count
