@@ -103,6 +103,8 @@ def peer_argv(family: str, model: Path, out: Path, steps: int, args: argparse.Na
     script = argparse.Namespace(peer_script=args.peer_dir / FAMILIES[family][0], resolution=args.resolution)
     shared = train_step.peer_argv(model, out, steps, script)
     argv = [f"--mixed_precision={args.precision}" if a == "--mixed_precision=no" else a for a in shared]
+    if family == "flux2-klein":  # the script reads layers 10/20/30 by default, its pipeline (and we) 9/18/27
+        argv += ["--text_encoder_out_layers", "9", "18", "27"]
     return [*argv, "--lora_alpha=4", "--cache_latents"]
 
 
