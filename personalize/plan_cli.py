@@ -9,12 +9,13 @@ from typing import Any
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="estimate the peak GPU memory of training an SD3/Flux model, and what fits a stated --vram",
-        description="Estimate, before anything is loaded, the peak memory of `personalize train` on an SD3 or "
-        "Flux model, split into its parts; with --vram, the cheapest settings that fit.",
+        help="estimate the peak GPU memory of training a flow-matching DiT model, and what fits a stated --vram",
+        description="Estimate, before anything is loaded, the peak memory of `personalize train` on a flow-matching "
+        "DiT model (SD3, Flux, Flux.2, Qwen-Image, Z-Image, HiDream, Krea 2, Wan, ...), split into its parts; with "
+        "--vram, the cheapest settings that fit.",
     )
     add = parser.add_argument
-    add("--model", required=True, help="hub id (SD3/SD3.5/FLUX.1), a local diffusers folder, or tiny-flux/tiny-sd3")
+    add("--model", required=True, help="hub id (e.g. Qwen/Qwen-Image), a local diffusers folder, or a tiny model")
     add("--method", default="lora", help="lora, dora, loha, lokr, krona, ia3 or full (default lora)")
     add("--rank", type=int, default=4)
     add("--targets", default="", help="adapter targets (default: the family's)")
