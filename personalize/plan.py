@@ -432,19 +432,13 @@ def _cast_bytes(model: str, settings: Settings, parameters: float, tensors: tupl
 
 def _idle_encoder_bytes(model: str, family: FamilyDescription, settings: Settings) -> float:
     """CPU: encoder / VAE bytes that stay resident after caching (those `remap` cannot return to their files)."""
-    compute = DTYPE_BYTES[settings.mixed_precision]
     total = 0.0
     for name in (*family.text_encoders, "vae"):
-        dtype = 4 if name == "vae" else compute
-        if model.startswith("tiny-"):
-            total += sum(p.numel() for p in getattr(_tiny(model), name).parameters()) * dtype
-            continue
         folder = Path(model).expanduser() / name
         count, nbytes = _folder_parameters(folder) if folder.is_dir() else (0.0, 0.0)
-        source = nbytes / count if count else 2.0
-        if source != dtype:  # cast after loading: the copy cannot be remapped
-            share = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) / (len(family.text_encoders) + 1)
-            total += (count or share) * dtype
+        source = nbytes / count if count else 2.0  # a hub cache holds bf16 files
+        if model.startswith("tiny-") or source != _component_dtype_bytes(name, settings):  # a cast copy stays
+            total += _component_bytes(model, family, settings, name)
     return total
 
 
@@ -459,7 +453,7 @@ def _encoder_bytes(model: str, family: FamilyDescription, settings: Settings) ->
 def _component_bytes(model: str, family: FamilyDescription, settings: Settings, name: str) -> float:
     """One text encoder (compute dtype) or the VAE (fp32); by hub id from the published totals (the VAE taken
     as PUBLISHED_VAE_PARAMETERS, the text encoders sharing the rest)."""
-    dtype = 4 if name == "vae" else DTYPE_BYTES[settings.mixed_precision]
+    dtype = _component_dtype_bytes(name, settings)
     if model.startswith("tiny-"):
         return sum(p.numel() for p in getattr(_tiny(model), name).parameters()) * dtype
     folder = Path(model).expanduser()
@@ -469,6 +463,11 @@ def _component_bytes(model: str, family: FamilyDescription, settings: Settings, 
         return PUBLISHED_VAE_PARAMETERS * dtype
     total = ENCODER_PARAMETERS.get(family.name, family.encoder_parameters) - PUBLISHED_VAE_PARAMETERS
     return total / len(family.text_encoders) * dtype
+
+
+def _component_dtype_bytes(name: str, settings: Settings) -> int:
+    """The VAE runs in fp32, the text encoders in the compute dtype (as the recipe places them)."""
+    return 4 if name == "vae" else DTYPE_BYTES[settings.mixed_precision]
 
 
 def _folder_parameters(folder: Path) -> tuple[float, float]:

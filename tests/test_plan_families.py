@@ -134,13 +134,14 @@ def test_an_edit_run_plans_the_source_tokens_and_the_encoders_it_keeps(capsys):
     and Qwen-Image-Edit's text encoder too (its prompt reads the source picture); a model that cannot edit is
     one line, exit 2."""
     from personalize.cli import main
+    from personalize.plan import _tiny
 
     for model, text_encoder_kept in (("tiny-flux-kontext", False), ("tiny-qwen-image-edit", True)):
         plain, edit = (plan(model, Settings(resolution=256, edit=edit)).parts for edit in (False, True))
         key = "activations (without checkpointing)"
         assert 1.2 < edit[key] / plain[key] < 2.5
         kept = edit["encoders kept for edit pairs"]
-        vae = sum(p.numel() for p in _tiny_pipe(model).vae.parameters()) * 4
+        vae = sum(p.numel() for p in _tiny(model).vae.parameters()) * 4
         assert (kept > vae) if text_encoder_kept else kept == vae
         assert "encoders kept for edit pairs" not in plain
     assert main(["plan", "--model", "tiny-flux-kontext", "--task", "edit", "--resolution", "256"]) == 0
@@ -148,12 +149,6 @@ def test_an_edit_run_plans_the_source_tokens_and_the_encoders_it_keeps(capsys):
     assert main(["plan", "--model", "tiny-flux", "--task", "edit"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: tiny-flux is a flux model, not an edit model") and len(err.splitlines()) == 1
-
-
-def _tiny_pipe(model):
-    from personalize.plan import _tiny
-
-    return _tiny(model)
 
 
 EDIT_BUILDS = {  # edit family -> (builder module:function, arguments), as BUILDS
